@@ -1,0 +1,116 @@
+"""The model against PyTorch's own nn.Transformer, and the attention maps it returns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepwise.components.attention import MultiHeadAttention
+from stepwise.reference import to_torch_reference
+
+from conftest import make_model, padded_batch
+
+PARITY_TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        dict(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64),
+        dict(d_model=64, n_heads=8, n_encoder_layers=3, n_decoder_layers=1, d_ff=256),
+    ],
+)
+@pytest.mark.parametrize("norm_placement", ["post", "pre"])
+def test_logits_match_torch_nn_transformer(size: dict, norm_placement: str) -> None:
+    model = make_model(norm_placement=norm_placement, activation="relu", **size)
+    reference = to_torch_reference(model).eval()
+    src, src_mask = padded_batch(64, [9, 5, 7], seed=2)
+    tgt, tgt_mask = padded_batch(64, [6, 8, 3], seed=3)
+    with torch.no_grad():
+        ours = model(src, tgt, src_mask, tgt_mask)
+        theirs = reference(src, tgt, src_mask, tgt_mask)
+    assert ours.shape == (3, 8, 64)
+    assert torch.allclose(ours, theirs, atol=PARITY_TOLERANCE, rtol=0), (ours - theirs).abs().max()
+
+
+def test_reference_is_sensitive_to_weights() -> None:
+    """The parity check would notice a wrong weight: perturb one and it fails."""
+    model = make_model()
+    reference = to_torch_reference(model).eval()
+    with torch.no_grad():
+        reference.transformer.decoder.layers[0].linear1.weight[0, 0] += 0.5
+    src, src_mask = padded_batch(64, [6, 4])
+    tgt, tgt_mask = padded_batch(64, [5, 5])
+    with torch.no_grad():
+        diff = (model(src, tgt, src_mask, tgt_mask) - reference(src, tgt, src_mask, tgt_mask)).abs().max()
+    assert diff > 1e-3
+
+
+def test_attention_maps_are_distributions_with_masks() -> None:
+    model = make_model()
+    src, src_mask = padded_batch(64, [7, 4, 6])
+    tgt, tgt_mask = padded_batch(64, [5, 3, 5])
+    with torch.no_grad():
+        logits, attention = model(src, tgt, src_mask, tgt_mask, return_attention=True)
+    assert set(attention) == {"encoder", "decoder", "cross"}
+    assert len(attention["encoder"]) == 2 and len(attention["decoder"]) == 2 and len(attention["cross"]) == 2
+    for layer in range(2):
+        enc, dec, cross = (attention[k][layer] for k in ("encoder", "decoder", "cross"))
+        assert enc.shape == (3, 4, 7, 7) and dec.shape == (3, 4, 5, 5) and cross.shape == (3, 4, 5, 7)
+        for weights in (enc, dec, cross):
+            assert not torch.isnan(weights).any()
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-5, rtol=0)
+        # causal: nothing above the diagonal
+        upper = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)
+        assert dec[..., upper].abs().max() == 0
+        # padded keys get exactly zero weight
+        assert enc.masked_select(src_mask[:, None, None, :].expand_as(enc)).abs().max() == 0
+        assert cross.masked_select(src_mask[:, None, None, :].expand_as(cross)).abs().max() == 0
+        assert dec.masked_select(tgt_mask[:, None, None, :].expand_as(dec)).abs().max() == 0
+    # asking for weights does not change the output (explicit path == fused path)
+    with torch.no_grad():
+        fast = model(src, tgt, src_mask, tgt_mask)
+    torch.testing.assert_close(logits, fast, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_and_fused_attention_paths_agree(causal: bool) -> None:
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(d_model=48, n_heads=6).eval()
+    x = torch.randn(3, 9, 48)
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    padding[2, 2:] = True
+    for mask in (None, padding):
+        explicit, weights = attention(x, x, key_padding_mask=mask, causal=causal, need_weights=True)
+        fused, none = attention(x, x, key_padding_mask=mask, causal=causal, need_weights=False)
+        assert none is None and weights.shape == (3, 6, 9, 9)
+        torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+
+
+def test_fully_masked_row_is_finite() -> None:
+    attention = MultiHeadAttention(d_model=16, n_heads=2).eval()
+    x = torch.randn(2, 4, 16)
+    everything = torch.ones(2, 4, dtype=torch.bool)
+    for need_weights in (True, False):
+        out, weights = attention(x, x, key_padding_mask=everything, need_weights=need_weights)
+        assert torch.isfinite(out).all()
+        if weights is not None:
+            assert torch.isfinite(weights).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(positional_encoding="learned"), dict(activation="gelu"), dict(share_embeddings=False, tie_output=False)],
+)
+def test_model_variants_run_and_learn_shapes(options: dict) -> None:
+    model = make_model(**options)
+    src, src_mask = padded_batch(64, [5, 3])
+    tgt, tgt_mask = padded_batch(64, [4, 4])
+    model.train()
+    logits = model(src, tgt, src_mask, tgt_mask)
+    logits.sum().backward()
+    assert logits.shape == (2, 4, 64)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if not options.get("tie_output", True):
+        assert model.output_projection.weight is not model.tgt_embed.weight
