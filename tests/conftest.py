@@ -1,8 +1,18 @@
-"""Shared fixtures: small models built from the real config type."""
+"""Shared fixtures: small models built from the real config type, and a real local ClearML server."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import pytest
+import requests
 import torch
 
 from stepwise.config import ModelConfig
@@ -29,3 +39,77 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 1) -> tuple[torch.T
 @pytest.fixture
 def small_model() -> Transformer:
     return make_model()
+
+
+# -- a real local ClearML server in a subprocess ----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ClearMLServerProcess:
+    """``stepwise clearml-server`` running on a free port, restartable on the same data."""
+
+    data: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def trace(self) -> Path:
+        return self.data / "trace.jsonl"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment a plain SDK process needs, and nothing else ClearML-specific."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+        env.update(CLEARML_API_HOST=self.url, CLEARML_WEB_HOST=self.url, CLEARML_FILES_HOST=f"{self.url}/files",
+                   CLEARML_API_ACCESS_KEY="stepwise-local-key", CLEARML_API_SECRET_KEY="stepwise-local-secret",
+                   CLEARML_CACHE_DIR=str(self.data.parent / "clearml-cache"))
+        return env
+
+    def start(self) -> None:
+        log = open(self.data.parent / f"clearml-server-{self.port}.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stepwise", "clearml-server", "--port", str(self.port), "--data", str(self.data),
+             "--trace", str(self.trace)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.url}/debug.ping", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("clearml-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def clearml_server(tmp_path: Path) -> Iterator[ClearMLServerProcess]:
+    server = ClearMLServerProcess(data=tmp_path / "clearml-data")
+    server.start()
+    yield server
+    server.stop()
+
+
+def run_python(code: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a separate SDK process); fail with its output."""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result

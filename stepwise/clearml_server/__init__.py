@@ -1,0 +1,14 @@
+"""A local ClearML server: the REST API subset the ``clearml`` SDK uses, plus a file server.
+
+The real ClearML server needs MongoDB, Elasticsearch and Redis; this one keeps everything in
+one SQLite file and a folder of uploads, so that the unchanged SDK (configured only through
+``CLEARML_API_HOST``, ``CLEARML_WEB_HOST``, ``CLEARML_FILES_HOST`` and the key/secret
+variables) can track experiments and hold a model registry on a laptop or in CI. Pointing the
+same variables at a real server changes nothing else.
+
+Run it with ``stepwise clearml-server [--host 127.0.0.1] [--port 8008] [--data DIR]``.
+"""
+
+from stepwise.clearml_server.server import ClearMLServer, serve
+
+__all__ = ["ClearMLServer", "serve"]

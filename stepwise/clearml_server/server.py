@@ -1,0 +1,342 @@
+"""HTTP front of the local ClearML server: auth, the API envelope, and the file server.
+
+Routes, all on one port:
+
+* ``/auth.login`` and ``/v2.x/<service>.<action>`` (any method): the REST API. ``auth.login``
+  takes HTTP Basic key:secret and returns a JWT the SDK decodes (unverified) for
+  ``api_version``; every other call needs ``Authorization: Bearer <token>``.
+* ``/files/...``: the file server. ``POST /files/`` takes a multipart form whose field name is
+  the target path; ``GET /files/<path>`` returns it. Paths stay inside the data directory.
+* ``/``: a plain HTML page listing projects, experiments and registered models.
+
+Set ``CLEARML_API_HOST=http://HOST:PORT``, ``CLEARML_WEB_HOST=http://HOST:PORT`` and
+``CLEARML_FILES_HOST=http://HOST:PORT/files`` (``stepwise clearml-server`` prints them).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import hmac
+import html
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import jwt
+
+from stepwise.clearml_server.api import Api, ApiError, add_events
+from stepwise.clearml_server.store import Store
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2.23"
+SERVER_VERSION = "1.17.0"
+DEFAULT_ACCESS_KEY = "stepwise-local-key"
+DEFAULT_SECRET_KEY = "stepwise-local-secret"
+TOKEN_LIFETIME_S = 30 * 24 * 3600
+MAX_BODY_BYTES = 2 * 1024**3
+API_PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<name>[a-z_]+\.[a-z_]+)$")
+
+
+class UnsafePath(ValueError):
+    """An upload or download path that would leave the file store."""
+
+
+def safe_file_path(root: Path, name: str) -> Path:
+    """Map a file-server path (``/project/task.id/models/file``) to a file under ``root``.
+
+    One leading slash is allowed (the SDK sends one); absolute paths beyond that, ``..``
+    components, backslashes, NUL bytes and anything that resolves outside ``root`` are refused.
+    """
+    if not name or "\x00" in name or "\\" in name:
+        raise UnsafePath(f"invalid file path {name!r}")
+    relative = name[1:] if name.startswith("/") else name
+    parts = relative.split("/")
+    if relative.startswith("/") or re.match(r"^[A-Za-z]:", relative) or any(p in ("..", "") for p in parts):
+        raise UnsafePath(f"invalid file path {name!r}")
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise UnsafePath(f"invalid file path {name!r}")
+    return target
+
+
+class ClearMLServer(ThreadingHTTPServer):
+    """The server object: holds the store, the credentials and the token key."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, port: int, data_dir: Path, access_key: str, secret_key: str,
+                 trace: Path | None = None) -> None:
+        self.trace = trace
+        self.trace_lock = threading.Lock()
+        self.data_dir = data_dir.resolve()
+        self.files_dir = self.data_dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.data_dir / "clearml.sqlite")
+        self.api = Api(self.store)
+        self.access_key, self.secret_key = access_key, secret_key
+        key_file = self.data_dir / "token.key"
+        if not key_file.exists():
+            key_file.write_text(secrets.token_hex(32))
+            key_file.chmod(0o600)
+        self.token_key = key_file.read_text().strip()
+        super().__init__((host, port), RequestHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def environment(self) -> dict[str, str]:
+        """The SDK variables that point at this server."""
+        return {
+            "CLEARML_API_HOST": self.url,
+            "CLEARML_WEB_HOST": self.url,
+            "CLEARML_FILES_HOST": f"{self.url}/files",
+            "CLEARML_API_ACCESS_KEY": self.access_key,
+            "CLEARML_API_SECRET_KEY": self.secret_key,
+        }
+
+    def issue_token(self) -> str:
+        now = int(time.time())
+        claims = {"api_version": API_VERSION, "server_version": SERVER_VERSION, "feature_set": "basic",
+                  "env": "local", "iat": now, "exp": now + TOKEN_LIFETIME_S,
+                  "identity": {"user": "stepwise-local-user", "company": "stepwise-local", "role": "admin"}}
+        return jwt.encode(claims, self.token_key, algorithm="HS256")
+
+    def check_basic(self, header: str) -> bool:
+        try:
+            decoded = base64.b64decode(header.split(" ", 1)[1]).decode()
+        except Exception:  # noqa: BLE001 - any malformed header is simply not authorised
+            return False
+        key, _, secret = decoded.partition(":")
+        return hmac.compare_digest(key, self.access_key) and hmac.compare_digest(secret, self.secret_key)
+
+    def check_bearer(self, header: str) -> bool:
+        try:
+            jwt.decode(header.split(" ", 1)[1], self.token_key, algorithms=["HS256"])
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.store.close()
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """One HTTP request: API call, file transfer or the HTML page."""
+
+    server: ClearMLServer
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = "stepwise-clearml/" + SERVER_VERSION
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        path = unquote(urlsplit(self.path).path)
+        try:
+            if path == "/files" or path.startswith("/files/"):
+                self._files(path[len("/files"):])
+            elif match := API_PATH.match(path):
+                self._api(match.group("name"), match.group("version"))
+            elif path == "/" and self.command == "GET":
+                self._index()
+            else:
+                self._api_error(f"{path.lstrip('/')}", None, ApiError(400, 0, f"Invalid request path {path}"))
+        except (ConnectionError, TimeoutError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - a server bug must not kill the server
+            log.exception("internal error on %s %s", self.command, path)
+            self._api_error(path.lstrip("/"), None, ApiError(500, 0, f"Internal server error: {exc}"))
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise ApiError(413, 0, "Request body too large")
+        return self.rfile.read(length) if length else b""
+
+    # -- API --------------------------------------------------------------------------------
+    def _api(self, name: str, version: str | None) -> None:
+        body_bytes = self._body()
+        auth = self.headers.get("Authorization") or ""
+        if name == "auth.login":
+            if not (auth.startswith("Basic ") and self.server.check_basic(auth)) and not (
+                    auth.startswith("Bearer ") and self.server.check_bearer(auth)):
+                self._api_error(name, version, ApiError(401, 20, "Unauthorized (invalid credentials)"))
+                return
+            self._api_ok(name, version, {"token": self.server.issue_token()})
+            return
+        if not (auth.startswith("Bearer ") and self.server.check_bearer(auth)):
+            self._api_error(name, version, ApiError(401, 21, "Unauthorized (missing or invalid token)"))
+            return
+        try:
+            if name == "events.add_batch":
+                lines = body_bytes.decode("utf-8").splitlines()
+                data = add_events(self.server.api, [json.loads(line) for line in lines if line.strip()])
+            else:
+                body = json.loads(body_bytes.decode("utf-8")) if body_bytes.strip() else {}
+                data = self.server.api.call(name, body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._api_error(name, version, ApiError(400, 0, f"Invalid JSON body: {exc}"))
+            return
+        except ApiError as exc:
+            self._api_error(name, version, exc)
+            return
+        self._api_ok(name, version, data)
+
+    def _meta(self, name: str, version: str | None, code: int, subcode: int, message: str) -> dict[str, Any]:
+        trx = uuid.uuid4().hex
+        return {"id": trx, "trx": trx, "endpoint": {"name": name, "requested_version": version or API_VERSION,
+                                                   "actual_version": API_VERSION},
+                "result_code": code, "result_subcode": subcode, "result_msg": message, "error_stack": None,
+                "error_data": {}}
+
+    def _api_ok(self, name: str, version: str | None, data: dict[str, Any]) -> None:
+        self._answer(name, 200, {"meta": self._meta(name, version, 200, 0, "OK"), "data": data})
+
+    def _api_error(self, name: str, version: str | None, error: ApiError) -> None:
+        self._answer(name, error.code, {"meta": self._meta(name, version, error.code, error.subcode,
+                                                            error.message), "data": {}})
+
+    def _answer(self, name: str, status: int, payload: dict[str, Any]) -> None:
+        if self.server.trace is not None:
+            with self.server.trace_lock, open(self.server.trace, "a", encoding="utf-8") as out:
+                out.write(json.dumps({"endpoint": name, "status": status, "response": payload}) + "\n")
+        self._send_json(status, payload)
+
+    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    # -- files ------------------------------------------------------------------------------
+    def _authorised_for_files(self) -> bool:
+        auth = self.headers.get("Authorization") or ""
+        return (auth.startswith("Bearer ") and self.server.check_bearer(auth)) or (
+            auth.startswith("Basic ") and self.server.check_basic(auth))
+
+    def _files(self, path: str) -> None:
+        if not self._authorised_for_files():
+            self._body()
+            self._api_error("files", None, ApiError(401, 21, "Unauthorized (missing or invalid token)"))
+            return
+        try:
+            if self.command == "POST":
+                self._upload()
+            elif self.command == "GET":
+                target = safe_file_path(self.server.files_dir, path)
+                if not target.is_file():
+                    self._api_error("files", None, ApiError(404, 0, f"File not found: {path}"))
+                    return
+                self._send(200, target.read_bytes(), "application/octet-stream")
+            elif self.command == "DELETE":
+                target = safe_file_path(self.server.files_dir, path)
+                existed = target.is_file()
+                if existed:
+                    target.unlink()
+                self._send_json(200 if existed else 404, {"deleted": existed})
+            else:
+                self._api_error("files", None, ApiError(405, 0, f"Method {self.command} not allowed"))
+        except UnsafePath as exc:
+            self._api_error("files", None, ApiError(400, 0, str(exc)))
+
+    def _upload(self) -> None:
+        content_type = self.headers.get("Content-Type") or ""
+        body = self._body()
+        if not content_type.startswith("multipart/form-data"):
+            raise UnsafePath("uploads must be multipart/form-data")
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode() + body)
+        saved = {}
+        targets = []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if not name:
+                continue
+            targets.append((safe_file_path(self.server.files_dir, name), part.get_payload(decode=True) or b""))
+        for target, payload in targets:  # every path is checked before anything is written
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+            temp.write_bytes(payload)
+            os.replace(temp, target)
+            saved[str(target.relative_to(self.server.files_dir))] = len(payload)
+        if not saved:
+            raise UnsafePath("no file in the upload")
+        self._send_json(200, saved)
+
+    # -- web --------------------------------------------------------------------------------
+    def _index(self) -> None:
+        store = self.server.store
+        rows = []
+        for model in sorted(store.all("model"), key=lambda m: m["created"], reverse=True):
+            rows.append(f"<tr><td>{html.escape(model['name'])}</td><td><code>{model['id']}</code></td>"
+                        f"<td>{html.escape(', '.join(model.get('tags') or []))}</td><td>{model['ready']}</td>"
+                        f"<td>{model['created']}</td></tr>")
+        tasks = "".join(f"<li>{html.escape(t['name'])} <code>{t['id']}</code> ({t['status']})</li>"
+                        for t in store.all("task"))
+        page = (f"<!doctype html><title>stepwise ClearML server</title><h1>stepwise local ClearML server</h1>"
+                f"<h2>Models</h2><table border=1><tr><th>name</th><th>id</th><th>tags</th><th>published</th>"
+                f"<th>created</th></tr>{''.join(rows)}</table><h2>Experiments</h2><ul>{tasks}</ul>")
+        self._send(200, page.encode(), "text/html; charset=utf-8")
+
+
+def serve(host: str = "127.0.0.1", port: int = 8008, data_dir: str | Path = ".stepwise/clearml",
+          access_key: str | None = None, secret_key: str | None = None, trace: str | Path | None = None,
+          ready: threading.Event | None = None) -> None:
+    """Run the server until interrupted.
+
+    ``trace`` names a JSON-lines file that receives every API answer (for schema checks and
+    debugging). Credentials default to ``STEPWISE_CLEARML_ACCESS_KEY``/``STEPWISE_CLEARML_SECRET_KEY`` or the
+    built-in local pair; the server prints the environment to point the SDK at it.
+    """
+    access_key = access_key or os.environ.get("STEPWISE_CLEARML_ACCESS_KEY") or DEFAULT_ACCESS_KEY
+    secret_key = secret_key or os.environ.get("STEPWISE_CLEARML_SECRET_KEY") or DEFAULT_SECRET_KEY
+    server = ClearMLServer(host, port, Path(data_dir), access_key, secret_key,
+                           trace=Path(trace) if trace else None)
+    env = server.environment()
+    print(f"stepwise ClearML server on {server.url} (data in {server.data_dir})", flush=True)
+    print("point the clearml SDK at it with:", flush=True)
+    for key, value in env.items():
+        print(f"  export {key}={value}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
