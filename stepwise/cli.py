@@ -51,10 +51,9 @@ def _clearml_server_command(args: argparse.Namespace) -> int:
 
 
 def _clearml_status_command(args: argparse.Namespace) -> int:
-    from stepwise import tracking
+    from stepwise import registry, tracking
 
     host = tracking.check_server()
-    from clearml import Model
     from clearml.backend_api import Session
     from clearml.backend_api.session.session import LoginError
 
@@ -65,11 +64,82 @@ def _clearml_status_command(args: argparse.Namespace) -> int:
     print(f"ClearML server {host}: api {Session.api_version}, server {Session.server_version}, "
           f"files {session.get_files_server_host()}")
     if args.project:
-        try:
-            count = len(Model.query_models(project_name=args.project))
-        except ValueError:  # the SDK's answer for a project that does not exist
-            count = 0
-        print(f"project {args.project!r}: {count} registered model(s)")
+        print(f"project {args.project!r}: {len(registry.list_versions(project=args.project))} registered model(s)")
+    return 0
+
+
+def _models_list_command(args: argparse.Namespace) -> int:
+    import json
+
+    from stepwise import registry
+
+    versions = registry.list_versions(project=args.project, name=args.name, tag=args.tag)
+    if args.json:
+        print(json.dumps([v.to_dict() for v in versions], indent=2))
+        return 0
+    if not versions:
+        print("no registered versions match")
+        return 0
+    print(f"{'id':32}  {'name':24}  {'created':19}  {'tags':22}  {'published':9}  {'step':>7}  {'BLEU':>6}")
+    for v in versions:
+        bleu = "" if v.bleu is None else f"{v.bleu:.2f}"
+        print(f"{v.id:32}  {v.name[:24]:24}  {v.created[:19]:19}  {','.join(v.tags)[:22]:22}  "
+              f"{'yes' if v.published else 'no':9}  {v.metadata.get('step', ''):>7}  {bleu:>6}")
+    return 0
+
+
+def _promote_command(args: argparse.Namespace) -> int:
+    from stepwise.promotion import PromotionRefused, promote
+
+    try:
+        result = promote(args.model_id, tag=args.tag, margin=args.margin, force=args.force, publish=args.publish,
+                         split=args.split, sentences=args.sentences)
+    except PromotionRefused as exc:
+        print(f"stepwise: promotion refused: {exc}", file=sys.stderr)
+        return 1
+    current = "none" if result.current_id is None else f"{result.current_id} BLEU {result.current_bleu:.2f}"
+    print(f"promoted {args.model_id} to {args.tag!r}: candidate BLEU {result.candidate_bleu:.2f}, "
+          f"previous {current} ({result.split}, {result.sentences} sentences)")
+    return 0
+
+
+def _demote_command(args: argparse.Namespace) -> int:
+    from stepwise import registry
+
+    if not registry.remove_tag(args.model_id, args.tag):
+        raise StepwiseError(f"model {args.model_id} does not carry the tag {args.tag!r}")
+    print(f"removed {args.tag!r} from {args.model_id}")
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from stepwise import registry
+    from stepwise.checkpoint import load_checkpoint
+    from stepwise.data import load_split
+    from stepwise.translate import evaluate_bleu
+
+    if Path(args.model).is_file():
+        path, label = Path(args.model), args.model
+    elif args.model in (registry.PRODUCTION, registry.CANDIDATE) or args.model.startswith("tag:"):
+        tag = args.model.removeprefix("tag:")
+        resolved = registry.resolve(args.project, args.name, tag=tag)
+        path, label = resolved.path, f"{resolved.version.id} ({tag})"
+    else:
+        path, label = registry.download(args.model), args.model
+    checkpoint = load_checkpoint(path)
+    pairs = load_split(checkpoint.config.data, args.split)
+    started = time.monotonic()
+    bleu, hypotheses = evaluate_bleu(checkpoint.build_model(), checkpoint.tokenizer(), pairs, beam_size=args.beam,
+                                     limit=args.limit)
+    elapsed = time.monotonic() - started
+    print(f"{label}: sacreBLEU {bleu:.2f} on {args.split} ({len(hypotheses)} sentences, beam {args.beam}, "
+          f"step {checkpoint.step}, {elapsed:.1f}s)")
+    if args.show:
+        for (src, ref), hyp in list(zip(pairs, hypotheses))[: args.show]:
+            print(f"  src: {src}\n  ref: {ref}\n  hyp: {hyp}")
     return 0
 
 
@@ -99,11 +169,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clearml-status", help="check that the configured ClearML server answers and accepts us")
     p.add_argument("--project", default=None, help="also count the registered models of this project")
     p.set_defaults(handler=_clearml_status_command)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("list", help="registered versions, newest first")
+    p.add_argument("--project", default=None, help="only this ClearML project")
+    p.add_argument("--name", default=None, help="only this model name")
+    p.add_argument("--tag", default=None, help="only versions carrying this tag")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_models_list_command)
+
+    p = sub.add_parser("promote", help="give a version a tag (default production) after a BLEU gate")
+    p.add_argument("model_id", help="the version to promote")
+    p.add_argument("--tag", default="production", help="tag to move (default production)")
+    p.add_argument("--margin", type=float, default=1.0, help="refuse if BLEU drops by more than this (default 1)")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    p.add_argument("--publish", action="store_true", help="also publish the version")
+    p.add_argument("--split", default="valid", choices=["valid", "test"], help="held-out split for the gate")
+    p.add_argument("--sentences", type=int, default=100, help="sentences the gate scores (default 100)")
+    p.set_defaults(handler=_promote_command)
+
+    p = sub.add_parser("demote", help="remove a tag (default production) from a version")
+    p.add_argument("model_id")
+    p.add_argument("--tag", default="production")
+    p.set_defaults(handler=_demote_command)
+
+    p = sub.add_parser("evaluate", help="sacreBLEU of a checkpoint or registered version on a split")
+    p.add_argument("model", help="a checkpoint file, a model id, or a tag (production, candidate, tag:NAME)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--beam", type=int, default=4, help="beam size (default 4; 1 = greedy)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    p.add_argument("--project", default=None, help="project for tag lookups")
+    p.add_argument("--name", default=None, help="model name for tag lookups")
+    p.add_argument("--show", type=int, default=0, help="print N example translations")
+    p.set_defaults(handler=_evaluate_command)
+
+    sub.add_parser("train", help="train a model (see `stepwise train --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stepwise`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from train.trainer import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -80,6 +80,7 @@ class DataConfig:
     test_books: list[int] = field(default_factory=lambda: [8, 31, 48, 57, 63, 64])
     valid_books: list[int] = field(default_factory=lambda: [32, 56])
     max_length: int = 256
+    max_train_pairs: int = 0
     tokenizer_model_type: str = "bpe"
     character_coverage: float = 1.0
 
@@ -91,6 +92,8 @@ class DataConfig:
             raise ConfigError(f"data.train_path: required when data.corpus is {self.corpus!r}")
         if set(self.test_books) & set(self.valid_books):
             raise ConfigError("data.valid_books: must not overlap data.test_books")
+        if self.max_train_pairs < 0:
+            raise ConfigError(f"data.max_train_pairs: must be >= 0 (0 = all), got {self.max_train_pairs}")
         if self.max_length < 2:
             raise ConfigError(f"data.max_length: must be >= 2, got {self.max_length}")
         if not 0.0 < self.character_coverage <= 1.0:
@@ -117,6 +120,8 @@ class TrainConfig:
     log_every: int = 50
     eval_sentences: int = 200
     eval_beam_size: int = 1
+    heatmap_sentences: int = 2
+    keep_checkpoints: int = 3
     precision: str = "fp32"
     seed: int = 1234
 
@@ -130,8 +135,10 @@ class TrainConfig:
             raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas: must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no limit), got {self.max_minutes}")
         for name in ("warmup_steps", "batch_tokens", "max_steps", "eval_every", "save_every", "log_every",
-                     "eval_sentences"):
+                     "eval_sentences", "eval_beam_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.grad_clip < 0:

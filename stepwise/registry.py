@@ -1,0 +1,194 @@
+"""The one registry client: ClearML's model registry as stepwise uses it.
+
+Training registers each checkpoint as a version (an ``OutputModel`` of its task) tagged
+``candidate``; a user promotes a version by giving it the ``production`` tag (one per model
+name at a time); the exporter and the service :func:`resolve` a tag to a version and download
+it. Nothing else in stepwise calls ``Model.query_models``.
+
+Metadata on every version: ``bleu``, ``loss``, ``step``, ``config_hash``, ``language_pair``
+(and, after a gated promotion, the comparison that allowed it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepwise import tracking
+from stepwise.errors import StepwiseError
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+
+
+class RegistryError(StepwiseError):
+    """A registry lookup or change that cannot be done (unknown id, nothing tagged, ...)."""
+
+
+@dataclass
+class ModelVersion:
+    """One registered model version, as listed by :func:`list_versions`."""
+
+    id: str
+    name: str
+    project: str | None
+    created: str
+    tags: list[str]
+    published: bool
+    framework: str | None
+    uri: str | None
+    task: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bleu(self) -> float | None:
+        """Validation BLEU recorded at registration, if any."""
+        try:
+            return float(self.metadata["bleu"])
+        except (KeyError, ValueError):
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``stepwise models list --json``)."""
+        return {"id": self.id, "name": self.name, "project": self.project, "created": self.created,
+                "tags": self.tags, "published": self.published, "framework": self.framework, "uri": self.uri,
+                "task": self.task, "bleu": self.bleu, "metadata": self.metadata}
+
+
+@dataclass
+class ResolvedModel:
+    """A version and the local path of its downloaded weights."""
+
+    version: ModelVersion
+    path: Path
+
+
+def _model_class() -> Any:
+    tracking.check_server()
+    from clearml import Model
+
+    return Model
+
+
+def _version(model: Any) -> ModelVersion:
+    data = model._get_model_data()  # one cached models.get_by_id answer
+    metadata = {key: str(item.get("value")) for key, item in (model.get_all_metadata() or {}).items()}
+    created = data.created
+    return ModelVersion(id=model.id, name=model.name, project=data.project,
+                        created=created.isoformat() if hasattr(created, "isoformat") else str(created or ""),
+                        tags=list(model.tags or []), published=bool(model.published), framework=model.framework,
+                        uri=model.url, task=data.task, metadata=metadata)
+
+
+def register_checkpoint(
+    task: Any, path: str | Path, *, name: str, step: int, metadata: dict[str, Any], tags: list[str] | None = None,
+    framework: str = "PyTorch", comment: str = "",
+) -> str:
+    """Register a checkpoint file as a new version of ``name`` on ``task``; returns its id.
+
+    The file is uploaded under a name unique to the step, so older versions keep their bytes.
+    """
+    from clearml import OutputModel
+
+    path = Path(path)
+    model = OutputModel(task=task, name=name, framework=framework, tags=list(tags or [CANDIDATE]), comment=comment)
+    for key, value in metadata.items():
+        model.set_metadata(key, str(value), type(value).__name__ if isinstance(value, (int, float)) else "str")
+    model.update_weights(weights_filename=str(path), iteration=step, target_filename=path.name,
+                         auto_delete_file=False, async_enable=False)
+    log.info("registered %s step %d as model %s (tags %s)", name, step, model.id, ", ".join(tags or [CANDIDATE]))
+    return model.id
+
+
+def list_versions(project: str | None = None, name: str | None = None, tag: str | None = None) -> list[ModelVersion]:
+    """Registered versions, newest first, filtered by project, model name and tag."""
+    model_cls = _model_class()
+    try:
+        models = model_cls.query_models(project_name=project, model_name=name, tags=[tag] if tag else None,
+                                        max_results=1000)
+    except ValueError:  # the SDK's answer when the project does not exist
+        return []
+    return [_version(m) for m in models]
+
+
+def get_version(model_id: str) -> ModelVersion:
+    """One version by id."""
+    model_cls = _model_class()
+    try:
+        model = model_cls(model_id=model_id)
+        model._get_model_data()
+    except Exception:  # noqa: BLE001 - the SDK raises several kinds for an unknown id
+        raise RegistryError(f"no registered model with id {model_id!r}") from None
+    return _version(model)
+
+
+def set_tag(model_id: str, tag: str = PRODUCTION, *, exclusive: bool = True) -> list[str]:
+    """Add ``tag`` to a version; with ``exclusive``, remove it from every other version of that name.
+
+    Returns the ids the tag was taken from.
+    """
+    model_cls = _model_class()
+    version = get_version(model_id)
+    taken = []
+    if exclusive:
+        for other in model_cls.query_models(model_name=version.name, tags=[tag], max_results=1000):
+            if other.id != model_id and other.project == version.project:
+                other.tags = [t for t in other.tags if t != tag]
+                taken.append(other.id)
+    model = model_cls(model_id=model_id)
+    if tag not in model.tags:
+        model.tags = [*model.tags, tag]
+    return taken
+
+
+def remove_tag(model_id: str, tag: str = PRODUCTION) -> bool:
+    """Remove ``tag`` from a version; False when it did not carry it."""
+    model_cls = _model_class()
+    get_version(model_id)
+    model = model_cls(model_id=model_id)
+    if tag not in model.tags:
+        return False
+    model.tags = [t for t in model.tags if t != tag]
+    return True
+
+
+def publish(model_id: str) -> None:
+    """Publish (freeze) a version."""
+    get_version(model_id)
+    _model_class()(model_id=model_id).publish()
+
+
+def set_metadata(model_id: str, values: dict[str, Any]) -> None:
+    """Add or update metadata entries of a version."""
+    model = _model_class()(model_id=model_id)
+    for key, value in values.items():
+        model.set_metadata(key, str(value), "str")
+
+
+def download(model_id: str) -> Path:
+    """Download a version's weights (cached by the SDK); returns the local path."""
+    get_version(model_id)
+    path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
+    if not path:
+        raise RegistryError(f"model {model_id}: its weights could not be downloaded")
+    return Path(path)
+
+
+def resolve(project: str | None, name: str | None, tag: str | None = None) -> ResolvedModel:
+    """The newest version of ``name`` carrying ``tag`` (or the newest version), downloaded.
+
+    Raises:
+        RegistryError: when nothing matches.
+    """
+    versions = list_versions(project=project, name=name, tag=tag)
+    if not versions:
+        what = f"model {name!r}" if name else "any model"
+        where = f" in project {project!r}" if project else ""
+        with_tag = f" tagged {tag!r}" if tag else ""
+        raise RegistryError(f"no registered version of {what}{where}{with_tag}")
+    version = versions[0]
+    return ResolvedModel(version=version, path=download(version.id))

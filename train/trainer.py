@@ -1,0 +1,475 @@
+"""The training loop: token-budget batches, Adam + warmup, label smoothing, ClearML tracking.
+
+Every run is a ClearML experiment (``Task.init``): hyperparameters are connected (editable in
+the UI, so a cloned task re-runs with new values), scalars and attention heatmaps are reported,
+and every saved checkpoint is registered as a version in the model registry, tagged
+``candidate``. ``torchrun --nproc_per_node N -m train`` trains data-parallel (DDP; gloo on CPU,
+NCCL on GPU); rank 0 alone logs, saves and registers.
+
+Checkpoints are written atomically to ``OUTPUT_DIR/checkpoints/step-NNNNNNN.pt``; ``--resume``
+continues from the newest one that loads, restoring weights, optimizer, schedule, data position
+and RNG state, and continuing the same ClearML task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from stepwise import registry, tracking
+from stepwise.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from stepwise.config import Config, load_config
+from stepwise.data import Batch, encode_pairs, load_split, token_batches
+from stepwise.errors import StepwiseError
+from stepwise.models import Transformer
+from stepwise.tokenizer import Tokenizer
+from stepwise.translate import evaluate_bleu
+from train.schedule import build_optimizer
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class Distributed:
+    """Where this process sits in a (possibly single-process) data-parallel job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    info = Distributed(rank=dist.get_rank(), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``stepwise train`` / ``python -m train``."""
+    parser = argparse.ArgumentParser(prog="stepwise train", description="Train a translation transformer, "
+                                     "tracked in ClearML, registering each checkpoint as a model version.")
+    parser.add_argument("--config", default="config/default.json", help="JSON config (default config/default.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. train.max_steps=2000 (repeatable)")
+    parser.add_argument("--project-name", default="stepwise", help="ClearML project (default stepwise)")
+    parser.add_argument("--task-name", default=None, help="ClearML task name (default: the config's name)")
+    parser.add_argument("--output-dir", default=None, help="checkpoint folder (default runs/TASK_NAME)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    parser.add_argument("--queue", default=None, help="enqueue the run for a ClearML agent instead of running here")
+    parser.add_argument("--offline", action="store_true",
+                        help="record a ClearML offline session (tracking only: nothing is registered)")
+    parser.add_argument("--no-register", action="store_true", help="do not register checkpoints in the registry")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+class Trainer:
+    """One training run; see the module docstring."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.config = load_config(args.config, args.set)
+        self.task_name = args.task_name or self.config.name
+        self.output_dir = Path(args.output_dir or Path("runs") / self.task_name)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.task: Any = None
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.last_metrics: dict[str, float] = {}
+        self.registered: list[str] = []
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint in the output folder that loads (a torn file is skipped)."""
+        for path in sorted(self.checkpoint_dir.glob("step-*.pt"), reverse=True):
+            try:
+                return load_checkpoint(path)
+            except StepwiseError as exc:
+                log.warning("skipping unreadable checkpoint: %s", exc)
+        return None
+
+    def start_tracking(self, resumed: Checkpoint | None) -> None:
+        """Task.init on rank 0, connect the config (remote edits come back), maybe enqueue."""
+        if not self.dist.is_main:
+            return
+        from clearml import Task
+
+        if self.args.offline:
+            Task.set_offline(offline_mode=True)
+        else:
+            tracking.check_server()
+        previous = (resumed.data_state or {}).get("clearml_task_id") if resumed else None
+        self.task = Task.init(project_name=self.args.project_name, task_name=self.task_name,
+                              output_uri=not self.args.offline, auto_connect_frameworks=False,
+                              auto_resource_monitoring=True, reuse_last_task_id=False,
+                              continue_last_task=previous or False)
+        connected = self.task.connect(self.config.to_dict(), name="config")
+        self.config = Config.from_dict(_restore_types(connected, self.config.to_dict()))
+        if self.args.queue:
+            _ensure_queue(self.args.queue)
+            log.info("enqueueing task %s on queue %r for a ClearML agent", self.task.id, self.args.queue)
+            self.task.execute_remotely(queue_name=self.args.queue, exit_process=True)
+
+    def prepare_data(self, resumed: Checkpoint | None) -> None:
+        data = self.config.data
+        train_pairs = load_split(data, "train")
+        if data.max_train_pairs:
+            train_pairs = train_pairs[: data.max_train_pairs]
+        self.valid_pairs = load_split(data, "valid")
+        if resumed is not None:
+            self.tokenizer = resumed.tokenizer()
+        else:
+            tokenizer_path = self.output_dir / "tokenizer.model"
+            if self.dist.is_main:
+                started = time.monotonic()
+                sentences = [s for pair in train_pairs for s in pair]
+                tokenizer = Tokenizer.train(sentences, vocab_size=self.config.model.vocab_size,
+                                            model_type=data.tokenizer_model_type,
+                                            character_coverage=data.character_coverage)
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                tokenizer.save(tokenizer_path)
+                log.info("tokenizer: %d pieces trained in %.1fs", tokenizer.vocab_size, time.monotonic() - started)
+            self.dist.barrier()
+            self.tokenizer = Tokenizer.load(tokenizer_path)
+        # the vocabulary actually learned can be smaller than asked on a small corpus
+        self.config.model.vocab_size = self.tokenizer.vocab_size
+        self.train_examples = encode_pairs(train_pairs, self.tokenizer, data.max_length)
+        self.valid_examples = encode_pairs(self.valid_pairs, self.tokenizer, data.max_length)
+        if not self.train_examples:
+            raise StepwiseError("no training pairs left after filtering by data.max_length")
+        log.info("data: %d training pairs, %d validation pairs", len(self.train_examples), len(self.valid_examples))
+
+    def build(self, resumed: Checkpoint | None) -> None:
+        torch.manual_seed(self.config.train.seed)
+        self.model = Transformer(self.config.model).to(self.device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.config)
+        if resumed is not None:
+            self.model.load_state_dict(resumed.model_state)
+            self.optimizer.load_state_dict(resumed.optimizer_state)
+            self.scheduler.load_state_dict(resumed.scheduler_state)
+            self.step = resumed.step
+            self.epoch = resumed.data_state["epoch"]
+            self.batch_in_epoch = resumed.data_state["batch_in_epoch"]
+            self.last_metrics = dict(resumed.metrics)
+            if resumed.rng_state and self.dist.is_main:
+                set_rng_state(resumed.rng_state)
+            log.info("resumed from step %d (epoch %d, batch %d)", self.step, self.epoch, self.batch_in_epoch)
+        self.ddp_model: torch.nn.Module = self.model
+        if self.dist.world_size > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model: %.2fM parameters on %s, world size %d", n_params / 1e6, self.device, self.dist.world_size)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        """This rank's share of one epoch's batches (same count on every rank)."""
+        batches = list(token_batches(self.train_examples, self.config.train.batch_tokens, shuffle=True,
+                                     seed=self.config.train.seed + epoch))
+        per_rank = len(batches) // self.dist.world_size
+        return batches[self.dist.rank :: self.dist.world_size][:per_rank]
+
+    def train_step(self, batch: Batch) -> tuple[float, float, int, float]:
+        """Forward, backward, clip, step; returns (loss/token, accuracy, tokens, grad norm)."""
+        cfg = self.config.train
+        batch = batch.to(self.device)
+        self.ddp_model.train()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                    else nullcontext())
+        with autocast:
+            logits = self.ddp_model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask)
+        tokens = batch.target_tokens
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
+                                   ignore_index=self.tokenizer.pad_id, label_smoothing=cfg.label_smoothing,
+                                   reduction="sum")
+        loss = loss_sum / max(tokens, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            keep = ~batch.tgt_pad_mask
+            accuracy = float((logits.argmax(-1) == batch.tgt_out)[keep].float().mean())
+        return loss.item(), accuracy, tokens, float(grad_norm)
+
+    def run(self) -> int:
+        resumed = None
+        if self.args.resume:
+            resumed = self.latest_checkpoint()
+            if resumed is None:
+                raise StepwiseError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+            self.config = resumed.config.override(self.args.set) if self.args.set else resumed.config
+        elif any(self.checkpoint_dir.glob("step-*.pt")) and self.dist.is_main:
+            raise StepwiseError(f"{self.output_dir} holds checkpoints of an earlier run: pass --resume to continue "
+                                "it, or --output-dir/--task-name for a new run")
+        self.start_tracking(resumed)
+        self.prepare_data(resumed)
+        self.build(resumed)
+        cfg = self.config.train
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main, unit="step",
+                        dynamic_ncols=True, mininterval=1.0)
+        tokens_since, time_since = 0, time.monotonic()
+        stop_reason = "max_steps"
+        try:
+            while self.step < cfg.max_steps:
+                batches = self.epoch_batches(self.epoch)
+                for batch in batches[self.batch_in_epoch :]:
+                    loss, accuracy, tokens, grad_norm = self.train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    tokens_since += tokens * self.dist.world_size
+                    if self.step % cfg.log_every == 0 or self.step == 1:
+                        elapsed = time.monotonic() - time_since
+                        rate = tokens_since / max(elapsed, 1e-9)
+                        tokens_since, time_since = 0, time.monotonic()
+                        self.report_training(loss, accuracy, grad_norm, rate)
+                        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{rate:,.0f}",
+                                   "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+                        if deadline < math.inf:
+                            postfix["time left"] = f"{max(0.0, deadline - time.monotonic()) / 60:.1f}min"
+                        progress.set_postfix(postfix, refresh=False)
+                    progress.update(1)
+                    at_save = self.step % cfg.save_every == 0
+                    if self.step % cfg.eval_every == 0 or at_save:
+                        self.evaluate()
+                    if at_save:
+                        self.save_and_register()
+                    if self.step >= cfg.max_steps:
+                        break
+                    if time.monotonic() > deadline:
+                        stop_reason = "max_minutes"
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    continue
+                break
+        except KeyboardInterrupt:
+            progress.close()
+            log.warning("interrupted at step %d: saving a checkpoint before exiting", self.step)
+            if self.dist.is_main:
+                save_checkpoint(self.checkpoint_path(), self.checkpoint())
+            self.finish(status="interrupted")
+            return 130
+        progress.close()
+        log.info("stopped at step %d (%s)", self.step, stop_reason)
+        if self.step % cfg.save_every != 0:
+            self.evaluate()
+            self.save_and_register()
+        self.finish(status="completed")
+        return 0
+
+    # -- evaluation, reporting, saving ------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Validation loss, token accuracy and BLEU; attention heatmaps. Rank 0 only."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        cfg = self.config.train
+        model = self.model
+        model.eval()
+        loss_sum, correct, total = 0.0, 0, 0
+        for batch in token_batches(self.valid_examples, cfg.batch_tokens, shuffle=False):
+            batch = batch.to(self.device)
+            logits = model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask)
+            loss_sum += float(F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(),
+                                              ignore_index=self.tokenizer.pad_id, reduction="sum"))
+            keep = ~batch.tgt_pad_mask
+            correct += int((logits.argmax(-1) == batch.tgt_out)[keep].sum())
+            total += int(keep.sum())
+        bleu, hypotheses = evaluate_bleu(model, self.tokenizer, self.valid_pairs, beam_size=cfg.eval_beam_size,
+                                         limit=cfg.eval_sentences)
+        self.last_metrics = {"val_loss": loss_sum / max(total, 1), "val_accuracy": correct / max(total, 1),
+                             "bleu": bleu}
+        log.info("step %d: val loss %.3f, accuracy %.3f, BLEU %.2f | %s -> %s", self.step,
+                 self.last_metrics["val_loss"], self.last_metrics["val_accuracy"], bleu,
+                 self.valid_pairs[0][0][:60], hypotheses[0][:60])
+        if self.task is not None:
+            logger = self.task.get_logger()
+            logger.report_scalar("loss", "validation", self.last_metrics["val_loss"], iteration=self.step)
+            logger.report_scalar("token accuracy", "validation", self.last_metrics["val_accuracy"],
+                                 iteration=self.step)
+            logger.report_scalar("BLEU", f"validation (beam {cfg.eval_beam_size})", bleu, iteration=self.step)
+            for i, (src, _) in enumerate(self.valid_pairs[: cfg.heatmap_sentences]):
+                self.report_heatmaps(logger, i, src)
+        self.dist.barrier()
+
+    def report_heatmaps(self, logger: Any, index: int, sentence: str) -> None:
+        """Cross-attention of a fixed sentence: head-averaged and per head, for every layer."""
+        from stepwise.translate import translate_ids
+
+        source = self.tokenizer.encode(sentence)[: self.config.model.max_positions - 1]
+        hyp = translate_ids(self.model, [source], return_attention=True)[0]
+        src_labels = _unique_labels(self.tokenizer.pieces(source))
+        out_ids = hyp.tokens + ([self.tokenizer.eos_id] if hyp.finished else [])
+        tgt_labels = _unique_labels(self.tokenizer.pieces(out_ids))
+        for layer, weights in enumerate(hyp.attention["cross"]):
+            title = f"cross-attention sentence {index} layer {layer}"
+            views = [("head average", weights.mean(0))] + [(f"head {h}", weights[h]) for h in range(weights.shape[0])]
+            for series, matrix in views:
+                # ClearML plots matrix[x][y]: x = source token, y = target token
+                logger.report_confusion_matrix(title=title, series=series, matrix=matrix.T.cpu().numpy(),
+                                               iteration=self.step, xaxis="source", yaxis="target",
+                                               xlabels=src_labels, ylabels=tgt_labels, yaxis_reversed=True)
+
+    def report_training(self, loss: float, accuracy: float, grad_norm: float, tokens_per_s: float) -> None:
+        if self.task is None:
+            return
+        logger = self.task.get_logger()
+        logger.report_scalar("loss", "train", loss, iteration=self.step)
+        logger.report_scalar("token accuracy", "train", accuracy, iteration=self.step)
+        logger.report_scalar("learning rate", "lr", self.scheduler.get_last_lr()[0], iteration=self.step)
+        logger.report_scalar("gradient norm", "global", grad_norm, iteration=self.step)
+        for name, norm in _layer_grad_norms(self.model).items():
+            logger.report_scalar("gradient norm per layer", name, norm, iteration=self.step)
+        logger.report_scalar("throughput", "target tokens/s", tokens_per_s, iteration=self.step)
+
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint_dir / f"step-{self.step:07d}.pt"
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            config=self.config, model_state=self.model.state_dict(), tokenizer_model=self.tokenizer.model_proto,
+            step=self.step, metrics=dict(self.last_metrics), optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(), rng_state=rng_state(),
+            data_state={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                        "clearml_task_id": self.task.id if self.task is not None else None})
+
+    def save_and_register(self) -> None:
+        if not self.dist.is_main:
+            return
+        path = save_checkpoint(self.checkpoint_path(), self.checkpoint())
+        log.info("saved %s", path)
+        for old in sorted(self.checkpoint_dir.glob("step-*.pt"))[: -self.config.train.keep_checkpoints]:
+            old.unlink()
+        if self.task is None or self.args.offline or self.args.no_register:
+            return
+        metadata = {"bleu": round(self.last_metrics.get("bleu", 0.0), 2),
+                    "loss": round(self.last_metrics.get("val_loss", float("nan")), 4), "step": self.step,
+                    "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair}
+        try:
+            model_id = registry.register_checkpoint(self.task, path, name=self.config.name, step=self.step,
+                                                    metadata=metadata)
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is safe on disk; training goes on
+            log.warning("could not register %s in ClearML (%s); it stays in %s", path.name, exc, path.parent)
+            return
+        self.registered.append(model_id)
+
+    def finish(self, status: str) -> None:
+        if self.task is not None:
+            if self.args.offline:
+                self.task.close()
+                log.info("offline session recorded in %s; import it with "
+                         "Task.import_offline_session(<that folder>.zip)", self.task.get_offline_mode_folder())
+            else:
+                self.task.get_logger().flush(wait=True)
+                if status == "completed":
+                    self.task.mark_completed()
+                self.task.close()
+        if self.dist.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _ensure_queue(name: str) -> None:
+    """Create the execution queue if the server has none of that name (agents watch queues by name)."""
+    from clearml.backend_api.session.client import APIClient
+
+    client = APIClient()
+    if not client.queues.get_all(name=f"^{name}$"):
+        log.info("creating ClearML queue %r", name)
+        client.queues.create(name=name)
+
+
+def _restore_types(connected: Any, original: dict[str, Any]) -> dict[str, Any]:
+    """ClearML hands edited values back as they were typed in the UI: cast to the original types."""
+    if not isinstance(connected, dict):
+        return original
+    result = {}
+    for key, value in original.items():
+        new = connected.get(key, value)
+        if isinstance(value, dict):
+            result[key] = _restore_types(new, value)
+        elif isinstance(new, str) and not isinstance(value, str):
+            import json
+
+            try:
+                result[key] = json.loads(new)
+            except json.JSONDecodeError:
+                result[key] = new
+        else:
+            result[key] = new
+    return result
+
+
+def _unique_labels(pieces: list[str]) -> list[str]:
+    """Plot axes need distinct labels: suffix repeated pieces with their position."""
+    seen: dict[str, int] = {}
+    labels = []
+    for i, piece in enumerate(pieces):
+        labels.append(piece if piece not in seen else f"{piece} ({i})")
+        seen[piece] = i
+    return labels
+
+
+def _layer_grad_norms(model: Transformer) -> dict[str, float]:
+    """L2 norm of the gradients of each layer (and of the embeddings)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0].endswith("_layers") else parts[0]
+        groups.setdefault(key, []).append(param.grad.detach().norm())
+    return {key: float(torch.stack(norms).norm()) for key, norms in groups.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m train`` and ``stepwise train``."""
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    try:
+        return Trainer(args).run()
+    except StepwiseError as exc:
+        print(f"stepwise train: error: {exc}", file=sys.stderr)
+        return 2
