@@ -143,6 +143,23 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_command(args: argparse.Namespace) -> int:
+    import json
+
+    from stepwise.export import export_from_registry
+
+    chosen = [x for x in (args.tag, args.model_id, args.checkpoint) if x]
+    if len(chosen) > 1:
+        raise StepwiseError("give at most one of --tag, --model-id, --checkpoint")
+    manifest = export_from_registry(args.out, project=args.project, name=args.name, tag=args.tag,
+                                    model_id=args.model_id, checkpoint_path=args.checkpoint,
+                                    register=not args.no_register and args.checkpoint is None, opset=args.opset)
+    print(json.dumps({"out": args.out, "source": manifest.get("source_model", {}).get("id"),
+                      "registered_id": manifest.get("registered_id"), "parity": manifest["parity"],
+                      "export_seconds": manifest["export_seconds"]}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="stepwise", description=__doc__.splitlines()[0])
@@ -202,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name for tag lookups")
     p.add_argument("--show", type=int, default=0, help="print N example translations")
     p.set_defaults(handler=_evaluate_command)
+
+    p = sub.add_parser("export", help="compile a registered version (or a checkpoint) to ONNX, check parity")
+    p.add_argument("--project", default=None, help="ClearML project to search")
+    p.add_argument("--name", default=None, help="model name to search")
+    p.add_argument("--tag", default=None, help="export the newest version with this tag (default production)")
+    p.add_argument("--model-id", default=None, help="export this registered version")
+    p.add_argument("--checkpoint", default=None, help="export a local checkpoint file (not registered)")
+    p.add_argument("--out", default="exports/current", help="export directory (default exports/current)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--no-register", action="store_true", help="do not register the export in ClearML")
+    p.set_defaults(handler=_export_command)
 
     sub.add_parser("train", help="train a model (see `stepwise train --help`)", add_help=False)
     return parser

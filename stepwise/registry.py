@@ -192,3 +192,71 @@ def resolve(project: str | None, name: str | None, tag: str | None = None) -> Re
         raise RegistryError(f"no registered version of {what}{where}{with_tag}")
     version = versions[0]
     return ResolvedModel(version=version, path=download(version.id))
+
+
+ONNX_TAG = "onnx"
+
+
+def export_tag(source_id: str) -> str:
+    """The tag that links an ONNX export to the version it was compiled from."""
+    return f"source:{source_id}"
+
+
+def register_export(export_dir: Path, manifest: dict[str, Any]) -> str:
+    """Register an export directory as its own model (framework ONNX) in an ``export`` task.
+
+    The files are uploaded as one package; metadata names the source version and the parity
+    figures, and the tag ``source:<id>`` lets :func:`find_export` find it.
+    """
+    tracking.check_server()
+    from clearml import OutputModel, Task
+
+    source = manifest.get("source_model", {})
+    project = source.get("project_name") or _project_name(source.get("project")) or "stepwise"
+    task = Task.init(project_name=project, task_name=f"export {source.get('name', manifest['name'])}",
+                     task_type=Task.TaskTypes.custom, auto_connect_frameworks=False, auto_resource_monitoring=False,
+                     output_uri=True, reuse_last_task_id=False)
+    try:
+        task.connect({"source_model_id": source.get("id", ""), "opset": manifest["opset"]}, name="export")
+        model = OutputModel(task=task, name=f"{manifest['name']}-onnx", framework="ONNX",
+                            tags=[ONNX_TAG, export_tag(source.get("id", "local"))])
+        parity = manifest.get("parity", {})
+        for key, value in {"source_model_id": source.get("id", ""), "opset": manifest["opset"],
+                           "language_pair": manifest["language_pair"], "config_hash": manifest["config_hash"],
+                           "parity_tokens_greedy": parity.get("tokens_equal_beam1", ""),
+                           "parity_tokens_beam4": parity.get("tokens_equal_beam4", ""),
+                           "parity_max_log_prob_diff": parity.get("max_abs_log_prob_diff", ""),
+                           "parity_max_attention_diff": parity.get("max_abs_attention_diff", "")}.items():
+            model.set_metadata(key, str(value), "str")
+        model.update_weights_package(weights_path=str(export_dir), auto_delete_file=False, async_enable=False)
+        task.get_logger().report_text(f"exported {source.get('id')} -> {model.id}")
+    finally:
+        task.close()
+    log.info("registered ONNX export of %s as model %s", source.get("id"), model.id)
+    return model.id
+
+
+def _project_name(project_id: str | None) -> str | None:
+    if not project_id:
+        return None
+    from clearml.backend_api.session.client import APIClient
+
+    try:
+        return APIClient().projects.get_by_id(project=project_id).name
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def find_export(source_id: str) -> ModelVersion | None:
+    """The newest registered ONNX export of a version, if any."""
+    versions = [v for v in list_versions(tag=export_tag(source_id)) if ONNX_TAG in v.tags]
+    return versions[0] if versions else None
+
+
+def download_export(model_id: str) -> Path:
+    """Download and unpack an ONNX export package; returns the export directory."""
+    get_version(model_id)
+    path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
+    if not path:
+        raise RegistryError(f"model {model_id}: its export could not be downloaded")
+    return Path(path)

@@ -1,0 +1,276 @@
+"""Compile a checkpoint to ONNX: an encoder graph and a one-step decoder graph with a KV cache.
+
+``encoder.onnx``
+    in: ``src_ids [B, S]`` (int64), ``src_pad_mask [B, S]`` (bool, True at padding)
+    out: ``cross_keys``/``cross_values [L, B, H, S, d_k]`` (every decoder layer's cross-attention
+    keys and values, projected once), ``encoder_attention [L, B, H, S, S]``
+``decoder.onnx`` (one step)
+    in: ``tokens [B, 1]``, ``src_pad_mask``, ``cross_keys``, ``cross_values``,
+    ``past_keys``/``past_values [L, B, H, T, d_k]`` (T may be 0; the position is T), and
+    ``past_order [B]``: which cache row each row continues (beam search reorders hypotheses;
+    doing it inside the graph keeps the cache on the device)
+    out: ``log_probs [B, V]``, ``present_keys``/``present_values [L, B, H, T+1, d_k]``,
+    ``self_attention [L, B, H, 1, T+1]``, ``cross_attention [L, B, H, 1, S]``
+
+Batch, source and cache lengths are dynamic. Before anything is final the export is checked
+against PyTorch on held-out sentences (same greedy and beam tokens, log-probabilities and
+attention within stated tolerances); it is written to a temporary folder and renamed into
+place only when the check passes, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from stepwise.checkpoint import Checkpoint
+from stepwise.data import load_split
+from stepwise.decoding import decode
+from stepwise.errors import CorpusError, StepwiseError
+from stepwise.models import Transformer
+from stepwise.onnx_decoding import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, TOKENIZER_FILE, OnnxTranslator
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+LOG_PROB_TOLERANCE = 1e-3
+ATTENTION_TOLERANCE = 1e-4
+PARITY_SENTENCES = 8
+FALLBACK_SENTENCES = [  # used when the checkpoint's corpus is not installed
+    "Im Anfang war das Wort.",
+    "Und Gott sprach: Es werde Licht!",
+    "Der Herr ist mein Hirte, mir wird nichts mangeln.",
+    "Selig sind die Friedfertigen.",
+]
+
+
+class ExportError(StepwiseError):
+    """The export failed a check (parity, onnx.checker); nothing was written."""
+
+
+class EncoderGraph(nn.Module):
+    """What ``encoder.onnx`` computes."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids: Tensor, src_pad_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        memory, weights = self.model.encode(src_ids, src_pad_mask, need_weights=True)
+        kv = self.model.cross_key_values(memory)
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), torch.stack(weights)
+
+
+class DecoderStepGraph(nn.Module):
+    """What ``decoder.onnx`` computes: one step of incremental decoding."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, tokens: Tensor, src_pad_mask: Tensor, cross_keys: Tensor, cross_values: Tensor, past_keys: Tensor,
+        past_values: Tensor, past_order: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        layers = len(self.model.decoder_layers)
+        past_keys = past_keys.index_select(1, past_order)
+        past_values = past_values.index_select(1, past_order)
+        cross = [(cross_keys[i], cross_values[i]) for i in range(layers)]
+        past = [(past_keys[i], past_values[i]) for i in range(layers)]
+        logits, present, self_w, cross_w = self.model.decode(tokens, cross, src_pad_mask=src_pad_mask, past=past,
+                                                             need_weights=True)
+        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        return (log_probs, torch.stack([k for k, _ in present]), torch.stack([v for _, v in present]),
+                torch.stack(self_w), torch.stack(cross_w))
+
+
+def _export_graphs(model: Transformer, folder: Path, opset: int) -> None:
+    cfg = model.config
+    heads, d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
+    src = torch.randint(4, cfg.vocab_size, (2, 5))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python ints from shapes
+        torch.onnx.export(
+            EncoderGraph(model), (src, mask), str(folder / ENCODER_FILE), dynamo=False, opset_version=opset,
+            input_names=["src_ids", "src_pad_mask"], output_names=["cross_keys", "cross_values", "encoder_attention"],
+            dynamic_axes={"src_ids": {0: "batch", 1: "source"}, "src_pad_mask": {0: "batch", 1: "source"},
+                          "cross_keys": {1: "batch", 3: "source"}, "cross_values": {1: "batch", 3: "source"},
+                          "encoder_attention": {1: "batch", 3: "source", 4: "source"}})
+        n_dec = cfg.n_decoder_layers
+        cross = torch.zeros(n_dec, 2, heads, 5, d_k)
+        past = torch.zeros(n_dec, 2, heads, 3, d_k)
+        torch.onnx.export(
+            DecoderStepGraph(model), (torch.full((2, 1), cfg.bos_id), mask, cross, cross, past, past,
+                                      torch.tensor([1, 0])),
+            str(folder / DECODER_FILE), dynamo=False, opset_version=opset,
+            input_names=["tokens", "src_pad_mask", "cross_keys", "cross_values", "past_keys", "past_values",
+                         "past_order"],
+            output_names=["log_probs", "present_keys", "present_values", "self_attention", "cross_attention"],
+            dynamic_axes={"tokens": {0: "batch"}, "src_pad_mask": {0: "batch", 1: "source"},
+                          "cross_keys": {1: "batch", 3: "source"}, "cross_values": {1: "batch", 3: "source"},
+                          "past_keys": {1: "batch", 3: "past"}, "past_values": {1: "batch", 3: "past"},
+                          "past_order": {0: "batch"}, "log_probs": {0: "batch"},
+                          "present_keys": {1: "batch", 3: "length"},
+                          "present_values": {1: "batch", 3: "length"}, "self_attention": {1: "batch", 4: "length"},
+                          "cross_attention": {1: "batch", 4: "source"}})
+    model.eval()  # the TorchScript exporter leaves modules in training mode (dropout on)
+    for name in (ENCODER_FILE, DECODER_FILE):
+        try:
+            onnx.checker.check_model(str(folder / name), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"{name}: onnx.checker failed: {str(exc).splitlines()[0]}") from None
+
+
+def parity_sentences(checkpoint: Checkpoint, count: int = PARITY_SENTENCES) -> list[str]:
+    """Held-out sentences of the checkpoint's own corpus (validation split), or a fixed set."""
+    try:
+        return [src for src, _ in load_split(checkpoint.config.data, "valid")[:count]]
+    except CorpusError:
+        return FALLBACK_SENTENCES[:count]
+
+
+def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict[str, Any]:
+    """Compare the ONNX export in ``folder`` with ``model`` on ``sentences``.
+
+    Returns the figures; raises ExportError when tokens differ or a tolerance is exceeded.
+    """
+    model.eval()
+    translator = OnnxTranslator(folder, device="cpu")
+    tok = translator.tokenizer
+    sources = [translator.encode_text(s) for s in sentences]
+    max_length = min(48, model.config.max_positions - 1)
+    figures: dict[str, Any] = {"sentences": len(sentences), "max_length": max_length,
+                               "log_prob_tolerance": LOG_PROB_TOLERANCE, "attention_tolerance": ATTENTION_TOLERANCE}
+    worst_attention = 0.0
+    for beam in (1, 4):
+        ours = translator.decode_ids(sources, beam_size=beam, max_length=max_length, return_attention=True)
+        theirs = []
+        for src in sources:  # one at a time: PyTorch with no padding as the reference
+            theirs += decode(model, torch.tensor([src]), beam_size=beam, max_length=max_length, return_attention=True)
+        same = sum(a.tokens == b.tokens for a, b in zip(ours, theirs, strict=True))
+        figures[f"tokens_equal_beam{beam}"] = f"{same}/{len(sources)}"
+        if same != len(sources):
+            raise ExportError(f"parity: beam {beam} tokens differ from PyTorch on {len(sources) - same} of "
+                              f"{len(sources)} sentences")
+        for a, b in zip(ours, theirs, strict=True):
+            for kind in ("encoder", "decoder", "cross"):
+                reference = torch.stack(b.attention[kind]).numpy()
+                worst_attention = max(worst_attention, float(np.abs(a.attention[kind] - reference).max()))
+    # log-probabilities along PyTorch's greedy path, step by step through the ONNX decoder
+    worst_log_prob = 0.0
+    greedy = decode(model, torch.tensor([sources[0]]), max_length=max_length)[0]
+    path = [tok.bos_id, *greedy.tokens]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([sources[0]]), torch.tensor([path])).float(), -1)[0].numpy()
+    src = np.array([sources[0]], dtype=np.int64)
+    mask = np.zeros_like(src, dtype=bool)
+    step = translator.start(src, mask, beam_size=1)
+    for t, token in enumerate(path):
+        log_probs, _, _ = step(np.array([[token]], dtype=np.int64), np.zeros(1, dtype=np.int64), False)
+        worst_log_prob = max(worst_log_prob, float(np.abs(log_probs[0] - reference[t]).max()))
+    figures["max_abs_log_prob_diff"] = worst_log_prob
+    figures["max_abs_attention_diff"] = worst_attention
+    if worst_log_prob > LOG_PROB_TOLERANCE:
+        raise ExportError(f"parity: log-probabilities differ by {worst_log_prob:.2e} > {LOG_PROB_TOLERANCE:g}")
+    if worst_attention > ATTENTION_TOLERANCE:
+        raise ExportError(f"parity: attention differs by {worst_attention:.2e} > {ATTENTION_TOLERANCE:g}")
+    return figures
+
+
+def export_checkpoint(
+    checkpoint: Checkpoint, out_dir: str | Path, *, source: dict[str, Any] | None = None, opset: int = OPSET,
+    sentences: list[str] | None = None,
+) -> dict[str, Any]:
+    """Export, check parity, and move the result to ``out_dir`` atomically; returns the manifest.
+
+    Args:
+        checkpoint: what to export.
+        out_dir: the export directory (replaced if it exists).
+        source: registry facts to record (``id``, ``name``, ``tags``, ``project``).
+        opset: ONNX opset.
+        sentences: parity sentences (default: :func:`parity_sentences`).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = checkpoint.build_model()
+    temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    temp.chmod(0o755)
+    try:
+        _export_graphs(model, temp, opset)
+        checkpoint.tokenizer().save(temp / TOKENIZER_FILE)
+        manifest: dict[str, Any] = {
+            "format": 1, "source_model": source or {}, "name": checkpoint.config.name,
+            "language_pair": checkpoint.config.data.language_pair, "step": checkpoint.step,
+            "config": checkpoint.config.to_dict(), "config_hash": checkpoint.config.hash(), "opset": opset,
+            "files": [ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE],
+        }
+        (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        manifest["parity"] = check_parity(model, temp, sentences or parity_sentences(checkpoint))
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        manifest["exported_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            temp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            temp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    log.info("exported %s to %s in %.1fs (parity: %s)", checkpoint.config.name, out_dir, manifest["export_seconds"],
+             manifest["parity"])
+    return manifest
+
+
+def export_from_registry(
+    out_dir: str | Path, *, project: str | None = None, name: str | None = None, tag: str | None = None,
+    model_id: str | None = None, checkpoint_path: str | Path | None = None, register: bool = True,
+    opset: int = OPSET,
+) -> dict[str, Any]:
+    """``stepwise export``: resolve a version (tag, id or local file), export it, register the export.
+
+    With no ``tag``/``model_id``/``checkpoint_path`` the ``production`` version is used, or the
+    newest version when none carries that tag.
+    """
+    from stepwise import registry
+    from stepwise.checkpoint import load_checkpoint
+
+    if checkpoint_path is not None:
+        checkpoint = load_checkpoint(checkpoint_path)
+        return export_checkpoint(checkpoint, out_dir, source={"checkpoint": str(checkpoint_path)}, opset=opset)
+    if model_id is not None:
+        version = registry.get_version(model_id)
+        path = registry.download(model_id)
+    else:
+        try:
+            resolved = registry.resolve(project, name, tag=tag or registry.PRODUCTION)
+        except registry.RegistryError:
+            if tag is not None:
+                raise
+            log.info("no version is tagged production: exporting the newest version")
+            resolved = registry.resolve(project, name, tag=None)
+        version, path = resolved.version, resolved.path
+    source = {"id": version.id, "name": version.name, "tags": version.tags, "project": version.project,
+              "metadata": version.metadata}
+    manifest = export_checkpoint(load_checkpoint(path), out_dir, source=source, opset=opset)
+    if register:
+        manifest["registered_id"] = registry.register_export(Path(out_dir), manifest)
+        (Path(out_dir) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest

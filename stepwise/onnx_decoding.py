@@ -1,0 +1,295 @@
+"""The ONNX Runtime decoding loop: an export directory in, translations and attention out.
+
+This mirrors :mod:`stepwise.decoding` (greedy and beam search in one loop, the same GNMT
+length penalty, the same attention layout) on top of two ONNX Runtime sessions: the encoder
+(run once per batch) and one decoder step that takes the KV cache in and gives it back one
+position longer. It imports numpy, onnxruntime and sentencepiece only (no torch), so the
+service, the benchmarks and the exporter's parity check all share it.
+
+Cache layout (stacked over layers): keys and values ``[L, B, H, T, d_k]``; attention outputs
+``[L, B, H, T_q, T_k]``. Sessions share one global thread pool, so the encoder's and the
+decoder's pools do not fight over the cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from stepwise.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+MANIFEST_FILE = "manifest.json"
+
+_THREAD_POOL_LOCK = threading.Lock()
+_THREAD_POOL_THREADS: int | None = None
+
+
+@dataclass
+class OnnxHypothesis:
+    """One decoded sentence from the ONNX path (same fields as ``decoding.Hypothesis``).
+
+    ``attention`` maps kind to an array ``[L, H, T_q, T_k]`` (already cut to the real lengths).
+    """
+
+    tokens: list[int]
+    score: float
+    finished: bool
+    attention: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class Translation:
+    """Text-level result: what the service returns (before choosing attention kinds)."""
+
+    translation: str
+    source_tokens: list[str]
+    target_tokens: list[str]
+    attention: dict[str, np.ndarray] | None
+    score: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _init_global_thread_pool(threads: int) -> None:
+    """One intra-op/inter-op pool for every session of this process (ORT's global pool)."""
+    global _THREAD_POOL_THREADS
+    with _THREAD_POOL_LOCK:
+        if _THREAD_POOL_THREADS is None:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _THREAD_POOL_THREADS = threads
+
+
+def available_providers(device: str = "auto") -> list[str]:
+    """CUDA (then CPU) when asked or available; CPU otherwise."""
+    have = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError(f"CUDA execution provider not available (have {', '.join(have)})")
+    return ["CPUExecutionProvider"]
+
+
+class DecoderSteps:
+    """Encoder output and KV cache of one batch; each call runs one decoder step.
+
+    On CPU the cache is a numpy array fed back as the next input. On CUDA the cache stays on
+    the GPU: outputs are bound to device memory with IOBinding and the next step reads them
+    in place; only tokens, log-probabilities and attention cross to the host.
+    """
+
+    def __init__(self, translator: OnnxTranslator, src: np.ndarray, src_mask: np.ndarray, beam_size: int) -> None:
+        self.session = translator.decoder
+        cross_keys, cross_values, self.encoder_attention = translator.encoder.run(
+            None, {"src_ids": src, "src_pad_mask": src_mask})
+        # every hypothesis of a sentence shares its memory: repeat each sentence k times (axis 1 = batch)
+        if beam_size > 1:
+            cross_keys = np.repeat(cross_keys, beam_size, axis=1)
+            cross_values = np.repeat(cross_values, beam_size, axis=1)
+            src_mask = np.repeat(src_mask, beam_size, axis=0)
+        rows = src_mask.shape[0]
+        self.src_mask = src_mask
+        empty_shape = (translator.n_layers, rows, translator.n_heads, 0, translator.d_k)
+        self.on_device = translator.provider == "CUDAExecutionProvider"
+        if self.on_device:
+            self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for name, value in (
+                ("cross_keys", cross_keys), ("cross_values", cross_values))}
+            empty = ort.OrtValue.ortvalue_from_shape_and_type(empty_shape, np.float32, "cuda", 0)
+            self.inputs["past_keys"] = self.inputs["past_values"] = empty
+        else:
+            empty = np.zeros(empty_shape, dtype=np.float32)
+            self.inputs = {"cross_keys": cross_keys, "cross_values": cross_values, "past_keys": empty,
+                           "past_values": empty}
+
+    def __call__(
+        self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One step: returns ``(log_probs [B, V], self_attention, cross_attention)``."""
+        if not self.on_device:
+            log_probs, present_k, present_v, self_w, cross_w = self.session.run(None, {
+                **self.inputs, "tokens": tokens, "src_pad_mask": self.src_mask, "past_order": past_order})
+            self.inputs["past_keys"], self.inputs["past_values"] = present_k, present_v
+            return log_probs, self_w, cross_w
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens))
+        binding.bind_cpu_input("src_pad_mask", self.src_mask)
+        binding.bind_cpu_input("past_order", past_order)
+        for name, value in self.inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("log_probs", "cpu")
+        binding.bind_output("present_keys", "cuda", 0)
+        binding.bind_output("present_values", "cuda", 0)
+        binding.bind_output("self_attention", "cpu" if need_attention else "cuda", 0)
+        binding.bind_output("cross_attention", "cpu" if need_attention else "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        log_probs, present_k, present_v, self_w, cross_w = binding.get_outputs()
+        self.inputs["past_keys"], self.inputs["past_values"] = present_k, present_v
+        if need_attention:
+            return log_probs.numpy(), self_w.numpy(), cross_w.numpy()
+        return log_probs.numpy(), None, None
+
+
+class OnnxTranslator:
+    """Loads an export directory and translates with ONNX Runtime."""
+
+    def __init__(self, export_dir: str | Path, *, device: str = "auto", threads: int | None = None) -> None:
+        self.export_dir = Path(export_dir)
+        manifest_path = self.export_dir / MANIFEST_FILE
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        model_cfg = self.manifest.get("config", {}).get("model", {})
+        self.max_positions = int(model_cfg.get("max_positions", 512))
+        self.tokenizer = Tokenizer.load(self.export_dir / TOKENIZER_FILE)
+        providers = available_providers(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if providers[0] == "CPUExecutionProvider":
+            threads = threads or int(os.environ.get("STEPWISE_ORT_THREADS", "0")) or (os.cpu_count() or 1)
+            _init_global_thread_pool(threads)
+            options.use_per_session_threads = False
+        self.encoder = ort.InferenceSession(str(self.export_dir / ENCODER_FILE), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(self.export_dir / DECODER_FILE), options, providers=providers)
+        self.provider = self.decoder.get_providers()[0]
+        self.loaded_at = time.time()
+        shape = next(i.shape for i in self.decoder.get_inputs() if i.name == "past_keys")  # [L, B, H, T, d_k]
+        self.n_layers, self.n_heads, self.d_k = int(shape[0]), int(shape[2]), int(shape[4])
+        log.info("loaded %s on %s", self.export_dir, self.provider)
+
+    def start(self, src: np.ndarray, src_mask: np.ndarray, *, beam_size: int = 1) -> DecoderSteps:
+        """Encode a batch and return the step function over its KV cache (on the session's device)."""
+        return DecoderSteps(self, src, src_mask, beam_size)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def decode_ids(
+        self, sources: list[list[int]], *, beam_size: int = 1, length_penalty: float = 0.6,
+        max_length: int | None = None, return_attention: bool = False,
+    ) -> list[OnnxHypothesis]:
+        """Greedy (``beam_size == 1``) or beam search over encoded sources (each ending with EOS)."""
+        tok = self.tokenizer
+        batch = len(sources)
+        src_len = max(len(s) for s in sources)
+        src = np.full((batch, src_len), tok.pad_id, dtype=np.int64)
+        for i, ids in enumerate(sources):
+            src[i, : len(ids)] = ids
+        src_mask = src == tok.pad_id
+        if max_length is None:
+            max_length = min(2 * src_len + 10, self.max_positions - 1)
+        k = beam_size
+        rows = batch * k
+
+        step = self.start(src, src_mask, beam_size=k)
+        tokens = np.full((rows, 1), tok.bos_id, dtype=np.int64)
+        scores = np.zeros((batch, k), dtype=np.float32)
+        scores[:, 1:] = -np.inf  # only the first beam expands at the first step
+        scores = scores.reshape(rows)
+        finished = np.zeros(rows, dtype=bool)
+        origin = np.arange(rows, dtype=np.int64)
+        first_row = (np.arange(batch) * k)[:, None]
+        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        for _ in range(max_length):
+            # the cache rows are reordered inside the graph to follow last step's survivors
+            log_probs, self_w, cross_w = step(tokens[:, -1:], origin, return_attention)
+            log_probs[finished] = -np.inf
+            log_probs[finished, tok.pad_id] = 0.0
+            if k == 1:
+                next_tokens = log_probs.argmax(axis=-1)
+                scores = scores + log_probs[np.arange(rows), next_tokens]
+                origin = np.arange(rows, dtype=np.int64)
+            else:
+                vocab = log_probs.shape[-1]
+                candidates = (scores[:, None] + log_probs).reshape(batch, k * vocab)
+                # top-k per sentence (argpartition, then sort those k by score)
+                part = np.argpartition(-candidates, k - 1, axis=-1)[:, :k]
+                order = np.argsort(-np.take_along_axis(candidates, part, axis=-1), axis=-1, kind="stable")
+                top_index = np.take_along_axis(part, order, axis=-1)
+                origin = (first_row + top_index // vocab).reshape(rows).astype(np.int64)
+                next_tokens = (top_index % vocab).reshape(rows)
+                scores = np.take_along_axis(candidates, top_index, axis=-1).reshape(rows)
+                tokens = tokens[origin]
+                finished = finished[origin]
+            if return_attention:
+                steps.append((origin, self_w[:, :, :, 0], cross_w[:, :, :, 0]))  # [L, rows, H, K]
+            tokens = np.concatenate([tokens, next_tokens[:, None].astype(np.int64)], axis=1)
+            finished = finished | (next_tokens == tok.eos_id)
+            if finished.all():
+                break
+
+        generated = tokens[:, 1:]
+        is_eos = generated == tok.eos_id
+        lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, generated.shape[1])
+        final = scores.copy()
+        if k > 1 and length_penalty > 0:
+            final = final / ((5.0 + lengths) / 6.0) ** length_penalty
+        best = first_row[:, 0] + final.reshape(batch, k).argmax(axis=-1)
+
+        results = []
+        for b in range(batch):
+            row = int(best[b])
+            ids = generated[row, : int(lengths[row])].tolist()
+            ended = bool(ids) and ids[-1] == tok.eos_id
+            attention = None
+            if return_attention:
+                real = len(sources[b])
+                attention = self._collect_attention(steps, row, len(ids), real,
+                                                    step.encoder_attention[:, b, :, :real, :real])
+            results.append(OnnxHypothesis(tokens=ids[:-1] if ended else ids, score=float(final[row]),
+                                          finished=ended, attention=attention))
+        return results
+
+    @staticmethod
+    def _collect_attention(
+        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]], row: int, length: int, src_real: int,
+        encoder: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Follow the beam back-pointers from ``row`` and stack that hypothesis's attention."""
+        layers, _, heads, _ = steps[0][2].shape
+        decoder = np.zeros((layers, heads, length, length), dtype=np.float32)
+        cross = np.zeros((layers, heads, length, src_real), dtype=np.float32)
+        for t in range(length - 1, -1, -1):
+            origin, self_w, cross_w = steps[t]
+            row = int(origin[row])
+            decoder[:, :, t, : t + 1] = self_w[:, row]
+            cross[:, :, t] = cross_w[:, row, :, :src_real]
+        return {"encoder": encoder, "decoder": decoder, "cross": cross}
+
+    # -- text in, text out ----------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        """Source ids (with EOS), cut to the positional table."""
+        ids = self.tokenizer.encode(text)
+        return ids if len(ids) < self.max_positions else ids[: self.max_positions - 2] + [self.tokenizer.eos_id]
+
+    def translate(
+        self, texts: list[str], *, beam_size: int = 1, max_length: int | None = None,
+        return_attention: bool = False, batch_size: int = 32,
+    ) -> list[Translation]:
+        """Translate texts, batching by length; keeps the input order."""
+        sources = [self.encode_text(t) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(sources[i]))
+        results: list[Translation | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            began = time.perf_counter()
+            hyps = self.decode_ids([sources[i] for i in chunk], beam_size=beam_size, max_length=max_length,
+                                   return_attention=return_attention)
+            elapsed_ms = (time.perf_counter() - began) * 1000
+            for i, hyp in zip(chunk, hyps, strict=True):
+                emitted = hyp.tokens + ([self.tokenizer.eos_id] if hyp.finished else [])
+                results[i] = Translation(
+                    translation=self.tokenizer.decode(hyp.tokens),
+                    source_tokens=self.tokenizer.pieces(sources[i]),
+                    target_tokens=self.tokenizer.pieces(emitted),
+                    attention=hyp.attention, score=hyp.score,
+                    timings={"decode_ms": round(elapsed_ms, 3), "batch_size": len(chunk)})
+        return results  # type: ignore[return-value]
