@@ -49,6 +49,14 @@ def default_max_length(source_length: int, max_positions: int) -> int:
     return min(2 * source_length + 10, max_positions - 1)
 
 
+def length_limits(source_lengths: Tensor, max_length: int | None, max_positions: int) -> Tensor:
+    """Per-sentence output budget: ``max_length`` if given, else :func:`default_max_length` of each
+    sentence's own length (so a sentence decodes the same alone or in any batch)."""
+    if max_length is not None:
+        return torch.full_like(source_lengths, min(max_length, max_positions - 1))
+    return torch.clamp(2 * source_lengths + 10, max=max_positions - 1)
+
+
 @torch.no_grad()
 def greedy_decode(
     model: Transformer,
@@ -128,9 +136,9 @@ def _search(
     batch, src_len = src_ids.shape
     k = beam_size
     rows = batch * k
-    if max_length is None:
-        max_length = default_max_length(src_len, cfg.max_positions)
     device = src_ids.device
+    src_lengths = torch.full((batch,), src_len, device=device) if src_pad_mask is None else (~src_pad_mask).sum(1)
+    row_limit = length_limits(src_lengths, max_length, cfg.max_positions).repeat_interleave(k)
 
     memory, enc_weights = model.encode(src_ids, src_pad_mask, need_weights=return_attention)
     # every hypothesis of a sentence shares its memory: repeat each sentence k times
@@ -147,10 +155,11 @@ def _search(
     first_row = torch.arange(batch, device=device)[:, None] * k
     steps: list[tuple[Tensor, list[Tensor], list[Tensor]]] = []  # (origin, self, cross) per step
 
-    for _ in range(max_length):
+    for step in range(int(row_limit.max())):
         logits, past, self_w, cross_w = model.decode(tokens[:, -1:], cross_kv, src_pad_mask=row_pad_mask,
                                                      past=past, need_weights=return_attention)
         log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        log_probs[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")  # never generated
         # a finished hypothesis may only grow by padding, at no cost
         log_probs[finished] = float("-inf")
         log_probs[finished, cfg.pad_id] = 0.0
@@ -174,7 +183,7 @@ def _search(
         if return_attention:
             steps.append((origin, [w[:, :, 0] for w in self_w], [w[:, :, 0] for w in cross_w]))
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-        finished = finished | (next_tokens == cfg.eos_id)
+        finished = finished | (next_tokens == cfg.eos_id) | (step + 1 >= row_limit)
         if bool(finished.all()):
             break
 
@@ -201,11 +210,11 @@ def _search(
 
 
 def _lengths(generated: Tensor, eos_id: int, pad_id: int) -> Tensor:
-    """Number of tokens up to and including the first EOS (or all of them)."""
+    """Number of tokens up to and including the first EOS (or all non-padding ones)."""
     is_eos = generated == eos_id
     any_eos = is_eos.any(dim=1)
     first_eos = is_eos.float().argmax(dim=1)
-    return torch.where(any_eos, first_eos + 1, torch.full_like(first_eos, generated.shape[1]))
+    return torch.where(any_eos, first_eos + 1, (generated != pad_id).sum(dim=1))
 
 
 def _collect_attention(

@@ -183,10 +183,12 @@ class OnnxTranslator:
         for i, ids in enumerate(sources):
             src[i, : len(ids)] = ids
         src_mask = src == tok.pad_id
-        if max_length is None:
-            max_length = min(2 * src_len + 10, self.max_positions - 1)
         k = beam_size
         rows = batch * k
+        # per-sentence budget, as in decoding.length_limits: the same output alone or in any batch
+        lengths = np.array([len(s) for s in sources])
+        limit = np.full(batch, max_length) if max_length is not None else 2 * lengths + 10
+        row_limit = np.repeat(np.minimum(limit, self.max_positions - 1), k)
 
         step = self.start(src, src_mask, beam_size=k)
         tokens = np.full((rows, 1), tok.bos_id, dtype=np.int64)
@@ -198,9 +200,10 @@ class OnnxTranslator:
         first_row = (np.arange(batch) * k)[:, None]
         steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-        for _ in range(max_length):
+        for step_index in range(int(row_limit.max())):
             # the cache rows are reordered inside the graph to follow last step's survivors
             log_probs, self_w, cross_w = step(tokens[:, -1:], origin, return_attention)
+            log_probs[:, [tok.pad_id, tok.bos_id]] = -np.inf  # never generated
             log_probs[finished] = -np.inf
             log_probs[finished, tok.pad_id] = 0.0
             if k == 1:
@@ -222,13 +225,13 @@ class OnnxTranslator:
             if return_attention:
                 steps.append((origin, self_w[:, :, :, 0], cross_w[:, :, :, 0]))  # [L, rows, H, K]
             tokens = np.concatenate([tokens, next_tokens[:, None].astype(np.int64)], axis=1)
-            finished = finished | (next_tokens == tok.eos_id)
+            finished = finished | (next_tokens == tok.eos_id) | (step_index + 1 >= row_limit)
             if finished.all():
                 break
 
         generated = tokens[:, 1:]
         is_eos = generated == tok.eos_id
-        lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, generated.shape[1])
+        lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, (generated != tok.pad_id).sum(axis=1))
         final = scores.copy()
         if k > 1 and length_penalty > 0:
             final = final / ((5.0 + lengths) / 6.0) ** length_penalty

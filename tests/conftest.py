@@ -113,3 +113,32 @@ def run_python(code: str, env: dict[str, str], timeout: float = 180) -> subproce
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
+
+
+# -- checkpoints of small untrained models ------------------------------------------------------
+SAMPLE_PAIRS = [
+    ("Im Anfang war das Wort.", "In the beginning was the Word."),
+    ("Und Gott sprach: Es werde Licht!", "God said, Let there be light."),
+    ("Der Herr ist mein Hirte.", "The Lord is my shepherd."),
+    ("Selig sind die Friedfertigen.", "Blessed are the peacemakers."),
+    ("Und es ward Abend und es ward Morgen.", "There was evening and there was morning."),
+    ("Liebet eure Feinde.", "Love your enemies."),
+]
+
+
+def make_checkpoint(path: Path, seed: int = 0, name: str = "transformer-test") -> Path:
+    """Write a checkpoint of a small untrained model with a real (tiny) SentencePiece tokenizer."""
+    from stepwise.checkpoint import Checkpoint, save_checkpoint
+    from stepwise.config import Config
+    from stepwise.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train([s for pair in SAMPLE_PAIRS for s in pair] * 4, vocab_size=120)
+    config = Config.from_dict({"name": name, "model": {
+        "vocab_size": tokenizer.vocab_size, "d_model": 32, "n_heads": 4, "n_encoder_layers": 2,
+        "n_decoder_layers": 2, "d_ff": 64, "dropout": 0.0, "max_positions": 64}})
+    torch.manual_seed(seed)
+    model = Transformer(config.model).eval()
+    with torch.no_grad():  # a sharper output distribution: no near-ties between tokens
+        model.output_projection.weight.mul_(3.0)
+    return save_checkpoint(path, Checkpoint(config=config, model_state=model.state_dict(),
+                                            tokenizer_model=tokenizer.model_proto, step=0))

@@ -1,0 +1,127 @@
+"""ONNX export: graphs pass onnx.checker, parity with PyTorch, atomic writes, registry round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from stepwise import export as export_module
+from stepwise.checkpoint import load_checkpoint
+from stepwise.decoding import decode
+from stepwise.export import ExportError, check_parity, export_checkpoint
+from stepwise.onnx_decoding import OnnxTranslator
+
+from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint
+
+
+def test_export_fresh_model_passes_checker_and_parity(tmp_path: Path) -> None:
+    checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt"))
+    manifest = export_checkpoint(checkpoint, tmp_path / "export", source={"id": "abc", "name": "x", "tags": []})
+    out = tmp_path / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
+                                                     "tokenizer.model"]
+    for name in ("encoder.onnx", "decoder.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["source_model"]["id"] == "abc" and on_disk["opset"] == 17
+    assert on_disk["config"]["model"]["d_model"] == 32 and "exported_at" in on_disk
+    parity = manifest["parity"]
+    assert parity["tokens_equal_beam1"] == parity["tokens_equal_beam4"] == f"{parity['sentences']}/{parity['sentences']}"
+    assert parity["max_abs_log_prob_diff"] < 1e-3 and parity["max_abs_attention_diff"] < 1e-4
+    assert not list(tmp_path.glob(".export.*"))  # no temporary folders left
+
+
+def test_onnx_loop_matches_pytorch_with_padding_and_beams(tmp_path: Path) -> None:
+    checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt", seed=4))
+    export_checkpoint(checkpoint, tmp_path / "export")
+    translator = OnnxTranslator(tmp_path / "export", device="cpu")
+    model = checkpoint.build_model()
+    sources = [translator.encode_text(src) for src, _ in SAMPLE_PAIRS]  # different lengths: padded batch
+    for beam in (1, 3):
+        ours = translator.decode_ids(sources, beam_size=beam, max_length=20, return_attention=True)
+        for src, hyp in zip(sources, ours, strict=True):
+            (ref,) = decode(model, torch.tensor([src]), beam_size=beam, max_length=20, return_attention=True)
+            assert hyp.tokens == ref.tokens
+            for kind in ("encoder", "decoder", "cross"):
+                np.testing.assert_allclose(hyp.attention[kind], torch.stack(ref.attention[kind]).numpy(), atol=1e-4)
+
+
+def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
+    checkpoint = load_checkpoint(make_checkpoint(tmp_path / "a.pt", seed=1))
+    export_checkpoint(checkpoint, tmp_path / "export")
+    other = load_checkpoint(make_checkpoint(tmp_path / "b.pt", seed=2)).build_model()
+    with pytest.raises(ExportError, match="parity"):
+        check_parity(other, tmp_path / "export", [s for s, _ in SAMPLE_PAIRS[:3]])
+
+
+def test_failed_export_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt"))
+    out = tmp_path / "export"
+    export_checkpoint(checkpoint, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing_parity(*args: object, **kwargs: object) -> dict:
+        raise ExportError("parity: simulated mismatch")
+
+    monkeypatch.setattr(export_module, "check_parity", failing_parity)
+    with pytest.raises(ExportError):
+        export_checkpoint(load_checkpoint(make_checkpoint(tmp_path / "other.pt", seed=9)), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
+    with pytest.raises(ExportError):
+        export_checkpoint(checkpoint, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_export_cli_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, "-m", "stepwise", "export", "--checkpoint", str(tmp_path / "junk.pt"),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"stepwise: error: checkpoint {tmp_path / 'junk.pt'}: not a stepwise checkpoint (UnpicklingError)"]
+
+
+REGISTER = """
+import sys
+from clearml import Task, OutputModel
+task = Task.init(project_name="stepwise-export", task_name="register", auto_connect_frameworks=False,
+                 auto_resource_monitoring=False, output_uri=True)
+model = OutputModel(task=task, name="transformer-test", framework="PyTorch", tags=["candidate"])
+model.update_weights(weights_filename=sys.argv[1], auto_delete_file=False, async_enable=False)
+print("MODEL", model.id)
+task.close()
+"""
+
+
+def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
+    env = clearml_server.env
+    checkpoint = make_checkpoint(tmp_path / "model.pt")
+    registered = subprocess.run([sys.executable, "-c", REGISTER, str(checkpoint)], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+    assert registered.returncode == 0, registered.stderr
+    source_id = next(x.split()[1] for x in registered.stdout.splitlines() if x.startswith("MODEL"))
+    result = subprocess.run([sys.executable, "-m", "stepwise", "export", "--tag", "candidate", "--out",
+                             str(tmp_path / "export")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout[result.stdout.index("{\n"):])  # after the SDK's own lines
+    assert summary["source"] == source_id and summary["registered_id"]
+    listed = subprocess.run([sys.executable, "-m", "stepwise", "models", "list", "--tag", f"source:{source_id}",
+                             "--json"], env=env, capture_output=True, text=True, timeout=120)
+    (onnx_version,) = json.loads(listed.stdout)
+    assert onnx_version["id"] == summary["registered_id"] and onnx_version["framework"] == "ONNX"
+    assert onnx_version["metadata"]["source_model_id"] == source_id
+    assert onnx_version["metadata"]["parity_tokens_greedy"].endswith("/8")
+    # a machine without torch pulls it back as a folder
+    pulled = subprocess.run([sys.executable, "-c", "import sys\nfrom stepwise import registry\n"
+                             "print(registry.download_export(sys.argv[1]))", onnx_version["id"]], env=env,
+                            capture_output=True, text=True, timeout=120)
+    folder = Path(pulled.stdout.strip().splitlines()[-1])
+    assert (folder / "decoder.onnx").read_bytes() == (tmp_path / "export" / "decoder.onnx").read_bytes()

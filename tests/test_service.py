@@ -1,0 +1,250 @@
+"""A real `bentoml serve` of service.py, called over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from stepwise.checkpoint import load_checkpoint
+from stepwise.export import export_checkpoint
+from stepwise.translate import translate_ids
+
+from conftest import SAMPLE_PAIRS, ClearMLServerProcess, free_port, make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class BentoProcess:
+    """`bentoml serve service:Translator` on a free port, its log in a file."""
+
+    def __init__(self, log_path: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:Translator", "--host", "127.0.0.1", "--port",
+             str(self.port)], cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:  # not listening yet, or busy starting the model
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"bentoml serve did not become ready:\n{log_path.read_text()[-3000:]}")
+
+    def post(self, path: str, body: object, **kwargs: object) -> requests.Response:
+        return requests.post(f"{self.url}{path}", json=body, timeout=120, **kwargs)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("service")
+    checkpoint = make_checkpoint(folder / "model.pt", seed=5)
+    export_checkpoint(load_checkpoint(checkpoint), folder / "export")
+    return checkpoint, folder / "export"
+
+
+@pytest.fixture(scope="module")
+def service(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
+    env.update(STEPWISE_MODEL_DIR=str(exported[1]), STEPWISE_ORT_THREADS="1")
+    server = BentoProcess(tmp_path_factory.mktemp("logs") / "bentoml.log", env)
+    yield server
+    server.stop()
+
+
+def _pytorch(checkpoint_path: Path, text: str, beam: int) -> tuple[list[str], list[str]]:
+    checkpoint = load_checkpoint(checkpoint_path)
+    tokenizer = checkpoint.tokenizer()
+    (hyp,) = translate_ids(checkpoint.build_model(), [tokenizer.encode(text)], beam_size=beam)
+    emitted = hyp.tokens + ([tokenizer.eos_id] if hyp.finished else [])
+    return tokenizer.pieces(tokenizer.encode(text)), tokenizer.pieces(emitted)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_translation_and_attention_match_pytorch(service: BentoProcess, exported: tuple[Path, Path],
+                                                 beam: int) -> None:
+    text = SAMPLE_PAIRS[1][0]
+    answer = service.post("/translate", {"text": text, "beam_size": beam, "attention": "all"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    source, target = _pytorch(exported[0], text, beam)
+    assert body["source_tokens"] == source and body["target_tokens"] == target
+    assert set(body["attention"]) == {"encoder", "decoder", "cross"}
+    s, t = len(source), len(target)
+    enc, dec, cross = (np.array(body["attention"][k]) for k in ("encoder", "decoder", "cross"))
+    assert enc.shape == (2, 4, s, s) and dec.shape == (2, 4, t, t) and cross.shape == (2, 4, t, s)
+    for weights in (enc, dec, cross):
+        np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-4)
+    assert np.abs(np.triu(dec, k=1)).max() == 0  # causal
+    assert body["model"]["name"] == "transformer-test" and body["timings"]["total_ms"] > 0
+
+
+def test_attention_selection_and_batch_endpoint(service: BentoProcess) -> None:
+    none = service.post("/translate", {"text": "Liebet eure Feinde.", "attention": "none"}).json()
+    assert none["attention"] == {}
+    subset = service.post("/translate", {"text": "Liebet eure Feinde.", "layers": [1], "heads": [0, 2]}).json()
+    assert list(subset["attention"]) == ["cross"] and np.array(subset["attention"]["cross"]).shape[:2] == (1, 2)
+    texts = [src for src, _ in SAMPLE_PAIRS]
+    batch = service.post("/translate_batch", {"texts": texts, "beam_size": 2})
+    assert batch.status_code == 200
+    singles = [service.post("/translate", {"text": t, "beam_size": 2}).json()["translation"] for t in texts]
+    assert [r["translation"] for r in batch.json()] == singles
+
+
+BAD_INPUTS = [
+    ({"text": ""}, "text"),
+    ({"text": "   \n\t"}, "text"),
+    ({"text": "x" * 2001}, "text"),
+    ({"text": "hallo", "colour": "red"}, "colour"),
+    ({"text": "hallo", "beam_size": 0}, "beam_size"),
+    ({"text": "hallo", "beam_size": 9}, "beam_size"),
+    ({"text": "hallo", "max_length": 0}, "max_length"),
+    ({"text": "hallo", "max_length": 5000}, "max_length"),
+    ({"text": 42}, "text"),
+    ({"text": "hallo", "beam_size": "2"}, "beam_size"),
+    ({"text": "hallo", "attention": "some"}, "attention"),
+    ({"text": "hallo", "layers": [9]}, "layers"),
+    ({"text": "hallo", "heads": [-1]}, "heads"),
+    ({"text": "hallo", "model": "no-such-tag"}, "model"),
+    ({}, "text"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_INPUTS)
+def test_bad_input_is_4xx_naming_the_field(service: BentoProcess, body: dict, field: str) -> None:
+    answer = service.post("/translate", body)
+    assert 400 <= answer.status_code < 500, answer.text
+    payload = answer.json()
+    assert "Traceback" not in answer.text
+    assert any(field in d.get("loc", []) for d in payload["detail"]) or payload["error"].startswith(field)
+
+
+def test_malformed_json_invalid_utf8_and_bad_batches(service: BentoProcess) -> None:
+    headers = {"Content-Type": "application/json"}
+    for raw in (b'{"text": "hallo"', b'{"text": "\xff\xfe"}', b"[1, 2]", b"null"):
+        answer = requests.post(f"{service.url}/translate", data=raw, headers=headers, timeout=30)
+        assert answer.status_code == 400 and "error" in answer.json(), (raw, answer.text)
+    for body, field in (({"texts": []}, "texts"), ({"texts": ["ok", " "]}, "texts"), ({"texts": "ok"}, "texts")):
+        answer = service.post("/translate_batch", body)
+        assert answer.status_code == 400 and field in json.dumps(answer.json()["detail"])
+    assert service.post("/translate", {"text": "Liebet eure Feinde."}).status_code == 200  # still serving
+
+
+def test_64_concurrent_requests_are_batched(service: BentoProcess) -> None:
+    texts = [f"{src} {i}" for i in range(16) for src, _ in SAMPLE_PAIRS[:4]]
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = list(pool.map(lambda t: service.post("/translate", {"text": t, "attention": "cross"}), texts))
+    assert [a.status_code for a in answers] == [200] * 64
+    sizes = [int(line.split("translating a batch of ")[1].split()[0])
+             for line in service.log_path.read_text().splitlines() if "translating a batch of" in line]
+    assert max(sizes) > 1, sizes
+    assert max(a.json()["timings"]["requests_in_batch"] for a in answers) > 1
+
+
+def test_model_endpoint_describes_what_is_loaded(service: BentoProcess, exported: tuple[Path, Path]) -> None:
+    described = service.post("/model", {}).json()
+    assert described["provider"] == "CPUExecutionProvider" and described["source"] == "STEPWISE_MODEL_DIR"
+    assert described["manifest"]["name"] == "transformer-test" and described["layers"] == 2
+    assert requests.get(f"{service.url}/info/model", timeout=30).json()["export_dir"] == str(exported[1])
+    assert requests.get(f"{service.url}/livez", timeout=30).status_code == 200
+
+
+REGISTER = """
+import sys
+from clearml import Task, OutputModel
+task = Task.init(project_name="stepwise-serve", task_name="register", auto_connect_frameworks=False,
+                 auto_resource_monitoring=False, output_uri=True)
+for path in sys.argv[1:]:
+    model = OutputModel(task=task, name="transformer-test", framework="PyTorch", tags=["candidate"])
+    model.update_weights(weights_filename=path, auto_delete_file=False, async_enable=False)
+    print("MODEL", model.id)
+task.close()
+"""
+
+
+def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
+    env = {**clearml_server.env, "STEPWISE_ORT_THREADS": "1", "STEPWISE_EXPORT_CACHE": str(tmp_path / "exports")}
+    first, second = make_checkpoint(tmp_path / "a.pt", seed=11), make_checkpoint(tmp_path / "b.pt", seed=12)
+    out = subprocess.run([sys.executable, "-c", REGISTER, str(first), str(second)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    id_a, id_b = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("MODEL")]
+
+    def promote(model_id: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "stepwise", "promote", model_id, "--force", "--sentences", "3"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    promote(id_a)
+    server = BentoProcess(tmp_path / "bentoml.log", env)  # no STEPWISE_MODEL_DIR: resolves production
+    try:
+        text = SAMPLE_PAIRS[0][0]
+        before = server.post("/translate", {"text": text}).json()
+        assert before["model"]["id"] == id_a
+        assert before["target_tokens"] == _pytorch(first, text, 1)[1]
+        # a second version by id is loaded beside the default (compare two versions)
+        other = server.post("/translate", {"text": text, "model": id_b}).json()
+        assert other["model"]["id"] == id_b and other["target_tokens"] == _pytorch(second, text, 1)[1]
+
+        promote(id_b)
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                statuses.append(server.post("/translate", {"text": text}).status_code)
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        swapped = server.post("/reload", {}).json()
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert swapped["changed"] and swapped["model"]["id"] == id_b
+        assert statuses and set(statuses) == {200}, statuses
+        assert server.post("/model", {}).json()["model"]["id"] == id_b
+        after = server.post("/translate", {"text": text}).json()
+        assert after["model"]["id"] == id_b and after["target_tokens"] == _pytorch(second, text, 1)[1]
+        assert server.post("/reload", {}).json()["changed"] is False
+    finally:
+        server.stop()
+    assert torch.cuda.is_available() or "CPUExecutionProvider" in (tmp_path / "bentoml.log").read_text()
+
+
+def test_bentoml_build_produces_a_bento(tmp_path: Path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("stepwise:")
+    bento_dir = tmp_path / "bentoml" / "bentos" / "stepwise" / tag.split(":")[1]
+    assert (bento_dir / "src" / "service.py").is_file()
+    assert (bento_dir / "src" / "stepwise" / "onnx_decoding.py").is_file()
