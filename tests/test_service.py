@@ -21,43 +21,9 @@ from stepwise.checkpoint import load_checkpoint
 from stepwise.export import export_checkpoint
 from stepwise.translate import translate_ids
 
-from conftest import SAMPLE_PAIRS, ClearMLServerProcess, free_port, make_checkpoint
+from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class BentoProcess:
-    """`bentoml serve service:Translator` on a free port, its log in a file."""
-
-    def __init__(self, log_path: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Translator", "--host", "127.0.0.1", "--port",
-             str(self.port)], cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:  # not listening yet, or busy starting the model
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bentoml serve did not become ready:\n{log_path.read_text()[-3000:]}")
-
-    def post(self, path: str, body: object, **kwargs: object) -> requests.Response:
-        return requests.post(f"{self.url}{path}", json=body, timeout=120, **kwargs)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @pytest.fixture(scope="module")

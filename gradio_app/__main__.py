@@ -1,0 +1,36 @@
+"""``python -m gradio_app --api http://127.0.0.1:3000 [--port P]``.
+
+The port defaults to ``GRADIO_SERVER_PORT``, then 7860.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from gradio_app.app import build_app
+from gradio_app.client import TranslationClient
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradio_app", description="stepwise attention explorer")
+    parser.add_argument("--api", default="http://127.0.0.1:3000", help="URL of the translation service")
+    parser.add_argument("--port", type=int, default=None, help="port (default: GRADIO_SERVER_PORT, then 7860)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    demo = build_app(TranslationClient(args.api))
+    print(f"attention explorer on http://{args.host}:{port} (service {args.api})", flush=True)
+    try:
+        demo.launch(server_name=args.host, server_port=port, show_error=False, quiet=True)
+    except OSError as exc:
+        print(f"gradio_app: error: cannot listen on {args.host}:{port}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""A small HTTP client for the translation service, with errors a person can read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+
+class ServiceError(Exception):
+    """The service is unreachable or refused the request; the message is for the UI."""
+
+
+class TranslationClient:
+    """Calls ``POST /translate`` and ``POST /model`` on a running ``bentoml serve``."""
+
+    def __init__(self, api: str, timeout: float = 120.0) -> None:
+        self.api = api.rstrip("/")
+        self.timeout = timeout
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            answer = requests.post(f"{self.api}{path}", json=body, timeout=self.timeout)
+        except requests.ConnectionError:
+            raise ServiceError(f"The translation service at {self.api} is not reachable. Is `bentoml serve` "
+                               "running? Start it from the repository root and try again.") from None
+        except requests.Timeout:
+            raise ServiceError(f"The translation service at {self.api} did not answer within "
+                               f"{self.timeout:.0f} seconds.") from None
+        except requests.RequestException as exc:
+            raise ServiceError(f"Could not talk to the translation service at {self.api}: "
+                               f"{type(exc).__name__}.") from None
+        if answer.status_code >= 400:
+            try:
+                message = answer.json().get("error") or answer.text
+                detail = answer.json().get("detail") or []
+                fields = ", ".join(".".join(map(str, d.get("loc", []))) + f": {d.get('msg')}" for d in detail)
+                message = fields or message
+            except ValueError:
+                message = answer.text[:300]
+            raise ServiceError(f"The service refused the request ({answer.status_code}): {message}")
+        try:
+            return answer.json()
+        except ValueError:
+            raise ServiceError("The service answered with something that is not JSON.") from None
+
+    def translate(self, text: str, *, beam_size: int = 1, model: str | None = None,
+                  attention: str = "all") -> dict[str, Any]:
+        """One translation with every attention kind."""
+        body: dict[str, Any] = {"text": text, "beam_size": int(beam_size), "attention": attention}
+        if model:
+            body["model"] = model
+        return self._post("/translate", body)
+
+    def describe(self) -> dict[str, Any]:
+        """What the service has loaded."""
+        return self._post("/model", {})
