@@ -1,11 +1,12 @@
 # The two commands of the README: `make run` (the main job) and `make test` (the tests).
-# Both create .venv and install into it. torch is pinned to a CPU wheel here; see README "GPU".
+# Both create .venv and install into it. torch is pinned to a CPU wheel; see README "GPU".
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test lint
+.PHONY: setup browser run test lint bench
 
 setup: $(VENV)/.installed
 
@@ -16,8 +17,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev,corpus]"
 	touch $@
 
+# Debian's Chromium for the explorer's browser tests (Playwright cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+run: setup
+	$(BIN)/stepwise up
+
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+test: setup browser lint
 	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m bench all

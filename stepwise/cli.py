@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -160,6 +161,14 @@ def _export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up_command(args: argparse.Namespace) -> int:
+    from stepwise.pipeline import Pipeline
+
+    return Pipeline(config=args.config, project=args.project, clearml_port=args.clearml_port,
+                    service_port=args.port, explorer_port=args.explorer_port,
+                    train_minutes=args.train_minutes, state_dir=args.state_dir).run(wait=not args.no_wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="stepwise", description=__doc__.splitlines()[0])
@@ -230,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--no-register", action="store_true", help="do not register the export in ClearML")
     p.set_defaults(handler=_export_command)
+
+    p = sub.add_parser("up", help="the main job: server, training if needed, promotion, export, service, explorer")
+    p.add_argument("--config", default="config/tiny.json", help="preset trained when nothing is in production")
+    p.add_argument("--project", default="stepwise", help="ClearML project")
+    p.add_argument("--clearml-port", type=int, default=8008, help="port of the local ClearML server")
+    p.add_argument("--port", type=int, default=3000, help="port of the translation service")
+    p.add_argument("--explorer-port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                   help="port of the explorer (default GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--train-minutes", type=float, default=None, help="override the preset's training time")
+    p.add_argument("--state-dir", default=".stepwise", help="ClearML data, runs, exports and logs (default .stepwise)")
+    p.add_argument("--no-wait", action="store_true", help="stop everything once it is up (a smoke test)")
+    p.set_defaults(handler=_up_command)
 
     sub.add_parser("train", help="train a model (see `stepwise train --help`)", add_help=False)
     return parser
