@@ -38,6 +38,7 @@ from stepwise.serving import ModelNotFound, ModelStore, select_attention
 MAX_TEXT_CHARS = int(os.environ.get("STEPWISE_MAX_TEXT_CHARS", "2000"))
 MAX_BATCH_TEXTS = int(os.environ.get("STEPWISE_MAX_BATCH_TEXTS", "64"))
 RELOAD_INTERVAL = float(os.environ.get("STEPWISE_RELOAD_INTERVAL", "0"))
+ADAPTIVE_BATCHING = os.environ.get("STEPWISE_ADAPTIVE_BATCHING", "1") != "0"  # off only to measure it
 
 log = logging.getLogger("stepwise.service")
 logging.getLogger("stepwise").setLevel(logging.INFO)  # BentoML's handlers print it into the server log
@@ -111,7 +112,7 @@ class TranslationRunner:
             except Exception as exc:  # noqa: BLE001 - keep serving the current model
                 log.warning("periodic reload failed: %s", exc)
 
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=30000)
+    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=64, max_latency_ms=30000)
     def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Translate a batch of jobs; jobs that share model and search settings decode together."""
         log.info("translating a batch of %d request(s)", len(jobs))
@@ -170,6 +171,23 @@ def _check_indices(job: dict[str, Any], layers: int, heads: int) -> tuple[str, s
     return None
 
 
+async def _call_runner(method: Any, *args: Any) -> Any:
+    """Call the runner, retrying a connection the runner closed while idle (keep-alive race).
+
+    Translation is idempotent, so a request that never reached the runner is safe to resend.
+    """
+    import aiohttp
+
+    for attempt in range(3):
+        try:
+            return await method(*args)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, ConnectionError) as exc:
+            if attempt == 2:
+                raise
+            log.info("runner connection dropped (%s); retrying", type(exc).__name__)
+    raise AssertionError("unreachable")
+
+
 def _error_response(results: list[dict[str, Any]]) -> JSONResponse | None:
     """The first failed job as a 4xx in the same shape as BentoML's validation errors."""
     for result in results:
@@ -202,7 +220,7 @@ class Translator:
     async def translate(self, **request: Any) -> dict[str, Any]:
         """Translate one sentence; attention as ``[layer][head][query][key]`` for the kinds asked."""
         started = time.perf_counter()
-        (result,) = await self.runner.to_async.run([request])
+        (result,) = await _call_runner(self.runner.to_async.run, [request])
         if (error := _error_response([result])) is not None:
             return error  # type: ignore[return-value]
         result["timings"]["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
@@ -213,7 +231,7 @@ class Translator:
         """Translate several sentences with the same options; one result per text."""
         started = time.perf_counter()
         texts = request.pop("texts")
-        results = await self.runner.to_async.run([{**request, "text": text} for text in texts])
+        results = await _call_runner(self.runner.to_async.run, [{**request, "text": text} for text in texts])
         if (error := _error_response(results)) is not None:
             return error  # type: ignore[return-value]
         total = round((time.perf_counter() - started) * 1000, 3)
@@ -224,7 +242,7 @@ class Translator:
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:
         """What is loaded: manifest, registry identity, execution provider, load time."""
-        return await self.runner.to_async.describe()
+        return await _call_runner(self.runner.to_async.describe)
 
     @bentoml.api(route="/reload")
     async def reload(self) -> dict[str, Any]:

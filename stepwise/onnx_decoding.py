@@ -100,7 +100,7 @@ class DecoderSteps:
             cross_values = np.repeat(cross_values, beam_size, axis=1)
             src_mask = np.repeat(src_mask, beam_size, axis=0)
         rows = src_mask.shape[0]
-        self.src_mask = src_mask
+        self.src_mask = self.full_src_mask = src_mask
         empty_shape = (translator.n_layers, rows, translator.n_heads, 0, translator.d_k)
         self.on_device = translator.provider == "CUDAExecutionProvider"
         if self.on_device:
@@ -112,6 +112,16 @@ class DecoderSteps:
             empty = np.zeros(empty_shape, dtype=np.float32)
             self.inputs = {"cross_keys": cross_keys, "cross_values": cross_values, "past_keys": empty,
                            "past_values": empty}
+            self.full_cross = (cross_keys, cross_values)
+        # on the CPU finished sentences leave the batch (as CTranslate2 does); on CUDA the
+        # device-resident inputs keep every row
+        self.can_drop_rows = not self.on_device
+
+    def select_rows(self, rows: np.ndarray) -> None:
+        """Keep only these rows of the memory (the cache is gathered by ``past_order``)."""
+        self.inputs["cross_keys"] = np.ascontiguousarray(self.full_cross[0][:, rows])
+        self.inputs["cross_values"] = np.ascontiguousarray(self.full_cross[1][:, rows])
+        self.src_mask = self.full_src_mask[rows]
 
     def __call__(
         self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
@@ -191,43 +201,58 @@ class OnnxTranslator:
         row_limit = np.repeat(np.minimum(limit, self.max_positions - 1), k)
 
         step = self.start(src, src_mask, beam_size=k)
-        tokens = np.full((rows, 1), tok.bos_id, dtype=np.int64)
+        max_steps = int(row_limit.max())
+        tokens = np.full((rows, max_steps + 1), tok.pad_id, dtype=np.int64)
+        tokens[:, 0] = tok.bos_id
         scores = np.zeros((batch, k), dtype=np.float32)
         scores[:, 1:] = -np.inf  # only the first beam expands at the first step
         scores = scores.reshape(rows)
         finished = np.zeros(rows, dtype=bool)
-        origin = np.arange(rows, dtype=np.int64)
-        first_row = (np.arange(batch) * k)[:, None]
-        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        origin = np.arange(rows, dtype=np.int64)  # row r continues what row origin[r] had
+        cache_pos = np.arange(rows, dtype=np.int64)  # where each row's keys/values sit in the cache
+        active = np.arange(rows, dtype=np.int64)  # rows still decoding (every beam of unfinished sentences)
+        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-        for step_index in range(int(row_limit.max())):
-            # the cache rows are reordered inside the graph to follow last step's survivors
-            log_probs, self_w, cross_w = step(tokens[:, -1:], origin, return_attention)
+        for t in range(max_steps):
+            # the graph gathers the cache rows each active row continues: beam reordering and
+            # dropping finished sentences are one index
+            log_probs, self_w, cross_w = step(tokens[active, t : t + 1], cache_pos[origin[active]], return_attention)
+            n = len(active)
+            cache_pos[active] = np.arange(n)
             log_probs[:, [tok.pad_id, tok.bos_id]] = -np.inf  # never generated
-            log_probs[finished] = -np.inf
-            log_probs[finished, tok.pad_id] = 0.0
+            done_rows = finished[active]
+            log_probs[done_rows] = -np.inf
+            log_probs[done_rows, tok.pad_id] = 0.0  # a finished hypothesis grows by padding, at no cost
             if k == 1:
                 next_tokens = log_probs.argmax(axis=-1)
-                scores = scores + log_probs[np.arange(rows), next_tokens]
-                origin = np.arange(rows, dtype=np.int64)
+                scores[active] += log_probs[np.arange(n), next_tokens]
+                origin[active] = active
             else:
                 vocab = log_probs.shape[-1]
-                candidates = (scores[:, None] + log_probs).reshape(batch, k * vocab)
+                sentences = n // k
+                candidates = (scores[active][:, None] + log_probs).reshape(sentences, k * vocab)
                 # top-k per sentence (argpartition, then sort those k by score)
                 part = np.argpartition(-candidates, k - 1, axis=-1)[:, :k]
                 order = np.argsort(-np.take_along_axis(candidates, part, axis=-1), axis=-1, kind="stable")
                 top_index = np.take_along_axis(part, order, axis=-1)
-                origin = (first_row + top_index // vocab).reshape(rows).astype(np.int64)
-                next_tokens = (top_index % vocab).reshape(rows)
-                scores = np.take_along_axis(candidates, top_index, axis=-1).reshape(rows)
-                tokens = tokens[origin]
-                finished = finished[origin]
+                new_origin = (active.reshape(sentences, k)[:, :1] + top_index // vocab).reshape(n)
+                next_tokens = (top_index % vocab).reshape(n)
+                scores[active] = np.take_along_axis(candidates, top_index, axis=-1).reshape(n)
+                tokens[active, : t + 1] = tokens[new_origin, : t + 1]
+                finished[active] = finished[new_origin]
+                origin[active] = new_origin
             if return_attention:
-                steps.append((origin, self_w[:, :, :, 0], cross_w[:, :, :, 0]))  # [L, rows, H, K]
-            tokens = np.concatenate([tokens, next_tokens[:, None].astype(np.int64)], axis=1)
-            finished = finished | (next_tokens == tok.eos_id) | (step_index + 1 >= row_limit)
-            if finished.all():
+                steps.append((active.copy(), origin[active].copy(), self_w[:, :, :, 0], cross_w[:, :, :, 0]))
+            tokens[active, t + 1] = next_tokens
+            finished[active] |= (next_tokens == tok.eos_id) | (t + 1 >= row_limit[active])
+            sentence_done = finished.reshape(batch, k).all(axis=1)
+            if sentence_done.all():
                 break
+            if step.can_drop_rows:
+                still = (np.flatnonzero(~sentence_done)[:, None] * k + np.arange(k)).reshape(-1)
+                if len(still) < n:
+                    active = still
+                    step.select_rows(active)
 
         generated = tokens[:, 1:]
         is_eos = generated == tok.eos_id
@@ -235,7 +260,7 @@ class OnnxTranslator:
         final = scores.copy()
         if k > 1 and length_penalty > 0:
             final = final / ((5.0 + lengths) / 6.0) ** length_penalty
-        best = first_row[:, 0] + final.reshape(batch, k).argmax(axis=-1)
+        best = np.arange(batch) * k + final.reshape(batch, k).argmax(axis=-1)
 
         results = []
         for b in range(batch):
@@ -253,18 +278,19 @@ class OnnxTranslator:
 
     @staticmethod
     def _collect_attention(
-        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]], row: int, length: int, src_real: int,
+        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], row: int, length: int, src_real: int,
         encoder: np.ndarray,
     ) -> dict[str, np.ndarray]:
         """Follow the beam back-pointers from ``row`` and stack that hypothesis's attention."""
-        layers, _, heads, _ = steps[0][2].shape
+        layers, _, heads, _ = steps[0][3].shape
         decoder = np.zeros((layers, heads, length, length), dtype=np.float32)
         cross = np.zeros((layers, heads, length, src_real), dtype=np.float32)
         for t in range(length - 1, -1, -1):
-            origin, self_w, cross_w = steps[t]
-            row = int(origin[row])
-            decoder[:, :, t, : t + 1] = self_w[:, row]
-            cross[:, :, t] = cross_w[:, row, :, :src_real]
+            active, origins, self_w, cross_w = steps[t]
+            row = int(origins[np.searchsorted(active, row)])  # the row that computed step t
+            at = int(np.searchsorted(active, row))
+            decoder[:, :, t, : t + 1] = self_w[:, at]
+            cross[:, :, t] = cross_w[:, at, :, :src_real]
         return {"encoder": encoder, "decoder": decoder, "cross": cross}
 
     # -- text in, text out ----------------------------------------------------------------------

@@ -214,3 +214,14 @@ def test_bentoml_build_produces_a_bento(tmp_path: Path) -> None:
     bento_dir = tmp_path / "bentoml" / "bentos" / "stepwise" / tag.split(":")[1]
     assert (bento_dir / "src" / "service.py").is_file()
     assert (bento_dir / "src" / "stepwise" / "onnx_decoding.py").is_file()
+
+
+def test_bursts_after_idle_periods_lose_no_request(service: BentoProcess) -> None:
+    """The runner closes idle keep-alive connections; the entry service must not turn that into 500s."""
+    texts = [src for src, _ in SAMPLE_PAIRS] * 8
+    for _ in range(2):
+        time.sleep(6)  # longer than the runner's keep-alive timeout
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            codes = list(pool.map(lambda t: service.post("/translate", {"text": t, "attention": "none"}).status_code,
+                                  texts))
+        assert codes == [200] * len(texts)

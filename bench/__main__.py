@@ -1,0 +1,319 @@
+"""``python -m bench {all,train,translate,serve,export} [--checkpoint PATH] [--sentences N]``.
+
+Every table prints ratios against a baseline measured in the same invocation; each system runs
+in its own process. Results go to ``bench/results/NAME-DEVICE.md`` (date, commit, machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.common import ROOT, run_worker, table, write_results
+
+
+def find_checkpoint(path: str | None) -> Path:
+    """The checkpoint to measure: the given one, the registry's production version, or a fresh
+    default-size model (throughput does not depend on training, agreement checks do not either)."""
+    if path:
+        return Path(path)
+    if os.environ.get("CLEARML_API_HOST"):
+        from stepwise import registry
+
+        try:
+            return registry.resolve(None, None, tag="production").path
+        except Exception as exc:  # noqa: BLE001
+            print(f"no production model in the registry ({exc}); using an untrained default-size model")
+    return _fresh_checkpoint()
+
+
+def _fresh_checkpoint() -> Path:
+    import torch
+
+    from stepwise.checkpoint import Checkpoint, save_checkpoint
+    from stepwise.config import load_config
+    from stepwise.data import load_split
+    from stepwise.models import Transformer
+    from stepwise.tokenizer import Tokenizer
+
+    config = load_config(ROOT / "config" / "default.json")
+    pairs = load_split(config.data, "train")[:20000]
+    tokenizer = Tokenizer.train([s for p in pairs for s in p], vocab_size=config.model.vocab_size)
+    config.model.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(0)
+    model = Transformer(config.model)
+    path = Path(tempfile.mkdtemp(prefix="stepwise-bench-")) / "fresh.pt"
+    return save_checkpoint(path, Checkpoint(config=config, model_state=model.state_dict(),
+                                            tokenizer_model=tokenizer.model_proto))
+
+
+# -- training ------------------------------------------------------------------------------------
+def bench_train(checkpoint: Path, device: str, steps: int) -> str:
+    rows = []
+    results = {}
+    for system in ("nn.Transformer", "stepwise"):
+        name = "reference" if system == "nn.Transformer" else "stepwise"
+        results[system] = run_worker("bench.train_worker", {"checkpoint": str(checkpoint), "system": name,
+                                                            "device": device, "steps": steps})
+    base = results["nn.Transformer"]["tokens_per_s"]
+    for system, r in results.items():
+        rows.append([system, r["tokens_per_s"], r["tokens_per_s"] / base, r["peak_mb"]])
+    return table(f"Training throughput ({device}, forward+backward+Adam step, {steps} steps, same batches)",
+                 ["system", "target tokens/s", "× nn.Transformer", "peak memory MiB"], rows)
+
+
+# -- translation ---------------------------------------------------------------------------------
+def prepare_translation(checkpoint: Path, work: Path, sentences: int) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from bench.ct2 import convert
+    from stepwise.checkpoint import load_checkpoint
+    from stepwise.data import load_split
+    from stepwise.export import export_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    held_out = load_split(ck.config.data, "test") + load_split(ck.config.data, "valid")
+    held_out = held_out[:sentences]
+    (work / "sentences.json").write_text(json.dumps([s for s, _ in held_out]))
+    (work / "references.json").write_text(json.dumps([t for _, t in held_out]))
+    started = time.perf_counter()
+    export_checkpoint(ck, work / "export")
+    export_s = time.perf_counter() - started
+    int8 = work / "export-int8"
+    int8.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    for name in ("encoder.onnx", "decoder.onnx"):
+        quantize_dynamic(str(work / "export" / name), str(int8 / name), weight_type=QuantType.QInt8)
+    quantize_s = time.perf_counter() - started
+    for name in ("tokenizer.model", "manifest.json"):
+        (int8 / name).write_bytes((work / "export" / name).read_bytes())
+    started = time.perf_counter()
+    convert(ck, work / "ct2")
+    convert_s = time.perf_counter() - started
+    ck.tokenizer().save(work / "tokenizer.model")
+    n_test = len(load_split(ck.config.data, "test"))
+    return {"export_s": export_s, "quantize_s": quantize_s, "ct2_convert_s": convert_s, "n": len(held_out),
+            "n_test": min(n_test, len(held_out))}
+
+
+def bench_translate(checkpoint: Path, work: Path, sentences: int, device: str) -> list[str]:
+    import sacrebleu
+
+    info = prepare_translation(checkpoint, work, sentences)
+    common = {"tokenizer": str(work / "tokenizer.model"), "sentences": str(work / "sentences.json"),
+              "checkpoint": str(checkpoint), "device": device}
+    references = json.loads((work / "references.json").read_text())
+    systems: list[tuple[str, dict[str, Any]]] = [
+        ("PyTorch eager + KV cache", {"system": "pytorch"}),
+        ("ONNX Runtime (service path, cross-attention)", {"system": "onnx", "export": str(work / "export"),
+                                                          "attention": True}),
+        ("ONNX Runtime, no attention", {"system": "onnx", "export": str(work / "export")}),
+        ("ONNX Runtime int8 (cross-attention)", {"system": "onnx", "export": str(work / "export-int8"),
+                                                 "attention": True}),
+        ("CTranslate2 fp32", {"system": "ct2", "ct2": str(work / "ct2"), "compute_type": "float32"}),
+        ("CTranslate2 int8, 1 thread", {"system": "ct2", "ct2": str(work / "ct2"), "compute_type": "int8",
+                                        "threads": 1}),
+        ("CTranslate2 int8, 2 threads", {"system": "ct2", "ct2": str(work / "ct2"), "compute_type": "int8",
+                                         "threads": 2}),
+    ]
+    sections = []
+    bleu_rows = []
+    for beam in (1, 4):
+        for batch in (1, 32):
+            results = {name: run_worker("bench.translate_worker", {**common, **spec, "beam": beam,
+                                                                   "batch_size": batch})
+                       for name, spec in systems}
+            ct2 = results["CTranslate2 fp32"]["tokens_per_s"]
+            ct2_int8 = max(results["CTranslate2 int8, 1 thread"]["tokens_per_s"],
+                           results["CTranslate2 int8, 2 threads"]["tokens_per_s"])
+            torch_rate = results["PyTorch eager + KV cache"]["tokens_per_s"]
+            reference = results["PyTorch eager + KV cache"]["outputs"]
+            rows = []
+            for name, r in results.items():
+                same = sum(a == b for a, b in zip(r["outputs"], reference, strict=True))
+                base = ct2_int8 if "int8" in name else ct2
+                rows.append([name, r["tokens_per_s"], r["ms_per_sentence"], r["tokens_per_s"] / torch_rate,
+                             r["tokens_per_s"] / base, f"{same}/{len(reference)}"])
+            sections.append(table(
+                f"Translation, {'greedy' if beam == 1 else f'beam {beam}'}, batch {batch}, {info['n']} held-out "
+                f"sentences ({device})",
+                ["system", "target tokens/s", "ms/sentence", "× PyTorch", "× CTranslate2 (same precision, best)",
+                 "same tokens as PyTorch"], rows))
+            if beam == 1 and batch == 32:
+                from stepwise.tokenizer import Tokenizer
+
+                tok = Tokenizer.load(work / "tokenizer.model")
+                n = info["n_test"]
+                for name in ("ONNX Runtime (service path, cross-attention)", "ONNX Runtime int8 (cross-attention)",
+                             "CTranslate2 fp32", "CTranslate2 int8, 1 thread"):
+                    hyps = [tok.decode(t) for t in results[name]["outputs"][:n]]
+                    bleu_rows.append([name, sacrebleu.corpus_bleu(hyps, [references[:n]]).score])
+    sections.append(table("BLEU on the test books (greedy) — quantization check", ["system", "sacreBLEU"],
+                          bleu_rows))
+    sections.append(table("Export and conversion", ["step", "seconds"],
+                          [["stepwise export (ONNX + parity check)", info["export_s"]],
+                           ["ONNX Runtime int8 dynamic quantization", info["quantize_s"]],
+                           ["CTranslate2 conversion", info["ct2_convert_s"]]]))
+    return sections
+
+
+# -- serving -------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(export: Path, batching: bool) -> tuple[subprocess.Popen, str, Path]:
+    port = _free_port()
+    log = Path(tempfile.mkdtemp()) / "bentoml.log"
+    env = {**os.environ, "STEPWISE_MODEL_DIR": str(export), "STEPWISE_ADAPTIVE_BATCHING": "1" if batching else "0"}
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:Translator", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - started < 180:
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return process, url, log
+        except requests.RequestException:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(log.read_text()[-2000:])
+
+
+def _load(url: str, texts: list[str], clients: int, attention: str) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    queue = list(texts)
+
+    def client() -> None:
+        nonlocal errors
+        session = requests.Session()
+        while True:
+            with lock:
+                if not queue:
+                    return
+                text = queue.pop()
+            began = time.perf_counter()
+            answer = session.post(f"{url}/translate", json={"text": text, "attention": attention}, timeout=120)
+            with lock:
+                latencies.append(time.perf_counter() - began)
+                errors += answer.status_code != 200
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"rps": len(latencies) / elapsed, "p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99),
+            "errors": errors}
+
+
+def bench_serve(checkpoint: Path, work: Path, requests_per_run: int) -> list[str]:
+    from stepwise.checkpoint import load_checkpoint
+    from stepwise.data import load_split
+    from stepwise.export import export_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    if not (work / "export" / "manifest.json").exists():
+        export_checkpoint(ck, work / "export")
+    texts = [s for s, _ in load_split(ck.config.data, "test")]
+    texts = (texts * (1 + requests_per_run // len(texts)))[:requests_per_run]
+    rows, sizes = [], []
+    for batching in (True, False):
+        process, url, _ = _serve(work / "export", batching)
+        try:
+            _load(url, texts[:16], 4, "cross")  # warm-up
+            for attention in ("none", "cross"):
+                single = None
+                for clients in (1, 8, 32):
+                    r = _load(url, texts, clients, attention)
+                    single = single or r["rps"]
+                    rows.append([f"{'on' if batching else 'off'}", attention, clients, r["rps"], r["rps"] / single,
+                                 r["p50"], r["p95"], r["p99"], r["errors"]])
+            if batching:
+                for attention in ("none", "cross", "all"):
+                    body = requests.post(f"{url}/translate", json={"text": texts[0], "attention": attention},
+                                         timeout=60).content
+                    sizes.append([attention, len(body)])
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    by_key = {(r[0], r[1], r[2]): r for r in rows}
+    cost = [[c, by_key[("on", "none", c)][5], by_key[("on", "cross", c)][5],
+             by_key[("on", "cross", c)][5] / by_key[("on", "none", c)][5] - 1] for c in (1, 8, 32)]
+    return [table(f"Serving under load: bentoml serve, {requests_per_run} requests per row (test books)",
+                  ["adaptive batching", "attention", "clients", "requests/s", "× 1 client", "p50 ms", "p95 ms",
+                   "p99 ms", "errors"], rows),
+            table("What returning cross-attention costs (adaptive batching on)",
+                  ["clients", "p50 ms without", "p50 ms with", "extra latency"],
+                  [[c, a, b, f"{100 * d:+.1f}%"] for c, a, b, d in cost]),
+            table("Attention payload (one test sentence)", ["attention", "response bytes"], sizes)]
+
+
+def bench_load(checkpoint: Path, work: Path) -> str:
+    code = ("import json,sys,time\nt=time.perf_counter()\n{body}\n"
+            "print(json.dumps({{'seconds': time.perf_counter()-t}}))")
+    bodies = {
+        "PyTorch checkpoint → model": f"from stepwise.checkpoint import load_checkpoint\n"
+                                      f"load_checkpoint({str(checkpoint)!r}).build_model()",
+        "ONNX Runtime sessions (OnnxTranslator)": f"from stepwise.onnx_decoding import OnnxTranslator\n"
+                                                  f"OnnxTranslator({str(work / 'export')!r}, device='cpu')",
+        "CTranslate2 translator": f"import ctranslate2\nctranslate2.Translator({str(work / 'ct2')!r})",
+    }
+    rows = []
+    for name, body in bodies.items():
+        out = subprocess.run([sys.executable, "-c", code.format(body=body)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        rows.append([name, json.loads(out.stdout.strip().splitlines()[-1])["seconds"]])
+    return table("Model load time (fresh process, imports excluded)", ["what", "seconds"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("what", choices=["all", "train", "translate", "serve", "export"])
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to measure (default: production, or fresh)")
+    parser.add_argument("--sentences", type=int, default=500, help="held-out sentences (default 500)")
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=128, help="requests per serving row")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    checkpoint = find_checkpoint(args.checkpoint)
+    work = Path(tempfile.mkdtemp(prefix="stepwise-bench-"))
+    out = Path(args.out) if args.out else None
+    started = time.perf_counter()
+    if args.what in ("all", "train"):
+        write_results("train", [bench_train(checkpoint, args.device, args.train_steps)], args.device, out)
+    if args.what in ("all", "translate"):
+        write_results("translate", bench_translate(checkpoint, work, args.sentences, args.device), args.device, out)
+    if args.what in ("all", "export", "translate"):
+        if not (work / "export").exists():
+            prepare_translation(checkpoint, work, 8)
+        write_results("export", [bench_load(checkpoint, work)], args.device, out)
+    if args.what in ("all", "serve") and args.device == "cpu":
+        write_results("serve", bench_serve(checkpoint, work, args.requests), args.device, out)
+    print(f"benchmarks took {time.perf_counter() - started:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""One translation-throughput measurement: ``python -m bench.translate_worker '{...}'``.
+
+Systems: ``pytorch`` (this project's decoder with a KV cache), ``onnx`` (the ONNX Runtime loop the
+service uses; ``export`` may point at a quantized copy), ``ct2`` (CTranslate2 on converted weights).
+Every system sees the same sentences in the same batches (sorted by length, then cut).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def batches_of(sources: list[list[int]], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def main() -> None:
+    args: dict[str, Any] = json.loads(sys.argv[1])
+    from stepwise.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args["tokenizer"])
+    sentences = json.loads(open(args["sentences"], encoding="utf-8").read())
+    sources = [tokenizer.encode(s) for s in sentences]
+    groups = batches_of(sources, args["batch_size"])
+    beam, system = args["beam"], args["system"]
+    outputs: list[list[int]] = [[] for _ in sources]
+
+    if system == "pytorch":
+        import torch
+
+        torch.set_num_threads(args.get("threads", torch.get_num_threads()))
+        from stepwise.checkpoint import load_checkpoint
+        from stepwise.translate import translate_ids
+
+        model = load_checkpoint(args["checkpoint"]).build_model().to(args.get("device", "cpu"))
+
+        def run(group: list[int]) -> list[list[int]]:
+            hyps = translate_ids(model, [sources[i] for i in group], beam_size=beam, batch_size=len(group),
+                                 return_attention=args.get("attention", False))
+            return [h.tokens for h in hyps]
+    elif system == "onnx":
+        from stepwise.onnx_decoding import OnnxTranslator
+
+        translator = OnnxTranslator(args["export"], device=args.get("device", "cpu"), threads=args.get("threads"))
+
+        def run(group: list[int]) -> list[list[int]]:
+            hyps = translator.decode_ids([sources[i] for i in group], beam_size=beam,
+                                         return_attention=args.get("attention", False))
+            return [h.tokens for h in hyps]
+    elif system == "ct2":
+        import ctranslate2
+
+        translator = ctranslate2.Translator(args["ct2"], device=args.get("device", "cpu"), inter_threads=1,
+                                            intra_threads=args.get("threads", 0),
+                                            compute_type=args.get("compute_type", "float32"))
+        pieces = [tokenizer.pieces(s) for s in sources]
+
+        def run(group: list[int]) -> list[list[int]]:
+            limit = max(2 * len(sources[i]) + 10 for i in group)
+            results = translator.translate_batch([pieces[i] for i in group], beam_size=beam, max_batch_size=0,
+                                                 max_decoding_length=limit, min_decoding_length=0,
+                                                 length_penalty=0.6 if beam > 1 else 1.0)
+            return [[tokenizer.sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+    else:
+        raise SystemExit(f"unknown system {system}")
+
+    run(groups[0])  # warm-up (first batch), not timed
+    started = time.perf_counter()
+    for group in groups:
+        for i, tokens in zip(group, run(group), strict=True):
+            outputs[i] = tokens
+    elapsed = time.perf_counter() - started
+    generated = sum(len(t) for t in outputs)
+    print(json.dumps({"tokens_per_s": generated / elapsed, "ms_per_sentence": 1000 * elapsed / len(sources),
+                      "seconds": elapsed, "target_tokens": generated, "outputs": outputs}))
+
+
+if __name__ == "__main__":
+    main()
