@@ -44,14 +44,10 @@ class Hypothesis:
     attention: dict[str, list[Tensor]] | None = None
 
 
-def default_max_length(source_length: int, max_positions: int) -> int:
-    """A generous output budget: ``2 * S + 10``, within the positional table."""
-    return min(2 * source_length + 10, max_positions - 1)
-
-
 def length_limits(source_lengths: Tensor, max_length: int | None, max_positions: int) -> Tensor:
-    """Per-sentence output budget: ``max_length`` if given, else :func:`default_max_length` of each
-    sentence's own length (so a sentence decodes the same alone or in any batch)."""
+    """Per-sentence output budget: ``max_length`` if given, else ``2 * S + 10`` for each sentence's
+    own length ``S`` (so a sentence decodes the same alone or in any batch), within the positional
+    table."""
     if max_length is not None:
         return torch.full_like(source_lengths, min(max_length, max_positions - 1))
     return torch.clamp(2 * source_lengths + 10, max=max_positions - 1)
@@ -72,7 +68,7 @@ def greedy_decode(
         model: the transformer (put in eval mode by the caller).
         src_ids: ``[B, S]`` source ids (ending with EOS).
         src_pad_mask: ``[B, S]`` True at padding.
-        max_length: most tokens to generate; default :func:`default_max_length`.
+        max_length: most tokens to generate; default :func:`length_limits`.
         return_attention: record attention maps for every step.
 
     Returns:
