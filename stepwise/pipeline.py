@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where service.py and gradio_app/ live
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 class Pipeline:
     """Starts what is missing, remembers what it started, stops it all at the end."""
 
@@ -177,6 +181,10 @@ class Pipeline:
                 os.killpg(process.pid, signal.SIGKILL)
 
     def run(self, *, wait: bool = True) -> int:
+        # Ctrl-C (and a plain `kill`) stop everything started here, even when this process was
+        # started in the background with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             self.clearml()
             model_id = self.production()
