@@ -59,32 +59,30 @@ def convert(checkpoint: Checkpoint, out_dir: str | Path, *, quantization: str | 
         return (np.concatenate([_np(state[f"{prefix}.{n}_proj.weight"]) for n in names]),
                 np.concatenate([_np(state[f"{prefix}.{n}_proj.bias"]) for n in names]))
 
+    def linear(target: object, name: str) -> None:
+        _linear(target, _np(state[f"{name}.weight"]), _np(state[f"{name}.bias"]))
+
+    def self_attention(target: object, norm: str, prefix: str) -> None:
+        _norm(target.layer_norm, state, norm)
+        _linear(target.linear[0], *qkv(prefix, ("q", "k", "v")))
+        linear(target.linear[1], f"{prefix}.out_proj")
+
     def ffn(layer_spec: object, prefix: str) -> None:
         _norm(layer_spec.ffn.layer_norm, state, f"{prefix}.ff_block.norm")
-        _linear(layer_spec.ffn.linear_0, _np(state[f"{prefix}.feed_forward.linear1.weight"]),
-                _np(state[f"{prefix}.feed_forward.linear1.bias"]))
-        _linear(layer_spec.ffn.linear_1, _np(state[f"{prefix}.feed_forward.linear2.weight"]),
-                _np(state[f"{prefix}.feed_forward.linear2.bias"]))
+        linear(layer_spec.ffn.linear_0, f"{prefix}.feed_forward.linear1")
+        linear(layer_spec.ffn.linear_1, f"{prefix}.feed_forward.linear2")
 
     for i, layer in enumerate(spec.encoder.layer):
         p = f"encoder_layers.{i}"
-        _norm(layer.self_attention.layer_norm, state, f"{p}.attn_block.norm")
-        _linear(layer.self_attention.linear[0], *qkv(f"{p}.self_attn", ("q", "k", "v")))
-        _linear(layer.self_attention.linear[1], _np(state[f"{p}.self_attn.out_proj.weight"]),
-                _np(state[f"{p}.self_attn.out_proj.bias"]))
+        self_attention(layer.self_attention, f"{p}.attn_block.norm", f"{p}.self_attn")
         ffn(layer, p)
     for i, layer in enumerate(spec.decoder.layer):
         p = f"decoder_layers.{i}"
-        _norm(layer.self_attention.layer_norm, state, f"{p}.self_block.norm")
-        _linear(layer.self_attention.linear[0], *qkv(f"{p}.self_attn", ("q", "k", "v")))
-        _linear(layer.self_attention.linear[1], _np(state[f"{p}.self_attn.out_proj.weight"]),
-                _np(state[f"{p}.self_attn.out_proj.bias"]))
+        self_attention(layer.self_attention, f"{p}.self_block.norm", f"{p}.self_attn")
         _norm(layer.attention.layer_norm, state, f"{p}.cross_block.norm")
-        _linear(layer.attention.linear[0], _np(state[f"{p}.cross_attn.q_proj.weight"]),
-                _np(state[f"{p}.cross_attn.q_proj.bias"]))
+        linear(layer.attention.linear[0], f"{p}.cross_attn.q_proj")
         _linear(layer.attention.linear[1], *qkv(f"{p}.cross_attn", ("k", "v")))
-        _linear(layer.attention.linear[2], _np(state[f"{p}.cross_attn.out_proj.weight"]),
-                _np(state[f"{p}.cross_attn.out_proj.bias"]))
+        linear(layer.attention.linear[2], f"{p}.cross_attn.out_proj")
         ffn(layer, p)
 
     tokenizer = checkpoint.tokenizer()
