@@ -100,7 +100,7 @@ class DecoderSteps:
             cross_values = np.repeat(cross_values, beam_size, axis=1)
             src_mask = np.repeat(src_mask, beam_size, axis=0)
         rows = src_mask.shape[0]
-        self.src_mask = self.full_src_mask = src_mask
+        self.src_mask = src_mask
         empty_shape = (translator.n_layers, rows, translator.n_heads, 0, translator.d_k)
         self.on_device = translator.provider == "CUDAExecutionProvider"
         if self.on_device:
@@ -112,16 +112,18 @@ class DecoderSteps:
             empty = np.zeros(empty_shape, dtype=np.float32)
             self.inputs = {"cross_keys": cross_keys, "cross_values": cross_values, "past_keys": empty,
                            "past_values": empty}
-            self.full_cross = (cross_keys, cross_values)
         # on the CPU finished sentences leave the batch (as CTranslate2 does); on CUDA the
         # device-resident inputs keep every row
         self.can_drop_rows = not self.on_device
 
-    def select_rows(self, rows: np.ndarray) -> None:
-        """Keep only these rows of the memory (the cache is gathered by ``past_order``)."""
-        self.inputs["cross_keys"] = np.ascontiguousarray(self.full_cross[0][:, rows])
-        self.inputs["cross_values"] = np.ascontiguousarray(self.full_cross[1][:, rows])
-        self.src_mask = self.full_src_mask[rows]
+    def select_rows(self, positions: np.ndarray) -> None:
+        """Keep only these rows (positions in the current batch) of the memory and mask.
+
+        The cache needs no copy here: ``past_order`` gathers it inside the graph.
+        """
+        self.inputs["cross_keys"] = self.inputs["cross_keys"][:, positions]
+        self.inputs["cross_values"] = self.inputs["cross_values"][:, positions]
+        self.src_mask = self.src_mask[positions]
 
     def __call__(
         self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
@@ -250,9 +252,10 @@ class OnnxTranslator:
                 break
             if step.can_drop_rows:
                 still = (np.flatnonzero(~sentence_done)[:, None] * k + np.arange(k)).reshape(-1)
-                if len(still) < n:
+                # drop in chunks (each drop copies the memory): once a quarter of the rows are done
+                if len(still) <= 0.75 * n:
+                    step.select_rows(np.searchsorted(active, still))
                     active = still
-                    step.select_rows(active)
 
         generated = tokens[:, 1:]
         is_eos = generated == tok.eos_id
