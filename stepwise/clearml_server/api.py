@@ -111,6 +111,15 @@ def _get_path(doc: Document, path: str) -> Any:
     return node
 
 
+def _create_unique(api: Api, kind: str, doc: Document, *, subcode: int) -> str:
+    """Store ``doc`` unless a document of that kind already has its name (ClearML refuses those)."""
+    with api.store.lock:
+        if any(other["name"] == doc["name"] for other in api.store.all(kind)):
+            raise ApiError(400, subcode, f"{kind.title()} with the same name already exists: name={doc['name']}")
+        api.store.put(kind, doc)
+    return doc["id"]
+
+
 def _new_project(name: str, body: dict[str, Any]) -> Document:
     stamp = now()
     return {
@@ -257,6 +266,28 @@ def _project_fields(doc: Document, fields: list[str]) -> Document:
     return out
 
 
+# -- lookups: <kind>s.get_all, <kind>s.get_all_ex, <kind>s.get_by_id for every kind ------------
+def _register_lookups(kind: str, equal_fields: tuple[str, ...] = ()) -> None:
+    """``get_all`` answers ``{"<kind>s": [...]}`` filtered by :func:`query`; ``get_by_id`` takes
+    ``{"<kind>": id}`` and answers ``{"<kind>": {...}}``."""
+    plural = f"{kind}s"
+
+    def get_all(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+        return {plural: query(api, kind, body, equal_fields)}
+
+    def get_by_id(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+        return {kind: api.require(kind, body, kind)}
+
+    HANDLERS[f"{plural}.get_all"] = HANDLERS[f"{plural}.get_all_ex"] = get_all
+    HANDLERS[f"{plural}.get_by_id"] = get_by_id
+
+
+_register_lookups("project")
+_register_lookups("task", equal_fields=("status", "type", "user"))
+_register_lookups("model", equal_fields=("task", "framework", "uri", "user"))
+_register_lookups("queue")
+
+
 # -- auth / debug --------------------------------------------------------------------------
 @endpoint("debug.ping")
 def debug_ping(api: Api, body: dict[str, Any]) -> dict[str, Any]:
@@ -276,23 +307,7 @@ def projects_create(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     name = body.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ApiError(400, 12, "Validation error: missing required field 'name'")
-    with api.store.lock:
-        if any(p["name"] == name for p in api.store.all("project")):
-            raise ApiError(400, 701, f"Project with the same name already exists: name={name}")
-        project = _new_project(name, body)
-        api.store.put("project", project)
-    return {"id": project["id"]}
-
-
-@endpoint("projects.get_all")
-@endpoint("projects.get_all_ex")
-def projects_get_all(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"projects": query(api, "project", body)}
-
-
-@endpoint("projects.get_by_id")
-def projects_get_by_id(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"project": api.require("project", body, "project")}
+    return {"id": _create_unique(api, "project", _new_project(name, body), subcode=701)}
 
 
 @endpoint("projects.update")
@@ -318,17 +333,6 @@ def tasks_create(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     task = _new_task(body)
     api.store.put("task", task)
     return {"id": task["id"]}
-
-
-@endpoint("tasks.get_by_id")
-def tasks_get_by_id(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"task": api.require("task", body, "task")}
-
-
-@endpoint("tasks.get_all")
-@endpoint("tasks.get_all_ex")
-def tasks_get_all(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"tasks": query(api, "task", body, equal_fields=("status", "type", "user"))}
 
 
 @endpoint("tasks.edit")
@@ -587,17 +591,6 @@ def models_update_for_task(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     return {"id": model["id"], "created": True, "updated": 0, "fields": {}}
 
 
-@endpoint("models.get_by_id")
-def models_get_by_id(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"model": api.require("model", body, "model")}
-
-
-@endpoint("models.get_all")
-@endpoint("models.get_all_ex")
-def models_get_all(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"models": query(api, "model", body, equal_fields=("task", "framework", "uri", "user"))}
-
-
 @endpoint("models.edit")
 @endpoint("models.update")
 def models_edit(api: Api, body: dict[str, Any]) -> dict[str, Any]:
@@ -691,23 +684,7 @@ def queues_create(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, 12, "Validation error: missing required field 'name'")
-    with api.store.lock:
-        if any(q["name"] == name for q in api.store.all("queue")):
-            raise ApiError(400, 702, f"Queue with this name already exists: name={name}")
-        queue = _new_queue(name, body.get("tags"))
-        api.store.put("queue", queue)
-    return {"id": queue["id"]}
-
-
-@endpoint("queues.get_all")
-@endpoint("queues.get_all_ex")
-def queues_get_all(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"queues": query(api, "queue", body)}
-
-
-@endpoint("queues.get_by_id")
-def queues_get_by_id(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"queue": api.require("queue", body, "queue")}
+    return {"id": _create_unique(api, "queue", _new_queue(name, body.get("tags")), subcode=702)}
 
 
 @endpoint("queues.get_default")
