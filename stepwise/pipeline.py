@@ -91,10 +91,9 @@ class Pipeline:
     # -- stages ------------------------------------------------------------------------------------
     def clearml(self) -> None:
         self.stage(1, "ClearML server")
-        configured = os.environ.get("CLEARML_API_HOST") or Path.home().joinpath("clearml.conf").exists()
-        if configured:
-            from stepwise import tracking
+        from stepwise import tracking
 
+        if tracking.is_configured():
             print(f"using the configured server {tracking.check_server()}")
             return
         url = f"http://127.0.0.1:{self.clearml_port}"

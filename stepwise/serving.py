@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from stepwise import tracking
 from stepwise.onnx_decoding import OnnxTranslator
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class ModelStore:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
                 return self._cache[spec]
-        if self.model_dir and not self._registry_configured():
+        if self.model_dir and not tracking.is_configured():
             raise ModelNotFound(f"model {spec!r}: only the model in STEPWISE_MODEL_DIR is available "
                                 "(no ClearML server configured)")
         loaded = self._from_registry(spec)
@@ -134,10 +135,6 @@ class ModelStore:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return loaded
-
-    @staticmethod
-    def _registry_configured() -> bool:
-        return bool(os.environ.get("CLEARML_API_HOST")) or Path.home().joinpath("clearml.conf").exists()
 
     def reload(self) -> dict[str, Any]:
         """Re-resolve the default; swap it in if it changed. Returns what happened."""

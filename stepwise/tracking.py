@@ -27,6 +27,11 @@ class ClearMLUnavailable(StepwiseError):
     """The configured ClearML server cannot be reached or refuses our credentials."""
 
 
+def is_configured() -> bool:
+    """Whether a ClearML server is configured at all (the variables, or ``~/clearml.conf``)."""
+    return bool(os.environ.get("CLEARML_API_HOST")) or Path.home().joinpath("clearml.conf").exists()
+
+
 def api_host() -> str:
     """The API server the SDK will use (environment first, then ``~/clearml.conf``)."""
     host = os.environ.get("CLEARML_API_HOST")
