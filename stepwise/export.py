@@ -2,16 +2,21 @@
 
 ``encoder.onnx``
     in: ``src_ids [B, S]`` (int64), ``src_pad_mask [B, S]`` (bool, True at padding)
-    out: ``cross_keys``/``cross_values [L, B, H, S, d_k]`` (every decoder layer's cross-attention
-    keys and values, projected once), ``encoder_attention [L, B, H, S, S]``
+    out: ``cross_keys_{i}``/``cross_values_{i} [B, H, S, d_k]`` for each decoder layer ``i``
+    (its cross-attention keys and values, projected once), ``encoder_attention [L, B, H, S, S]``
 ``decoder.onnx`` (one step)
-    in: ``tokens [B, 1]``, ``src_pad_mask``, ``cross_keys``, ``cross_values``,
-    ``past_keys``/``past_values [L, B, H, T, d_k]`` (T may be 0; the position is T), and
-    ``past_order [B]``: which cache row each row continues (beam search reorders hypotheses;
-    doing it inside the graph keeps the cache on the device)
-    out: ``log_probs [B, V]``, ``present_keys``/``present_values [L, B, H, T+1, d_k]``,
+    in: ``tokens [B, 1]``, ``src_pad_mask``, ``past_order [B]`` (which cache row each row
+    continues: beam search reorders hypotheses and finished sentences leave the batch, and doing
+    it inside the graph keeps the cache on the device), and per layer ``cross_keys_{i}``,
+    ``cross_values_{i}``, ``past_keys_{i}``/``past_values_{i} [B, H, T, d_k]`` (T may be 0; the
+    position is T)
+    out: ``top_log_probs``/``top_ids [B, K]`` (the K best next tokens, best first, PAD and BOS
+    excluded: beam search of width k <= K needs no more, so the V-sized distribution never leaves
+    the graph), ``present_keys_{i}``/``present_values_{i} [B, H, T+1, d_k]``,
     ``self_attention [L, B, H, 1, T+1]``, ``cross_attention [L, B, H, 1, S]``
 
+Per-layer cache tensors (not one stacked tensor) let ONNX Runtime read each layer's keys and
+values where they are: stacking and unstacking copied the whole cache and memory every step.
 Batch, source and cache lengths are dynamic. Before anything is final the export is checked
 against PyTorch on held-out sentences (same greedy and beam tokens, log-probabilities and
 attention within stated tolerances); it is written to a temporary folder and renamed into
@@ -39,7 +44,16 @@ from stepwise.data import load_split
 from stepwise.decoding import decode
 from stepwise.errors import CorpusError, StepwiseError
 from stepwise.models import Transformer
-from stepwise.onnx_decoding import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, TOKENIZER_FILE, OnnxTranslator
+from stepwise.onnx_decoding import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    EXPORT_FORMAT,
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    TOP_K,
+    OnnxTranslator,
+    cache_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,66 +80,70 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, src_ids: Tensor, src_pad_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, src_ids: Tensor, src_pad_mask: Tensor) -> tuple[Tensor, ...]:
         memory, weights = self.model.encode(src_ids, src_pad_mask, need_weights=True)
         kv = self.model.cross_key_values(memory)
-        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), torch.stack(weights)
+        return (*[k for k, _ in kv], *[v for _, v in kv], torch.stack(weights))
 
 
 class DecoderStepGraph(nn.Module):
-    """What ``decoder.onnx`` computes: one step of incremental decoding."""
+    """What ``decoder.onnx`` computes: one step of incremental decoding, ending in top-K."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, top_k: int = TOP_K) -> None:
         super().__init__()
         self.model = model
+        self.top_k = min(top_k, model.config.vocab_size)
+        # added to the log-probabilities: PAD and BOS are never generated (as in decoding.decode)
+        never = torch.zeros(model.config.vocab_size)
+        never[[model.config.pad_id, model.config.bos_id]] = float("-inf")
+        self.register_buffer("never", never, persistent=False)
 
-    def forward(
-        self, tokens: Tensor, src_pad_mask: Tensor, cross_keys: Tensor, cross_values: Tensor, past_keys: Tensor,
-        past_values: Tensor, past_order: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, tokens: Tensor, src_pad_mask: Tensor, past_order: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
         layers = len(self.model.decoder_layers)
-        past_keys = past_keys.index_select(1, past_order)
-        past_values = past_values.index_select(1, past_order)
-        cross = [(cross_keys[i], cross_values[i]) for i in range(layers)]
-        past = [(past_keys[i], past_values[i]) for i in range(layers)]
+        cross_k, cross_v, past_k, past_v = (caches[i * layers : (i + 1) * layers] for i in range(4))
+        cross = list(zip(cross_k, cross_v, strict=True))
+        past = [(k.index_select(0, past_order), v.index_select(0, past_order)) for k, v in zip(past_k, past_v,
+                                                                                               strict=True)]
         logits, present, self_w, cross_w = self.model.decode(tokens, cross, src_pad_mask=src_pad_mask, past=past,
                                                              need_weights=True)
-        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
-        return (log_probs, torch.stack([k for k, _ in present]), torch.stack([v for _, v in present]),
-                torch.stack(self_w), torch.stack(cross_w))
+        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1) + self.never
+        top_log_probs, top_ids = torch.topk(log_probs, self.top_k, dim=-1)
+        return (top_log_probs, top_ids, *[k for k, _ in present], *[v for _, v in present], torch.stack(self_w),
+                torch.stack(cross_w))
 
 
 def _export_graphs(model: Transformer, folder: Path, opset: int) -> None:
     cfg = model.config
     heads, d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
+    names = cache_names(cfg.n_decoder_layers)
     src = torch.randint(4, cfg.vocab_size, (2, 5))
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[1, 3:] = True
+    batch_source = {0: "batch", 2: "source"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python ints from shapes
         torch.onnx.export(
             EncoderGraph(model), (src, mask), str(folder / ENCODER_FILE), dynamo=False, opset_version=opset,
-            input_names=["src_ids", "src_pad_mask"], output_names=["cross_keys", "cross_values", "encoder_attention"],
+            input_names=["src_ids", "src_pad_mask"],
+            output_names=[*names["cross_keys"], *names["cross_values"], "encoder_attention"],
             dynamic_axes={"src_ids": {0: "batch", 1: "source"}, "src_pad_mask": {0: "batch", 1: "source"},
-                          "cross_keys": {1: "batch", 3: "source"}, "cross_values": {1: "batch", 3: "source"},
+                          **{n: batch_source for n in names["cross_keys"] + names["cross_values"]},
                           "encoder_attention": {1: "batch", 3: "source", 4: "source"}})
-        n_dec = cfg.n_decoder_layers
-        cross = torch.zeros(n_dec, 2, heads, 5, d_k)
-        past = torch.zeros(n_dec, 2, heads, 3, d_k)
+        cross = [torch.zeros(2, heads, 5, d_k)] * (2 * cfg.n_decoder_layers)
+        past = [torch.zeros(2, heads, 3, d_k)] * (2 * cfg.n_decoder_layers)
+        cache_in = names["cross_keys"] + names["cross_values"] + names["past_keys"] + names["past_values"]
+        cache_out = names["present_keys"] + names["present_values"]
         torch.onnx.export(
-            DecoderStepGraph(model), (torch.full((2, 1), cfg.bos_id), mask, cross, cross, past, past,
-                                      torch.tensor([1, 0])),
+            DecoderStepGraph(model), (torch.full((2, 1), cfg.bos_id), mask, torch.tensor([1, 0]), *cross, *past),
             str(folder / DECODER_FILE), dynamo=False, opset_version=opset,
-            input_names=["tokens", "src_pad_mask", "cross_keys", "cross_values", "past_keys", "past_values",
-                         "past_order"],
-            output_names=["log_probs", "present_keys", "present_values", "self_attention", "cross_attention"],
-            dynamic_axes={"tokens": {0: "batch"}, "src_pad_mask": {0: "batch", 1: "source"},
-                          "cross_keys": {1: "batch", 3: "source"}, "cross_values": {1: "batch", 3: "source"},
-                          "past_keys": {1: "batch", 3: "past"}, "past_values": {1: "batch", 3: "past"},
-                          "past_order": {0: "batch"}, "log_probs": {0: "batch"},
-                          "present_keys": {1: "batch", 3: "length"},
-                          "present_values": {1: "batch", 3: "length"}, "self_attention": {1: "batch", 4: "length"},
-                          "cross_attention": {1: "batch", 4: "source"}})
+            input_names=["tokens", "src_pad_mask", "past_order", *cache_in],
+            output_names=["top_log_probs", "top_ids", *cache_out, "self_attention", "cross_attention"],
+            dynamic_axes={"tokens": {0: "batch"}, "src_pad_mask": {0: "batch", 1: "source"}, "past_order": {0: "batch"},
+                          **{n: batch_source for n in names["cross_keys"] + names["cross_values"]},
+                          **{n: {0: "batch", 2: "past"} for n in names["past_keys"] + names["past_values"]},
+                          **{n: {0: "batch", 2: "length"} for n in cache_out},
+                          "top_log_probs": {0: "batch"}, "top_ids": {0: "batch"},
+                          "self_attention": {1: "batch", 4: "length"}, "cross_attention": {1: "batch", 4: "source"}})
     model.eval()  # the TorchScript exporter leaves modules in training mode (dropout on)
     for name in (ENCODER_FILE, DECODER_FILE):
         try:
@@ -169,18 +187,20 @@ def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict
             for kind in ("encoder", "decoder", "cross"):
                 reference = torch.stack(b.attention[kind]).numpy()
                 worst_attention = max(worst_attention, float(np.abs(a.attention[kind] - reference).max()))
-    # log-probabilities along PyTorch's greedy path, step by step through the ONNX decoder
+    # the top-K log-probabilities along PyTorch's greedy path, step by step through the ONNX decoder
     worst_log_prob = 0.0
     greedy = decode(model, torch.tensor([sources[0]]), max_length=max_length)[0]
     path = [tok.bos_id, *greedy.tokens]
     with torch.no_grad():
-        reference = torch.log_softmax(model(torch.tensor([sources[0]]), torch.tensor([path])).float(), -1)[0].numpy()
+        reference = torch.log_softmax(model(torch.tensor([sources[0]]), torch.tensor([path])).float(), -1)[0]
+        reference[:, [tok.pad_id, tok.bos_id]] = float("-inf")
+        reference = reference.topk(translator.top_k, dim=-1).values.numpy()
     src = np.array([sources[0]], dtype=np.int64)
     mask = np.zeros_like(src, dtype=bool)
     step = translator.start(src, mask, beam_size=1)
     for t, token in enumerate(path):
-        log_probs, _, _ = step(np.array([[token]], dtype=np.int64), np.zeros(1, dtype=np.int64), False)
-        worst_log_prob = max(worst_log_prob, float(np.abs(log_probs[0] - reference[t]).max()))
+        top_log_probs, _, _, _ = step(np.array([[token]], dtype=np.int64), np.zeros(1, dtype=np.int64), False)
+        worst_log_prob = max(worst_log_prob, float(np.abs(top_log_probs[0] - reference[t]).max()))
     figures["max_abs_log_prob_diff"] = worst_log_prob
     figures["max_abs_attention_diff"] = worst_attention
     if worst_log_prob > LOG_PROB_TOLERANCE:
@@ -213,7 +233,8 @@ def export_checkpoint(
         _export_graphs(model, temp, opset)
         checkpoint.tokenizer().save(temp / TOKENIZER_FILE)
         manifest: dict[str, Any] = {
-            "format": 1, "source_model": source or {}, "name": checkpoint.config.name,
+            "format": EXPORT_FORMAT, "top_k": min(TOP_K, checkpoint.config.model.vocab_size),
+            "source_model": source or {}, "name": checkpoint.config.name,
             "language_pair": checkpoint.config.data.language_pair, "step": checkpoint.step,
             "config": checkpoint.config.to_dict(), "config_hash": checkpoint.config.hash(), "opset": opset,
             "files": [ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE],

@@ -6,9 +6,12 @@ length penalty, the same attention layout) on top of two ONNX Runtime sessions: 
 position longer. It imports numpy, onnxruntime and sentencepiece only (no torch), so the
 service, the benchmarks and the exporter's parity check all share it.
 
-Cache layout (stacked over layers): keys and values ``[L, B, H, T, d_k]``; attention outputs
-``[L, B, H, T_q, T_k]``. Sessions share one global thread pool, so the encoder's and the
-decoder's pools do not fight over the cores.
+Cache layout: one keys and one values tensor per layer, ``[B, H, T, d_k]``; attention outputs
+stacked over layers, ``[L, B, H, T_q, T_k]``. The decoder graph ends in top-K, so each step
+hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution: greedy takes the first,
+beam search of width k ranks the k×k candidates of each sentence (the k best continuations of
+every hypothesis contain the k best overall). Sessions share one global thread pool, so the
+encoder's and the decoder's pools do not fight over the cores.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
+EXPORT_FORMAT = 2  # 2: per-layer caches, top-K output (1: stacked caches, full log-probs)
+TOP_K = 16  # candidates the decoder graph returns per row: the widest beam it supports
 
 _THREAD_POOL_LOCK = threading.Lock()
 _THREAD_POOL_THREADS: int | None = None
@@ -72,6 +77,24 @@ def _init_global_thread_pool(threads: int) -> None:
             _THREAD_POOL_THREADS = threads
 
 
+class ExportFormatError(RuntimeError):
+    """An export directory written by another version of the exporter."""
+
+
+def cache_names(layers: int) -> dict[str, list[str]]:
+    """Names of the per-layer cache tensors of the graphs, by kind."""
+    kinds = ("cross_keys", "cross_values", "past_keys", "past_values", "present_keys", "present_values")
+    return {kind: [f"{kind}_{i}" for i in range(layers)] for kind in kinds}
+
+
+def export_format(export_dir: str | Path) -> int | None:
+    """The ``format`` of an export directory's manifest (None when there is no manifest)."""
+    path = Path(export_dir) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    return int(json.loads(path.read_text()).get("format", 1))
+
+
 def available_providers(device: str = "auto") -> list[str]:
     """CUDA (then CPU) when asked or available; CPU otherwise."""
     have = ort.get_available_providers()
@@ -87,31 +110,34 @@ class DecoderSteps:
 
     On CPU the cache is a numpy array fed back as the next input. On CUDA the cache stays on
     the GPU: outputs are bound to device memory with IOBinding and the next step reads them
-    in place; only tokens, log-probabilities and attention cross to the host.
+    in place; only the top-K candidates and attention cross to the host.
     """
 
     def __init__(self, translator: OnnxTranslator, src: np.ndarray, src_mask: np.ndarray, beam_size: int) -> None:
         self.session = translator.decoder
-        cross_keys, cross_values, self.encoder_attention = translator.encoder.run(
-            None, {"src_ids": src, "src_pad_mask": src_mask})
-        # every hypothesis of a sentence shares its memory: repeat each sentence k times (axis 1 = batch)
+        names = cache_names(translator.n_layers)
+        self.cross_names = names["cross_keys"] + names["cross_values"]
+        self.past_names = names["past_keys"] + names["past_values"]
+        self.outputs = ["top_log_probs", "top_ids", *names["present_keys"], *names["present_values"],
+                        "self_attention", "cross_attention"]
+        *cross, self.encoder_attention = translator.encoder.run(
+            [*self.cross_names, "encoder_attention"], {"src_ids": src, "src_pad_mask": src_mask})
+        # every hypothesis of a sentence shares its memory: repeat each sentence k times (axis 0 = batch)
         if beam_size > 1:
-            cross_keys = np.repeat(cross_keys, beam_size, axis=1)
-            cross_values = np.repeat(cross_values, beam_size, axis=1)
+            cross = [np.repeat(x, beam_size, axis=0) for x in cross]
             src_mask = np.repeat(src_mask, beam_size, axis=0)
         rows = src_mask.shape[0]
         self.src_mask = src_mask
-        empty_shape = (translator.n_layers, rows, translator.n_heads, 0, translator.d_k)
+        empty_shape = (rows, translator.n_heads, 0, translator.d_k)
         self.on_device = translator.provider == "CUDAExecutionProvider"
         if self.on_device:
-            self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for name, value in (
-                ("cross_keys", cross_keys), ("cross_values", cross_values))}
+            self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+                           for name, value in zip(self.cross_names, cross, strict=True)}
             empty = ort.OrtValue.ortvalue_from_shape_and_type(empty_shape, np.float32, "cuda", 0)
-            self.inputs["past_keys"] = self.inputs["past_values"] = empty
         else:
+            self.inputs = dict(zip(self.cross_names, cross, strict=True))
             empty = np.zeros(empty_shape, dtype=np.float32)
-            self.inputs = {"cross_keys": cross_keys, "cross_values": cross_values, "past_keys": empty,
-                           "past_values": empty}
+        self.inputs.update({name: empty for name in self.past_names})
         # on the CPU finished sentences leave the batch (as CTranslate2 does); on CUDA the
         # device-resident inputs keep every row
         self.can_drop_rows = not self.on_device
@@ -121,36 +147,34 @@ class DecoderSteps:
 
         The cache needs no copy here: ``past_order`` gathers it inside the graph.
         """
-        self.inputs["cross_keys"] = self.inputs["cross_keys"][:, positions]
-        self.inputs["cross_values"] = self.inputs["cross_values"][:, positions]
+        for name in self.cross_names:
+            self.inputs[name] = self.inputs[name][positions]
         self.src_mask = self.src_mask[positions]
 
     def __call__(
         self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """One step: returns ``(log_probs [B, V], self_attention, cross_attention)``."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One step: ``(top_log_probs [B, K], top_ids [B, K], self_attention, cross_attention)``."""
         if not self.on_device:
-            log_probs, present_k, present_v, self_w, cross_w = self.session.run(None, {
+            top_log_probs, top_ids, *present, self_w, cross_w = self.session.run(self.outputs, {
                 **self.inputs, "tokens": tokens, "src_pad_mask": self.src_mask, "past_order": past_order})
-            self.inputs["past_keys"], self.inputs["past_values"] = present_k, present_v
-            return log_probs, self_w, cross_w
+            self.inputs.update(zip(self.past_names, present, strict=True))
+            return top_log_probs, top_ids, self_w, cross_w
         binding = self.session.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens))
         binding.bind_cpu_input("src_pad_mask", self.src_mask)
         binding.bind_cpu_input("past_order", past_order)
         for name, value in self.inputs.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("log_probs", "cpu")
-        binding.bind_output("present_keys", "cuda", 0)
-        binding.bind_output("present_values", "cuda", 0)
-        binding.bind_output("self_attention", "cpu" if need_attention else "cuda", 0)
-        binding.bind_output("cross_attention", "cpu" if need_attention else "cuda", 0)
+        for name in self.outputs:
+            on_host = name.startswith("top_") or (need_attention and name.endswith("_attention"))
+            binding.bind_output(name, "cpu" if on_host else "cuda", 0)
         self.session.run_with_iobinding(binding)
-        log_probs, present_k, present_v, self_w, cross_w = binding.get_outputs()
-        self.inputs["past_keys"], self.inputs["past_values"] = present_k, present_v
+        top_log_probs, top_ids, *present, self_w, cross_w = binding.get_outputs()
+        self.inputs.update(zip(self.past_names, present, strict=True))
         if need_attention:
-            return log_probs.numpy(), self_w.numpy(), cross_w.numpy()
-        return log_probs.numpy(), None, None
+            return top_log_probs.numpy(), top_ids.numpy(), self_w.numpy(), cross_w.numpy()
+        return top_log_probs.numpy(), top_ids.numpy(), None, None
 
 
 class OnnxTranslator:
@@ -160,6 +184,10 @@ class OnnxTranslator:
         self.export_dir = Path(export_dir)
         manifest_path = self.export_dir / MANIFEST_FILE
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        found = int(self.manifest.get("format", 1))
+        if found != EXPORT_FORMAT:
+            raise ExportFormatError(f"{self.export_dir}: export format {found}, this stepwise reads {EXPORT_FORMAT}: "
+                                    "run `stepwise export` again")
         model_cfg = self.manifest.get("config", {}).get("model", {})
         self.max_positions = int(model_cfg.get("max_positions", 512))
         self.tokenizer = Tokenizer.load(self.export_dir / TOKENIZER_FILE)
@@ -174,8 +202,9 @@ class OnnxTranslator:
         self.decoder = ort.InferenceSession(str(self.export_dir / DECODER_FILE), options, providers=providers)
         self.provider = self.decoder.get_providers()[0]
         self.loaded_at = time.time()
-        shape = next(i.shape for i in self.decoder.get_inputs() if i.name == "past_keys")  # [L, B, H, T, d_k]
-        self.n_layers, self.n_heads, self.d_k = int(shape[0]), int(shape[2]), int(shape[4])
+        past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_keys_")]  # [B, H, T, d_k] each
+        self.n_layers, self.n_heads, self.d_k = len(past), int(past[0].shape[1]), int(past[0].shape[3])
+        self.top_k = int(next(o.shape[1] for o in self.decoder.get_outputs() if o.name == "top_ids"))
         log.info("loaded %s on %s", self.export_dir, self.provider)
 
     def start(self, src: np.ndarray, src_mask: np.ndarray, *, beam_size: int = 1) -> DecoderSteps:
@@ -188,6 +217,8 @@ class OnnxTranslator:
         max_length: int | None = None, return_attention: bool = False,
     ) -> list[OnnxHypothesis]:
         """Greedy (``beam_size == 1``) or beam search over encoded sources (each ending with EOS)."""
+        if not 1 <= beam_size <= self.top_k:
+            raise ValueError(f"beam_size must be between 1 and {self.top_k} (the export's top-K)")
         tok = self.tokenizer
         batch = len(sources)
         src_len = max(len(s) for s in sources)
@@ -218,27 +249,32 @@ class OnnxTranslator:
         for t in range(max_steps):
             # the graph gathers the cache rows each active row continues: beam reordering and
             # dropping finished sentences are one index
-            log_probs, self_w, cross_w = step(tokens[active, t : t + 1], cache_pos[origin[active]], return_attention)
+            top_log_probs, top_ids, self_w, cross_w = step(tokens[active, t : t + 1], cache_pos[origin[active]],
+                                                           return_attention)
             n = len(active)
             cache_pos[active] = np.arange(n)
-            log_probs[:, [tok.pad_id, tok.bos_id]] = -np.inf  # never generated
             done_rows = finished[active]
-            log_probs[done_rows] = -np.inf
-            log_probs[done_rows, tok.pad_id] = 0.0  # a finished hypothesis grows by padding, at no cost
             if k == 1:
-                next_tokens = log_probs.argmax(axis=-1)
-                scores[active] += log_probs[np.arange(n), next_tokens]
+                next_tokens, gains = top_ids[:, 0], top_log_probs[:, 0]
+                if done_rows.any():  # a finished hypothesis grows by padding, at no cost
+                    next_tokens = np.where(done_rows, tok.pad_id, next_tokens)
+                    gains = np.where(done_rows, np.float32(0.0), gains)
+                scores[active] += gains
                 origin[active] = active
             else:
-                vocab = log_probs.shape[-1]
+                gains, ids = top_log_probs[:, :k], top_ids[:, :k]
+                if done_rows.any():  # a finished hypothesis has one continuation: padding, at no cost
+                    gains, ids = gains.copy(), ids.copy()
+                    gains[done_rows] = -np.inf
+                    gains[done_rows, 0] = 0.0
+                    ids[done_rows] = tok.pad_id
                 sentences = n // k
-                candidates = (scores[active][:, None] + log_probs).reshape(sentences, k * vocab)
-                # top-k per sentence (argpartition, then sort those k by score)
-                part = np.argpartition(-candidates, k - 1, axis=-1)[:, :k]
-                order = np.argsort(-np.take_along_axis(candidates, part, axis=-1), axis=-1, kind="stable")
-                top_index = np.take_along_axis(part, order, axis=-1)
-                new_origin = (active.reshape(sentences, k)[:, :1] + top_index // vocab).reshape(n)
-                next_tokens = (top_index % vocab).reshape(n)
+                # each sentence's k hypotheses × their k best tokens: the k best of those k*k
+                candidates = (scores[active][:, None] + gains).reshape(sentences, k * k)
+                top_index = np.argsort(-candidates, axis=-1, kind="stable")[:, :k]
+                local = (np.arange(sentences)[:, None] * k + top_index // k).reshape(n)  # row in this batch
+                new_origin = active[local]
+                next_tokens = ids[local, (top_index % k).reshape(n)]
                 scores[active] = np.take_along_axis(candidates, top_index, axis=-1).reshape(n)
                 tokens[active, : t + 1] = tokens[new_origin, : t + 1]
                 finished[active] = finished[new_origin]

@@ -141,7 +141,9 @@ class Pipeline:
     def export(self, model_id: str) -> Path:
         self.stage(3, "ONNX export")
         out = self.state / "exports" / model_id
-        if (out / "manifest.json").exists():
+        from stepwise.onnx_decoding import EXPORT_FORMAT, export_format
+
+        if export_format(out) == EXPORT_FORMAT:  # made by this version of the exporter
             print(f"reusing {out}")
             return out
         self.run_step(["stepwise", "export", "--model-id", model_id, "--out", str(out)])

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from stepwise import tracking
-from stepwise.onnx_decoding import OnnxTranslator
+from stepwise.onnx_decoding import EXPORT_FORMAT, OnnxTranslator, export_format
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,10 @@ class ModelStore:
         except registry.RegistryError as exc:
             raise ModelNotFound(str(exc)) from None
         export = registry.find_export(version.id)
-        if export is not None:
-            export_dir = registry.download_export(export.id)
-        else:
+        export_dir = registry.download_export(export.id) if export is not None else None
+        if export_dir is None or export_format(export_dir) != EXPORT_FORMAT:  # none yet, or an older exporter's
             export_dir = self.export_root / version.id
-            if not (export_dir / "manifest.json").exists():
+            if export_format(export_dir) != EXPORT_FORMAT:
                 self._run_exporter(version.id, export_dir)
         return self._from_dir(export_dir, {"id": version.id, "name": version.name, "tags": version.tags})
 

@@ -16,7 +16,7 @@ from stepwise import export as export_module
 from stepwise.checkpoint import load_checkpoint
 from stepwise.decoding import decode
 from stepwise.export import ExportError, check_parity, export_checkpoint
-from stepwise.onnx_decoding import OnnxTranslator
+from stepwise.onnx_decoding import ExportFormatError, OnnxTranslator
 
 from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint
 
@@ -52,6 +52,40 @@ def test_onnx_loop_matches_pytorch_with_padding_and_beams(tmp_path: Path) -> Non
             assert hyp.tokens == ref.tokens
             for kind in ("encoder", "decoder", "cross"):
                 np.testing.assert_allclose(hyp.attention[kind], torch.stack(ref.attention[kind]).numpy(), atol=1e-4)
+
+
+def test_decoder_top_k_equals_pytorch_distribution(tmp_path: Path) -> None:
+    """The graph's top-K (PAD/BOS excluded) is PyTorch's top-K of the full distribution, per row."""
+    checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt", seed=5))
+    export_checkpoint(checkpoint, tmp_path / "export")
+    translator = OnnxTranslator(tmp_path / "export", device="cpu")
+    model = checkpoint.build_model().eval()
+    tok = translator.tokenizer
+    sources = [translator.encode_text(src) for src, _ in SAMPLE_PAIRS[:3]]
+    width = max(map(len, sources))
+    src = np.array([s + [tok.pad_id] * (width - len(s)) for s in sources], dtype=np.int64)
+    prefix = np.array([[tok.bos_id, 7, 9, 11]] * len(sources), dtype=np.int64)
+    with torch.no_grad():
+        logits = model(torch.tensor(src), torch.tensor(prefix), torch.tensor(src == tok.pad_id))
+        full = torch.log_softmax(logits.float(), -1)
+    full[..., [tok.pad_id, tok.bos_id]] = float("-inf")
+    reference = full.topk(translator.top_k, dim=-1)
+    step = translator.start(src, src == tok.pad_id)
+    for t in range(prefix.shape[1]):
+        top_log_probs, top_ids, _, _ = step(prefix[:, t : t + 1], np.arange(len(sources)), False)
+        np.testing.assert_allclose(top_log_probs, reference.values[:, t].numpy(), atol=1e-4)
+        assert (top_ids == reference.indices[:, t].numpy()).all()
+        assert not np.isin(top_ids, [tok.pad_id, tok.bos_id]).any()
+    with pytest.raises(ValueError, match="beam_size"):
+        translator.decode_ids(sources, beam_size=translator.top_k + 1)
+
+
+def test_export_from_an_older_exporter_is_refused_clearly(tmp_path: Path) -> None:
+    export_checkpoint(load_checkpoint(make_checkpoint(tmp_path / "model.pt")), tmp_path / "export")
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ExportFormatError, match="export format 1.*run `stepwise export` again"):
+        OnnxTranslator(tmp_path / "export", device="cpu")
 
 
 def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
