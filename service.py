@@ -30,10 +30,10 @@ import bentoml
 from pydantic import ConfigDict, Field, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stepwise.serving import ModelNotFound, ModelStore, select_attention
+from stepwise.serving import ModelNotFound, ModelStore, json_bytes, select_attention
 
 MAX_TEXT_CHARS = int(os.environ.get("STEPWISE_MAX_TEXT_CHARS", "2000"))
 MAX_BATCH_TEXTS = int(os.environ.get("STEPWISE_MAX_BATCH_TEXTS", "64"))
@@ -224,7 +224,7 @@ class Translator:
         if (error := _error_response([result])) is not None:
             return error  # type: ignore[return-value]
         result["timings"]["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        return result
+        return Response(json_bytes(result), media_type="application/json")  # type: ignore[return-value]
 
     @bentoml.api(route="/translate_batch", input_spec=TranslateBatchRequest)
     async def translate_batch(self, **request: Any) -> list[dict[str, Any]]:
@@ -237,7 +237,7 @@ class Translator:
         total = round((time.perf_counter() - started) * 1000, 3)
         for result in results:
             result["timings"]["total_ms"] = total
-        return results
+        return Response(json_bytes(results), media_type="application/json")  # type: ignore[return-value]
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:

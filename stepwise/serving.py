@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from stepwise import tracking
 from stepwise.onnx_decoding import EXPORT_FORMAT, OnnxTranslator, export_format
@@ -172,10 +173,12 @@ class ModelStore:
 
 def select_attention(
     attention: dict[str, np.ndarray] | None, kinds: str, layers: list[int] | None, heads: list[int] | None,
-) -> dict[str, list[Any]]:
+) -> dict[str, np.ndarray]:
     """Pick the kinds asked for (``none``, ``cross``, ``all``) and optional layer/head subsets.
 
-    Returned as nested lists ``[layer][head][query][key]``, rounded to 5 decimals.
+    Returned as float32 arrays ``[layer][head][query][key]`` rounded to 5 decimals: they cross
+    from the runner to the entry service as arrays (BentoML pickles between services) and become
+    nested JSON lists once, in :func:`json_bytes`.
     """
     if kinds == "none" or attention is None:
         return {}
@@ -187,5 +190,10 @@ def select_attention(
             weights = weights[[i for i in layers if i < weights.shape[0]]]
         if heads is not None:
             weights = weights[:, heads]
-        result[kind] = np.round(weights.astype(np.float64), 5).tolist()
+        result[kind] = np.round(weights, 5).astype(np.float32)
     return result
+
+
+def json_bytes(value: Any) -> bytes:
+    """JSON for a response, numpy arrays as nested lists (orjson: ~10x faster than ``json``)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
