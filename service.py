@@ -181,8 +181,10 @@ async def _call_runner(method: Any, *args: Any) -> Any:
     for attempt in range(3):
         try:
             return await method(*args)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, ConnectionError) as exc:
-            if attempt == 2:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, aiohttp.ClientPayloadError,
+                ConnectionError, RuntimeError) as exc:
+            # aiohttp reports a connection closed while the body is read as RuntimeError
+            if attempt == 2 or (isinstance(exc, RuntimeError) and "Connection closed" not in str(exc)):
                 raise
             log.info("runner connection dropped (%s); retrying", type(exc).__name__)
     raise AssertionError("unreachable")

@@ -95,6 +95,19 @@ def export_format(export_dir: str | Path) -> int | None:
     return int(json.loads(path.read_text()).get("format", 1))
 
 
+def session_options(*, on_cpu: bool = True, threads: int | None = None) -> ort.SessionOptions:
+    """Options for every session of this process: full graph optimisation and, on the CPU, the
+    one global thread pool (``threads``, else ``STEPWISE_ORT_THREADS``, else every core; the
+    first call in a process sets its size)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if on_cpu:
+        threads = threads or int(os.environ.get("STEPWISE_ORT_THREADS", "0")) or (os.cpu_count() or 1)
+        _init_global_thread_pool(threads)
+        options.use_per_session_threads = False
+    return options
+
+
 def available_providers(device: str = "auto") -> list[str]:
     """CUDA (then CPU) when asked or available; CPU otherwise."""
     have = ort.get_available_providers()
@@ -192,12 +205,7 @@ class OnnxTranslator:
         self.max_positions = int(model_cfg.get("max_positions", 512))
         self.tokenizer = Tokenizer.load(self.export_dir / TOKENIZER_FILE)
         providers = available_providers(device)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if providers[0] == "CPUExecutionProvider":
-            threads = threads or int(os.environ.get("STEPWISE_ORT_THREADS", "0")) or (os.cpu_count() or 1)
-            _init_global_thread_pool(threads)
-            options.use_per_session_threads = False
+        options = session_options(on_cpu=providers[0] == "CPUExecutionProvider", threads=threads)
         self.encoder = ort.InferenceSession(str(self.export_dir / ENCODER_FILE), options, providers=providers)
         self.decoder = ort.InferenceSession(str(self.export_dir / DECODER_FILE), options, providers=providers)
         self.provider = self.decoder.get_providers()[0]

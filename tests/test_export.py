@@ -15,8 +15,8 @@ import torch
 from stepwise import export as export_module
 from stepwise.checkpoint import load_checkpoint
 from stepwise.decoding import decode
-from stepwise.export import ExportError, check_parity, export_checkpoint
-from stepwise.onnx_decoding import ExportFormatError, OnnxTranslator
+from stepwise.export import ExportError, check_parity, export_checkpoint, fuse_shared_input_projections
+from stepwise.onnx_decoding import ExportFormatError, OnnxTranslator, session_options
 
 from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint
 
@@ -86,6 +86,39 @@ def test_export_from_an_older_exporter_is_refused_clearly(tmp_path: Path) -> Non
     (tmp_path / "export" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     with pytest.raises(ExportFormatError, match="export format 1.*run `stepwise export` again"):
         OnnxTranslator(tmp_path / "export", device="cpu")
+
+
+def test_projection_fusion_keeps_outputs_and_merges_shared_inputs() -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, outputs = [], [], []
+    for name, width in (("q", 4), ("k", 4), ("v", 6)):  # three projections of x, one of y
+        inits += [numpy_helper.from_array(rng.normal(size=(8, width)).astype(np.float32), f"W{name}"),
+                  numpy_helper.from_array(rng.normal(size=width).astype(np.float32), f"b{name}")]
+        nodes += [helper.make_node("MatMul", ["x", f"W{name}"], [f"{name}_mm"], name=f"{name}_mm"),
+                  helper.make_node("Add", [f"b{name}", f"{name}_mm"], [name], name=f"{name}_add")]
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 5, width]))
+    inits.append(numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "Wy"))
+    nodes.append(helper.make_node("MatMul", ["x", "Wy"], ["y"], name="y_mm"))  # no bias: left alone
+    outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        session = ort.InferenceSession(m.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})
+
+    before = run(model)
+    assert fuse_shared_input_projections(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 2  # q, k, v as one; y alone
+    assert {i.name for i in model.graph.initializer} >= {"Wy"} and "Wq" not in {i.name for i in model.graph.initializer}
+    for a, b in zip(before, run(model), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
