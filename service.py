@@ -94,7 +94,11 @@ class TranslateBatchRequest(_Options):
         return value
 
 
-@bentoml.service(name="stepwise-runner", workers=1, traffic={"timeout": 300})
+# runner_connection: BentoML's client to this service replaces its connection pool every 100
+# requests (and 5 minutes) by default, closing it under requests still in flight: under load that
+# dropped answers every few seconds and, rarely, left one waiting until the traffic timeout.
+@bentoml.service(name="stepwise-runner", workers=1, traffic={"timeout": 300},
+                 runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9})
 class TranslationRunner:
     """Holds the ONNX models; ``run`` is where adaptive batching happens."""
 
