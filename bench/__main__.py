@@ -105,7 +105,7 @@ def prepare_translation(checkpoint: Path, work: Path, sentences: int) -> dict[st
             "n_test": min(n_test, len(held_out))}
 
 
-def bench_translate(checkpoint: Path, work: Path, sentences: int, device: str) -> list[str]:
+def bench_translate(checkpoint: Path, work: Path, sentences: int, device: str, rounds: int = 2) -> list[str]:
     import sacrebleu
 
     info = prepare_translation(checkpoint, work, sentences)
@@ -129,9 +129,14 @@ def bench_translate(checkpoint: Path, work: Path, sentences: int, device: str) -
     bleu_rows = []
     for beam in (1, 4):
         for batch in (1, 32):
-            results = {name: run_worker("bench.translate_worker", {**common, **spec, "beam": beam,
-                                                                   "batch_size": batch})
-                       for name, spec in systems}
+            # interleaved rounds, best round per system: a slow spell of a shared machine then
+            # touches every system instead of whichever happened to run during it
+            results: dict[str, dict[str, Any]] = {}
+            for _ in range(rounds):
+                for name, spec in systems:
+                    r = run_worker("bench.translate_worker", {**common, **spec, "beam": beam, "batch_size": batch})
+                    if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
+                        results[name] = r
             ct2 = results["CTranslate2 fp32"]["tokens_per_s"]
             ct2_int8 = max(results["CTranslate2 int8, 1 thread"]["tokens_per_s"],
                            results["CTranslate2 int8, 2 threads"]["tokens_per_s"])
@@ -145,7 +150,7 @@ def bench_translate(checkpoint: Path, work: Path, sentences: int, device: str) -
                              r["tokens_per_s"] / base, f"{same}/{len(reference)}"])
             sections.append(table(
                 f"Translation, {'greedy' if beam == 1 else f'beam {beam}'}, batch {batch}, {info['n']} held-out "
-                f"sentences ({device})",
+                f"sentences ({device}, best of {rounds} interleaved rounds)",
                 ["system", "target tokens/s", "ms/sentence", "× PyTorch", "× CTranslate2 (same precision, best)",
                  "same tokens as PyTorch"], rows))
             if beam == 1 and batch == 32:
@@ -305,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="checkpoint to measure (default: production, or fresh)")
     parser.add_argument("--sentences", type=int, default=500, help="held-out sentences (default 500)")
     parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="translation rounds per system (best is reported)")
     parser.add_argument("--requests", type=int, default=128, help="requests per serving row")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
@@ -316,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("all", "train"):
         write_results("train", [bench_train(checkpoint, args.device, args.train_steps)], args.device, out)
     if args.what in ("all", "translate"):
-        write_results("translate", bench_translate(checkpoint, work, args.sentences, args.device), args.device, out)
+        sections = bench_translate(checkpoint, work, args.sentences, args.device, args.rounds)
+        write_results("translate", sections, args.device, out)
     if args.what in ("all", "export", "translate"):
         if not (work / "export").exists():
             prepare_translation(checkpoint, work, 8)
