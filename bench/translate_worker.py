@@ -58,11 +58,15 @@ def main() -> None:
                                             intra_threads=args.get("threads", 0),
                                             compute_type=args.get("compute_type", "float32"))
         pieces = [tokenizer.pieces(s) for s in sources]
+        # the same rule as our decoders: PAD and BOS are never generated (a trained model never
+        # prefers them; an untrained one can)
+        never = [[tokenizer.sp.id_to_piece(tokenizer.pad_id)], [tokenizer.sp.id_to_piece(tokenizer.bos_id)]]
 
         def run(group: list[int]) -> list[list[int]]:
             limit = max(2 * len(sources[i]) + 10 for i in group)
             results = translator.translate_batch([pieces[i] for i in group], beam_size=beam, max_batch_size=0,
                                                  max_decoding_length=limit, min_decoding_length=0,
+                                                 suppress_sequences=never,
                                                  length_penalty=0.6 if beam > 1 else 1.0)
             return [[tokenizer.sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
     else:
