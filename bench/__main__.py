@@ -36,6 +36,21 @@ def find_checkpoint(path: str | None) -> Path:
     return _fresh_checkpoint()
 
 
+UNTRAINED = "untrained.pt"
+UNTRAINED_SENTENCES = 120  # an untrained model never stops before the length limit (2S+10)
+
+
+def describe(checkpoint: Path) -> str:
+    """What was measured, for the results header (no paths)."""
+    from stepwise.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    m = ck.config.model
+    trained = f"step {ck.step}" if ck.step else "untrained"
+    return (f"{ck.config.name}, {trained} (d_model {m.d_model}, {m.n_heads} heads, {m.n_encoder_layers}+"
+            f"{m.n_decoder_layers} layers, d_ff {m.d_ff}, vocab {m.vocab_size})")
+
+
 def _fresh_checkpoint() -> Path:
     import torch
 
@@ -51,7 +66,7 @@ def _fresh_checkpoint() -> Path:
     config.model.vocab_size = tokenizer.vocab_size
     torch.manual_seed(0)
     model = Transformer(config.model)
-    path = Path(tempfile.mkdtemp(prefix="stepwise-bench-")) / "fresh.pt"
+    path = Path(tempfile.mkdtemp(prefix="stepwise-bench-")) / UNTRAINED
     return save_checkpoint(path, Checkpoint(config=config, model_state=model.state_dict(),
                                             tokenizer_model=tokenizer.model_proto))
 
@@ -308,28 +323,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("what", choices=["all", "train", "translate", "serve", "export"])
     parser.add_argument("--checkpoint", default=None, help="checkpoint to measure (default: production, or fresh)")
-    parser.add_argument("--sentences", type=int, default=500, help="held-out sentences (default 500)")
+    parser.add_argument("--sentences", type=int, default=None,
+                        help=f"held-out sentences (default 500; {UNTRAINED_SENTENCES} for an untrained model)")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="translation rounds per system (best is reported)")
-    parser.add_argument("--requests", type=int, default=128, help="requests per serving row")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per serving row (default 128; 64 for an untrained model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     checkpoint = find_checkpoint(args.checkpoint)
+    untrained = checkpoint.name == UNTRAINED
+    args.requests = args.requests or (64 if untrained else 128)
+    if args.sentences is None:
+        args.sentences = 500
+        if untrained:
+            args.sentences = UNTRAINED_SENTENCES
+            print(f"measuring an untrained default-size model: its outputs run to the length limit (about 3x the "
+                  f"tokens of a trained one), so {UNTRAINED_SENTENCES} sentences; pass --checkpoint for real figures")
+    model = describe(checkpoint)
     work = Path(tempfile.mkdtemp(prefix="stepwise-bench-"))
     out = Path(args.out) if args.out else None
     started = time.perf_counter()
     if args.what in ("all", "train"):
-        write_results("train", [bench_train(checkpoint, args.device, args.train_steps)], args.device, out)
+        write_results("train", [bench_train(checkpoint, args.device, args.train_steps)], args.device, out, model)
     if args.what in ("all", "translate"):
         sections = bench_translate(checkpoint, work, args.sentences, args.device, args.rounds)
-        write_results("translate", sections, args.device, out)
+        write_results("translate", sections, args.device, out, model)
     if args.what in ("all", "export", "translate"):
         if not (work / "export").exists():
             prepare_translation(checkpoint, work, 8)
-        write_results("export", [bench_load(checkpoint, work)], args.device, out)
+        write_results("export", [bench_load(checkpoint, work)], args.device, out, model)
     if args.what in ("all", "serve") and args.device == "cpu":
-        write_results("serve", bench_serve(checkpoint, work, args.requests), args.device, out)
+        write_results("serve", bench_serve(checkpoint, work, args.requests), args.device, out, model)
     print(f"benchmarks took {time.perf_counter() - started:.0f}s", flush=True)
     return 0
 

@@ -67,12 +67,14 @@ def table(title: str, headers: list[str], rows: list[list[Any]]) -> str:
     return text
 
 
-def write_results(name: str, sections: list[str], device: str = "cpu", out_dir: Path | None = None) -> Path:
+def write_results(name: str, sections: list[str], device: str = "cpu", out_dir: Path | None = None,
+                  model: str | None = None) -> Path:
     """Write ``bench/results/NAME-DEVICE.md`` with date, commit and machine."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     header = (f"# {name} ({device})\n\nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-              f"Commit: {commit()}  \nMachine: {machine()}  \nCommand: `python -m bench {name}`\n\n")
+              f"Commit: {commit()}  \nMachine: {machine()}  \n" + (f"Model: {model}  \n" if model else "") +
+              f"Command: `python -m bench {name}`\n\n")
     path = out_dir / f"{name}-{device}.md"
     path.write_text(header + "\n".join(sections))
     print(f"wrote {path}", flush=True)
