@@ -88,15 +88,27 @@ def test_explicit_and_fused_attention_paths_agree(causal: bool) -> None:
         torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
 
 
-def test_fully_masked_row_is_finite() -> None:
+@pytest.mark.parametrize("need_weights", [True, False], ids=["explicit", "fused"])
+def test_fully_masked_row_is_uniform_over_the_keys(need_weights: bool) -> None:
+    """The module docstring's promise: a query whose keys are all masked attends to every key
+    equally (weights 1/T_k, output the mean of the values), on both paths; other rows are unaffected."""
+    torch.manual_seed(0)
     attention = MultiHeadAttention(d_model=16, n_heads=2).eval()
-    x = torch.randn(2, 4, 16)
-    everything = torch.ones(2, 4, dtype=torch.bool)
-    for need_weights in (True, False):
-        out, weights = attention(x, x, key_padding_mask=everything, need_weights=need_weights)
-        assert torch.isfinite(out).all()
-        if weights is not None:
-            assert torch.isfinite(weights).all()
+    x = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[0] = True  # sentence 0: every key masked
+    padding[1, 3:] = True  # sentence 1: an ordinary padded sentence
+    with torch.no_grad():
+        out, weights = attention(x, x, key_padding_mask=padding, need_weights=need_weights)
+        mean_of_values = attention.out_proj(attention.v_proj(x[0]).mean(0))  # uniform weights, then W^O
+        unmasked, _ = attention(x[1:], x[1:, :3], key_padding_mask=None, need_weights=need_weights)
+    torch.testing.assert_close(out[0], mean_of_values.expand(5, 16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], unmasked[0], atol=1e-6, rtol=0)  # padding 3: == attending to 3 keys
+    if need_weights:
+        assert weights is not None and weights.shape == (2, 2, 5, 5)
+        torch.testing.assert_close(weights[0], torch.full((2, 5, 5), 1 / 5), atol=1e-7, rtol=0)
+    else:
+        assert weights is None
 
 
 @pytest.mark.parametrize(
