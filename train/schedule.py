@@ -39,7 +39,18 @@ def lr_factor(config: Config) -> Callable[[int], float]:
 def build_optimizer(
     model: torch.nn.Module, config: Config
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam with the paper's betas/epsilon and the configured schedule."""
+    """The paper's Adam (section 5.3; β1 = 0.9, β2 = 0.98, ε = 1e-9 by default) and the configured schedule.
+
+    It is built as :class:`torch.optim.AdamW`, so that ``train.weight_decay`` (0 by default, as in
+    the paper) is *decoupled* weight decay (Loshchilov & Hutter, 2019): each step shrinks the
+    weights by ``lr · weight_decay`` beside the adaptive update. ``torch.optim.Adam``'s
+    ``weight_decay`` would instead add an L2 term to the gradient, which Adam's per-parameter
+    scaling then weakens for exactly the weights with large gradients. With ``weight_decay`` 0
+    the two compute the same update: the paper's Adam, exactly.
+
+    Returns:
+        ``(optimizer, scheduler)``; the scheduler multiplies ``train.lr`` by :func:`lr_factor`.
+    """
     train = config.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps,
                                   weight_decay=train.weight_decay)

@@ -1,4 +1,4 @@
-"""The training loop: token-budget batches, Adam + warmup, label smoothing, ClearML tracking.
+"""The training loop: token-budget batches, Adam (as AdamW) + warmup, label smoothing, ClearML tracking.
 
 Every run is a ClearML experiment (``Task.init``): hyperparameters are connected (editable in
 the UI, so a cloned task re-runs with new values), scalars and attention heatmaps are reported,
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from stepwise import registry, tracking
 from stepwise.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from stepwise.config import Config, load_config
+from stepwise.config import Config, TrainConfig, load_config
 from stepwise.data import Batch, encode_pairs, load_split, token_batches
 from stepwise.errors import StepwiseError
 from stepwise.models import Transformer
@@ -244,8 +244,7 @@ class Trainer:
         self.build(resumed)
         cfg = self.config.train
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main, unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
+        progress = ProgressBar(cfg, self.step, disable=not self.dist.is_main)
         tokens_since, time_since = 0, time.monotonic()
         stop_reason = "max_steps"
         try:
@@ -263,10 +262,8 @@ class Trainer:
                         self.report_training(loss, accuracy, grad_norm, rate)
                         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{rate:,.0f}",
                                    "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
-                        if deadline < math.inf:
-                            postfix["time left"] = f"{max(0.0, deadline - time.monotonic()) / 60:.1f}min"
                         progress.set_postfix(postfix, refresh=False)
-                    progress.update(1)
+                    progress.advance(self.step)
                     at_save = self.step % cfg.save_every == 0
                     if self.step % cfg.eval_every == 0 or at_save:
                         self.evaluate()
@@ -289,7 +286,7 @@ class Trainer:
                 save_checkpoint(self.checkpoint_path(), self.checkpoint())
             self.finish(status="interrupted")
             return 130
-        progress.close()
+        progress.finish()
         log.info("stopped at step %d (%s)", self.step, stop_reason)
         if self.step % cfg.save_every != 0:
             self.evaluate()
@@ -407,6 +404,81 @@ class Trainer:
                 self.task.close()
         if self.dist.world_size > 1:
             dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ProgressPlan:
+    """What the training progress bar counts: ``total`` of ``unit`` (``"step"`` or ``"s"``)."""
+
+    total: int
+    unit: str
+
+
+def progress_plan(train: TrainConfig, *, step: int, elapsed: float = 0.0, steps_run: int = 0) -> ProgressPlan:
+    """The progress bar's total: what ends the run, whichever comes first.
+
+    Without a time budget (``train.max_minutes`` 0) the run ends at ``train.max_steps``, and the
+    bar counts steps. With one, the bar counts seconds: up to the budget, or, when the remaining
+    steps would run out first at the pace measured so far, up to that moment. So a ten-minute
+    run shows ten minutes, not the hours that ``max_steps`` would take.
+
+    Args:
+        train: the run's settings.
+        step: the optimizer step reached (a resumed run starts past 0).
+        elapsed: seconds since this invocation started training (the budget is per invocation).
+        steps_run: steps taken in those seconds (0: pace unknown yet).
+    """
+    if not train.max_minutes:
+        return ProgressPlan(total=train.max_steps, unit="step")
+    seconds = train.max_minutes * 60
+    if steps_run:
+        seconds = min(seconds, elapsed + (train.max_steps - step) * elapsed / steps_run)
+    return ProgressPlan(total=max(1, math.ceil(seconds)), unit="s")
+
+
+class ProgressBar:
+    """The tqdm bar of a training run, counting what :func:`progress_plan` says ends it."""
+
+    FORMATS = {"step": "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+               "s": "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]"}
+
+    def __init__(self, train: TrainConfig, step: int, *, disable: bool = False) -> None:
+        self.train = train
+        self.first_step = self.step = step
+        self.postfix: dict[str, str] = {}
+        self.started = time.monotonic()
+        self.plan = progress_plan(train, step=step)
+        self.bar = tqdm(total=self.plan.total, initial=step if self.plan.unit == "step" else 0, unit=self.plan.unit,
+                        desc="time budget" if self.plan.unit == "s" else None, disable=disable, dynamic_ncols=True,
+                        mininterval=1.0, bar_format=self.FORMATS[self.plan.unit])
+
+    def advance(self, step: int) -> None:
+        """One more optimizer step was taken (``step`` is the new step number)."""
+        self.step = step
+        if self.plan.unit == "step":
+            self.bar.update(1)
+            return
+        elapsed = time.monotonic() - self.started
+        self.plan = progress_plan(self.train, step=step, elapsed=elapsed, steps_run=step - self.first_step)
+        self.bar.total = self.plan.total
+        self.set_postfix(self.postfix)
+        self.bar.update(min(int(elapsed), self.plan.total) - self.bar.n)
+
+    def set_postfix(self, postfix: dict[str, str], refresh: bool = False) -> None:
+        """Figures shown after the bar; a bar counting seconds also shows the step."""
+        self.postfix = postfix
+        if self.plan.unit == "s":
+            postfix = {"step": f"{self.step:,}", **postfix}
+        self.bar.set_postfix(postfix, refresh=refresh)
+
+    def finish(self) -> None:
+        """The run ended (its budget spent or its steps done): the bar shows it full."""
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+    def close(self) -> None:
+        """Stop drawing the bar where it is (an interrupted run)."""
+        self.bar.close()
 
 
 def _ensure_queue(name: str) -> None:
