@@ -19,6 +19,7 @@ from typing import Any
 import requests
 
 from bench.common import ROOT, run_worker, table, write_results
+from stepwise.net import ServerNotReady, wait_until_ready
 
 
 def find_checkpoint(path: str | None) -> Path:
@@ -199,18 +200,15 @@ def _serve(export: Path, batching: bool) -> tuple[subprocess.Popen, str, Path]:
     port = _free_port()
     log = Path(tempfile.mkdtemp()) / "bentoml.log"
     env = {**os.environ, "STEPWISE_MODEL_DIR": str(export), "STEPWISE_ADAPTIVE_BATCHING": "1" if batching else "0"}
-    started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:Translator", "--port", str(port)],
                                cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - started < 180:
-        try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return process, url, log
-        except requests.RequestException:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(log.read_text()[-2000:])
+    try:
+        wait_until_ready(f"{url}/readyz", timeout=180, process=process, log_file=log, name="bentoml serve")
+    except ServerNotReady:
+        process.kill()
+        raise
+    return process, url, log
 
 
 def _load(url: str, texts: list[str], clients: int, attention: str) -> dict[str, float]:

@@ -299,7 +299,7 @@ def export_checkpoint(
         _export_graphs(model, temp, opset)
         checkpoint.tokenizer().save(temp / TOKENIZER_FILE)
         manifest: dict[str, Any] = {
-            "format": EXPORT_FORMAT, "top_k": min(TOP_K, checkpoint.config.model.vocab_size),
+            "format": EXPORT_FORMAT,
             "source_model": source or {}, "name": checkpoint.config.name,
             "language_pair": checkpoint.config.data.language_pair, "step": checkpoint.step,
             "config": checkpoint.config.to_dict(), "config_hash": checkpoint.config.hash(), "opset": opset,

@@ -7,6 +7,11 @@
 
 A second run finds everything in place and only starts the services. Ctrl-C stops everything
 this command started.
+
+The registry look-ups, the promotion and the export are function calls in this process. Child
+processes are kept where isolation is the point: the servers (they outlive each stage) and the
+training run (``Task.init`` takes the process over for the whole run: its console, exit and
+signal hooks, a resource monitor; and a long run's memory goes back when it ends).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import requests
 
 from stepwise.errors import StepwiseError
+from stepwise.net import wait_until_ready
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,11 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 class Pipeline:
-    """Starts what is missing, remembers what it started, stops it all at the end."""
+    """Starts what is missing, remembers what it started, stops it all at the end.
+
+    When it starts the local ClearML server it points this process's environment (and so the
+    SDK here and every child) at it.
+    """
 
     def __init__(self, *, config: str, project: str, clearml_port: int, service_port: int, explorer_port: int,
                  train_minutes: float | None, state_dir: str = ".stepwise") -> None:
@@ -45,60 +55,34 @@ class Pipeline:
         self.explorer_port = explorer_port
         self.train_minutes = train_minutes
         self.children: list[tuple[str, subprocess.Popen]] = []
-        self.env = dict(os.environ)
+        self.clearml_url = ""
         self.started = time.monotonic()
 
     def stage(self, number: int, text: str) -> None:
         elapsed = time.monotonic() - self.started
         print(f"\n[{number}/5 +{elapsed:5.0f}s] {text}", flush=True)
 
-    def run_step(self, args: list[str]) -> subprocess.CompletedProcess:
-        """A stepwise command in a child process, output shown as it goes."""
-        result = subprocess.run([sys.executable, "-m", *args], env=self.env)
-        if result.returncode != 0:
-            raise StepwiseError(f"`{' '.join(args)}` failed (exit {result.returncode})")
-        return result
-
-    def capture(self, args: list[str]) -> str:
-        result = subprocess.run([sys.executable, "-m", *args], env=self.env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise StepwiseError((result.stderr.strip().splitlines() or [f"{args} failed"])[-1])
-        return result.stdout
-
-    def spawn(self, name: str, args: list[str], log_file: Path) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a server in its own session (so that stopping it stops its workers), logging to ``log_file``."""
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        process = subprocess.Popen(args, env=self.env, cwd=REPO_ROOT, stdout=open(log_file, "ab"),  # noqa: SIM115
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        with log_file.open("ab") as out:
+            process = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=REPO_ROOT, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append((name, process))
         return process
-
-    @staticmethod
-    def wait_http(url: str, process: subprocess.Popen, what: str, log_file: Path, timeout: float = 600) -> None:
-        """Poll ``url`` until it answers; fail early if the process dies."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-                raise StepwiseError(f"{what} exited (see {log_file}):\n{tail}")
-            try:
-                if requests.get(url, timeout=5).status_code < 500:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise StepwiseError(f"{what} did not come up within {timeout:.0f}s (see {log_file})")
 
     # -- stages ------------------------------------------------------------------------------------
     def clearml(self) -> None:
         self.stage(1, "ClearML server")
         from stepwise import tracking
+        from stepwise.clearml_server import sdk_environment
 
         if tracking.is_configured():
-            print(f"using the configured server {tracking.check_server()}")
+            self.clearml_url = tracking.check_server()
+            print(f"using the configured server {self.clearml_url}")
             return
-        url = f"http://127.0.0.1:{self.clearml_port}"
-        self.env.update(CLEARML_API_HOST=url, CLEARML_WEB_HOST=url, CLEARML_FILES_HOST=f"{url}/files",
-                        CLEARML_API_ACCESS_KEY="stepwise-local-key", CLEARML_API_SECRET_KEY="stepwise-local-secret")
+        self.clearml_url = url = f"http://127.0.0.1:{self.clearml_port}"
+        os.environ.update(sdk_environment(url))  # the SDK in this process, and every child, use it
         try:
             requests.get(f"{url}/debug.ping", timeout=2)
             print(f"a local ClearML server already answers on {url}; using it")
@@ -109,65 +93,71 @@ class Pipeline:
         process = self.spawn("ClearML server", [sys.executable, "-m", "stepwise", "clearml-server", "--port",
                                                 str(self.clearml_port), "--data", str(self.state / "clearml")],
                              log_file)
-        self.wait_http(f"{url}/debug.ping", process, "the ClearML server", log_file, timeout=60)
+        wait_until_ready(f"{url}/debug.ping", timeout=60, process=process, log_file=log_file,
+                         name="the ClearML server")
         print(f"started the local ClearML server on {url} (data in {self.state / 'clearml'})")
 
     def production(self) -> str:
         self.stage(2, "a production model in the registry")
-        import json
-
+        from stepwise import registry
         from stepwise.config import load_config
+        from stepwise.promotion import promote
 
         name = load_config(self.config).name
-        listed = json.loads(self.capture(["stepwise", "models", "list", "--name", name, "--tag", "production",
-                                          "--json"]))
+        listed = registry.list_versions(name=name, tag=registry.PRODUCTION)
         if listed:
-            print(f"production version of {name}: {listed[0]['id']} (BLEU {listed[0]['bleu']})")
-            return listed[0]["id"]
-        print(f"no production version of {name}: training the quick preset {self.config} "
-              f"(about {self.train_minutes or 'the preset'}'s minutes)")
-        args = ["train", "--config", self.config, "--project-name", self.project, "--task-name",
-                f"{name}-quick", "--output-dir", str(self.state / "runs" / f"{name}-{int(time.time())}")]
+            print(f"production version of {name}: {listed[0].id} (BLEU {listed[0].bleu})")
+            return listed[0].id
+        budget = f"{self.train_minutes:g} minutes" if self.train_minutes else "the preset's time budget"
+        print(f"no production version of {name}: training the quick preset {self.config} ({budget})", flush=True)
+        args = [sys.executable, "-m", "stepwise", "train", "--config", self.config, "--project-name", self.project,
+                "--task-name", f"{name}-quick", "--output-dir", str(self.state / "runs" / f"{name}-{int(time.time())}")]
         if self.train_minutes:
             args += ["--set", f"train.max_minutes={self.train_minutes}"]
-        self.run_step(args)
-        newest = json.loads(self.capture(["stepwise", "models", "list", "--name", name, "--json"]))
+        # a child process: the run's Task.init owns its process (see the module docstring)
+        trained = subprocess.run(args)
+        if trained.returncode != 0:
+            raise StepwiseError(f"training failed (exit {trained.returncode})")
+        newest = registry.list_versions(name=name)
         if not newest:
             raise StepwiseError("training registered no model version")
-        model_id = newest[0]["id"]
-        self.run_step(["stepwise", "promote", model_id])
+        model_id = newest[0].id
+        gate = promote(model_id, tag=registry.PRODUCTION)
+        print(f"promoted {model_id} to {registry.PRODUCTION!r} (BLEU {gate.candidate_bleu:.2f} on "
+              f"{gate.sentences} {gate.split} sentences)", flush=True)
         return model_id
 
     def export(self, model_id: str) -> Path:
         self.stage(3, "ONNX export")
         out = self.state / "exports" / model_id
+        from stepwise.export import export_from_registry
         from stepwise.onnx_decoding import EXPORT_FORMAT, export_format
 
         if export_format(out) == EXPORT_FORMAT:  # made by this version of the exporter
             print(f"reusing {out}")
             return out
-        self.run_step(["stepwise", "export", "--model-id", model_id, "--out", str(out)])
+        manifest = export_from_registry(out, model_id=model_id)
+        print(f"exported {model_id} to {out} in {manifest['export_seconds']:.0f}s (registered as "
+              f"{manifest.get('registered_id')})", flush=True)
         return out
 
     def serve(self, export_dir: Path) -> str:
         self.stage(4, "translation service (bentoml serve)")
         url = f"http://127.0.0.1:{self.service_port}"
-        self.env["STEPWISE_MODEL_DIR"] = str(export_dir.resolve())
         log_file = self.state / "logs" / "bentoml.log"
         process = self.spawn("bentoml serve", [sys.executable, "-m", "bentoml", "serve", "service:Translator",
-                                               "--host", "127.0.0.1", "--port", str(self.service_port)], log_file)
-        self.wait_http(f"{url}/readyz", process, "bentoml serve", log_file)
+                                               "--host", "127.0.0.1", "--port", str(self.service_port)], log_file,
+                             env={"STEPWISE_MODEL_DIR": str(export_dir.resolve())})
+        wait_until_ready(f"{url}/readyz", timeout=600, process=process, log_file=log_file, name="bentoml serve")
         return url
 
     def explorer(self, service_url: str) -> str:
         self.stage(5, "attention explorer (Gradio)")
         url = f"http://127.0.0.1:{self.explorer_port}"
         log_file = self.state / "logs" / "explorer.log"
-        env_port = {"GRADIO_ANALYTICS_ENABLED": "False"}
-        self.env.update(env_port)
         process = self.spawn("explorer", [sys.executable, "-m", "gradio_app", "--api", service_url, "--port",
-                                          str(self.explorer_port)], log_file)
-        self.wait_http(url, process, "the explorer", log_file)
+                                          str(self.explorer_port)], log_file, env={"GRADIO_ANALYTICS_ENABLED": "False"})
+        wait_until_ready(url, timeout=600, process=process, log_file=log_file, name="the explorer")
         return url
 
     def stop(self) -> None:
@@ -194,7 +184,7 @@ class Pipeline:
             explorer_url = self.explorer(service_url)
             took = time.monotonic() - self.started
             print(f"\nready in {took:.0f}s\n  translation service: {service_url}  (POST /translate)\n"
-                  f"  attention explorer:  {explorer_url}\n  ClearML server:      {self.env['CLEARML_API_HOST']}\n"
+                  f"  attention explorer:  {explorer_url}\n  ClearML server:      {self.clearml_url}\n"
                   "Ctrl-C stops everything started here.", flush=True)
             while wait:
                 for name, process in self.children:

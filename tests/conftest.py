@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,10 @@ import pytest
 import requests
 import torch
 
+from stepwise.clearml_server import sdk_environment
 from stepwise.config import ModelConfig
 from stepwise.models import Transformer
+from stepwise.net import ServerNotReady, wait_until_ready
 
 
 def make_model(seed: int = 0, **overrides: object) -> Transformer:
@@ -34,11 +35,6 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 1) -> tuple[torch.T
     ids = torch.randint(4, vocab, (len(lengths), max(lengths)), generator=gen)
     mask = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
     return ids.masked_fill(mask, 0), mask
-
-
-@pytest.fixture
-def small_model() -> Transformer:
-    return make_model()
 
 
 # -- a real local ClearML server in a subprocess ----------------------------------------------
@@ -70,24 +66,17 @@ class ClearMLServerProcess:
     def env(self) -> dict[str, str]:
         """The environment a plain SDK process needs, and nothing else ClearML-specific."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
-        env.update(CLEARML_API_HOST=self.url, CLEARML_WEB_HOST=self.url, CLEARML_FILES_HOST=f"{self.url}/files",
-                   CLEARML_API_ACCESS_KEY="stepwise-local-key", CLEARML_API_SECRET_KEY="stepwise-local-secret",
-                   CLEARML_CACHE_DIR=str(self.data.parent / "clearml-cache"))
+        env.update(sdk_environment(self.url), CLEARML_CACHE_DIR=str(self.data.parent / "clearml-cache"))
         return env
 
     def start(self) -> None:
-        log = open(self.data.parent / f"clearml-server-{self.port}.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "stepwise", "clearml-server", "--port", str(self.port), "--data", str(self.data),
-             "--trace", str(self.trace)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"{self.url}/debug.ping", timeout=1)
-                return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError("clearml-server did not start")
+        log_file = self.data.parent / f"clearml-server-{self.port}.log"
+        with log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stepwise", "clearml-server", "--port", str(self.port), "--data",
+                 str(self.data), "--trace", str(self.trace)], stdout=log, stderr=subprocess.STDOUT)
+        wait_until_ready(f"{self.url}/debug.ping", timeout=30, process=self.process, log_file=log_file,
+                         name="stepwise clearml-server", interval=0.1)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -155,21 +144,16 @@ class BentoProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:Translator", "--host", "127.0.0.1", "--port",
-             str(self.port)], cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:  # not listening yet, or busy starting the model
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bentoml serve did not become ready:\n{log_path.read_text()[-3000:]}")
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bentoml", "serve", "service:Translator", "--host", "127.0.0.1", "--port",
+                 str(self.port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_ready(f"{self.url}/readyz", timeout=120, process=self.process, log_file=log_path,
+                             name="bentoml serve")
+        except ServerNotReady:
+            self.stop()
+            raise
 
     def post(self, path: str, body: object, **kwargs: object) -> requests.Response:
         return requests.post(f"{self.url}{path}", json=body, timeout=120, **kwargs)

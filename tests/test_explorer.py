@@ -7,15 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from stepwise.checkpoint import load_checkpoint
 from stepwise.export import export_checkpoint
+from stepwise.net import wait_until_ready
 
 from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, free_port, make_checkpoint
 
@@ -37,16 +36,7 @@ class Explorer:
         self.process = subprocess.Popen([sys.executable, "-m", "gradio_app", "--api", api, "--port", str(self.port)],
                                         cwd=ROOT, env=env, stdout=open(log_path, "wb"),  # noqa: SIM115
                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(log_path.read_text())
-            try:
-                if requests.get(self.url, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.3)
-        raise RuntimeError("explorer did not start")
+        wait_until_ready(self.url, timeout=90, process=self.process, log_file=log_path, name="the explorer")
 
     def stop(self) -> None:
         self.process.terminate()

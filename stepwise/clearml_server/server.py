@@ -101,13 +101,7 @@ class ClearMLServer(ThreadingHTTPServer):
 
     def environment(self) -> dict[str, str]:
         """The SDK variables that point at this server."""
-        return {
-            "CLEARML_API_HOST": self.url,
-            "CLEARML_WEB_HOST": self.url,
-            "CLEARML_FILES_HOST": f"{self.url}/files",
-            "CLEARML_API_ACCESS_KEY": self.access_key,
-            "CLEARML_API_SECRET_KEY": self.secret_key,
-        }
+        return sdk_environment(self.url, self.access_key, self.secret_key)
 
     def issue_token(self) -> str:
         now = int(time.time())
@@ -314,6 +308,35 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send(200, page.encode(), "text/html; charset=utf-8")
 
 
+def local_credentials() -> tuple[str, str]:
+    """The key and secret a server started here accepts (unless given others).
+
+    ``STEPWISE_CLEARML_ACCESS_KEY``/``STEPWISE_CLEARML_SECRET_KEY`` when set, else the built-in
+    local pair. Whoever starts ``stepwise clearml-server`` in a child process (``stepwise up``,
+    the tests) points its SDK at it with the same pair through :func:`sdk_environment`.
+    """
+    return (os.environ.get("STEPWISE_CLEARML_ACCESS_KEY") or DEFAULT_ACCESS_KEY,
+            os.environ.get("STEPWISE_CLEARML_SECRET_KEY") or DEFAULT_SECRET_KEY)
+
+
+def sdk_environment(url: str, access_key: str | None = None, secret_key: str | None = None) -> dict[str, str]:
+    """The ``CLEARML_*`` variables that point the SDK at the server on ``url``.
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:8008``.
+        access_key: default: :func:`local_credentials`.
+        secret_key: default: :func:`local_credentials`.
+    """
+    default_key, default_secret = local_credentials()
+    return {
+        "CLEARML_API_HOST": url,
+        "CLEARML_WEB_HOST": url,
+        "CLEARML_FILES_HOST": f"{url}/files",
+        "CLEARML_API_ACCESS_KEY": access_key or default_key,
+        "CLEARML_API_SECRET_KEY": secret_key or default_secret,
+    }
+
+
 def serve(host: str = "127.0.0.1", port: int = 8008, data_dir: str | Path = ".stepwise/clearml",
           access_key: str | None = None, secret_key: str | None = None, trace: str | Path | None = None,
           ready: threading.Event | None = None) -> None:
@@ -323,8 +346,8 @@ def serve(host: str = "127.0.0.1", port: int = 8008, data_dir: str | Path = ".st
     debugging). Credentials default to ``STEPWISE_CLEARML_ACCESS_KEY``/``STEPWISE_CLEARML_SECRET_KEY`` or the
     built-in local pair; the server prints the environment to point the SDK at it.
     """
-    access_key = access_key or os.environ.get("STEPWISE_CLEARML_ACCESS_KEY") or DEFAULT_ACCESS_KEY
-    secret_key = secret_key or os.environ.get("STEPWISE_CLEARML_SECRET_KEY") or DEFAULT_SECRET_KEY
+    default_key, default_secret = local_credentials()
+    access_key, secret_key = access_key or default_key, secret_key or default_secret
     server = ClearMLServer(host, port, Path(data_dir), access_key, secret_key,
                            trace=Path(trace) if trace else None)
     env = server.environment()
