@@ -122,8 +122,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from stepwise.data import load_split
     from stepwise.translate import evaluate_bleu
 
-    if Path(args.model).is_file():
-        path, label = Path(args.model), args.model
+    if Path(args.model).is_file() or Path(args.model).suffix == ".pt" or os.sep in args.model:
+        path, label = Path(args.model), args.model  # a missing file is ModelNotFound from load_checkpoint
     elif args.model in (registry.PRODUCTION, registry.CANDIDATE) or args.model.startswith("tag:"):
         tag = args.model.removeprefix("tag:")
         resolved = registry.resolve(args.project, args.name, tag=tag)

@@ -1,4 +1,26 @@
-"""Errors that the command line shows as one line, with a non-zero exit and no traceback."""
+"""The one error hierarchy: every failure a user can act on derives from :class:`StepwiseError`.
+
+The command line prints such an error as one line and exits non-zero, with no traceback; the
+service maps each kind to one HTTP status (``service.py``, ``STATUS``). The message is the
+whole story: it names the thing (the key, the file, the model id, the request field) and, where
+it can, says how to fix it.
+
+==========================  =======================================================  ======
+class                       when                                                     HTTP
+==========================  =======================================================  ======
+``ConfigError``             a config file or ``--set`` override is invalid            400
+``CorpusError``             a corpus is missing or unreadable                         400
+``InvalidRequest``          an argument is out of range; ``field`` names it           400
+``ModelNotFound``           no such model id, tag, checkpoint file or export          404
+``CheckpointError``         a checkpoint file exists but cannot be read as one        500
+``ExportError``             an export failed a check, or an export dir is unusable    500
+``ExportFormatError``       an export dir written by another exporter version         500
+``RegistryUnavailable``     the ClearML server is unreachable or answers with errors  503
+``DeviceUnavailable``       the device asked for (CUDA) is not there                  503
+==========================  =======================================================  ======
+"""
+
+from __future__ import annotations
 
 
 class StepwiseError(Exception):
@@ -11,3 +33,35 @@ class ConfigError(StepwiseError, ValueError):
 
 class CorpusError(StepwiseError):
     """A corpus is missing or unreadable; the message says how to fix it."""
+
+
+class InvalidRequest(StepwiseError, ValueError):
+    """An argument is out of range or inconsistent; ``field`` names it (an HTTP body field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message if message.startswith(field) else f"{field}: {message}")
+
+
+class ModelNotFound(StepwiseError, LookupError):
+    """No registered version has this id or tag, or no checkpoint/export is at this path."""
+
+
+class CheckpointError(StepwiseError):
+    """A checkpoint file is there but is corrupt, truncated or not a stepwise checkpoint."""
+
+
+class ExportError(StepwiseError):
+    """An export failed a check (parity, onnx.checker), or an export directory cannot be loaded."""
+
+
+class ExportFormatError(ExportError):
+    """An export directory written by another version of the exporter."""
+
+
+class RegistryUnavailable(StepwiseError):
+    """The ClearML server (tracking and model registry) cannot be reached or answers with errors."""
+
+
+class DeviceUnavailable(StepwiseError):
+    """The device asked for (e.g. CUDA) is not available to this process."""
