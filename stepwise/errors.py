@@ -24,7 +24,15 @@ from __future__ import annotations
 
 
 class StepwiseError(Exception):
-    """Base class for user-facing errors: the message is the whole story."""
+    """Base class for user-facing errors: the message is the whole story.
+
+    ``field`` names the request field (or argument) the error is about, when there is one; it
+    survives pickling, so the error can cross from the service's runner to its entry point.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(StepwiseError, ValueError):
@@ -36,11 +44,12 @@ class CorpusError(StepwiseError):
 
 
 class InvalidRequest(StepwiseError, ValueError):
-    """An argument is out of range or inconsistent; ``field`` names it (an HTTP body field)."""
+    """An argument is out of range or inconsistent; ``field`` names it and starts the message."""
 
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(message if message.startswith(field) else f"{field}: {message}")
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        if field and not message.startswith(field):
+            message = f"{field}: {message}"
+        super().__init__(message, field=field)
 
 
 class ModelNotFound(StepwiseError, LookupError):

@@ -59,13 +59,13 @@ def attention_bias(
         key_length = key_padding_mask.shape[-1]
         device = key_padding_mask.device
     if key_length is None:
-        raise InvalidRequest("key_length", "needed without key_padding_mask")
+        raise InvalidRequest("needed without key_padding_mask", field="key_length")
     blocked = torch.zeros(1, 1, 1, key_length, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         blocked = key_padding_mask[:, None, None, :]
     if causal:
         if query_length is None:
-            raise InvalidRequest("query_length", "needed for a causal mask")
+            raise InvalidRequest("needed for a causal mask", field="query_length")
         offset = key_length - query_length
         q_pos = torch.arange(query_length, device=device)[:, None] + offset
         k_pos = torch.arange(key_length, device=device)[None, :]
