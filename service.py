@@ -163,6 +163,8 @@ class TranslationRunner:
             time.sleep(RELOAD_INTERVAL)
             try:
                 self.store.reload()
+            except RegistryUnavailable:  # the store logged it once and /model shows it
+                pass
             except Exception as exc:  # noqa: BLE001 - keep serving the current model
                 log.warning("periodic reload failed: %s", exc)
 

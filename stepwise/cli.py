@@ -1,7 +1,8 @@
 """The ``stepwise`` command line. Each subcommand lives beside the code it drives.
 
-Errors a user can fix (bad config, missing corpus, unreachable server) print one line to
-stderr and exit with status 2; there is no traceback.
+Errors a user can fix (``stepwise.errors``: a bad config, a missing corpus, an unknown model id,
+tag or checkpoint, a corrupt checkpoint, an unreachable server) print one line to stderr and exit
+with status 2; there is no traceback.
 """
 
 from __future__ import annotations

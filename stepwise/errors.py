@@ -1,23 +1,23 @@
 """The one error hierarchy: every failure a user can act on derives from :class:`StepwiseError`.
 
 The command line prints such an error as one line and exits non-zero, with no traceback; the
-service maps each kind to one HTTP status (``service.py``, ``STATUS``). The message is the
-whole story: it names the thing (the key, the file, the model id, the request field) and, where
-it can, says how to fix it.
+service maps each kind to one HTTP status (``service.STATUS``). The message is the whole story:
+it names the thing (the key, the file, the model id, the request field) and, where it can, says
+how to fix it.
 
-==========================  =======================================================  ======
-class                       when                                                     HTTP
-==========================  =======================================================  ======
-``ConfigError``             a config file or ``--set`` override is invalid            400
-``CorpusError``             a corpus is missing or unreadable                         400
-``InvalidRequest``          an argument is out of range; ``field`` names it           400
-``ModelNotFound``           no such model id, tag, checkpoint file or export          404
-``CheckpointError``         a checkpoint file exists but cannot be read as one        500
-``ExportError``             an export failed a check, or an export dir is unusable    500
-``ExportFormatError``       an export dir written by another exporter version         500
-``RegistryUnavailable``     the ClearML server is unreachable or answers with errors  503
-``DeviceUnavailable``       the device asked for (CUDA) is not there                  503
-==========================  =======================================================  ======
+=========================  ==========================================================
+class                      when
+=========================  ==========================================================
+``ConfigError``            a config file or ``--set`` override is invalid
+``CorpusError``            a corpus is missing or unreadable
+``InvalidRequest``         an argument is out of range; ``field`` names it
+``ModelNotFound``          no such model id, tag, checkpoint file or export directory
+``CheckpointError``        a checkpoint file is there but cannot be read as one
+``ExportError``            an export failed a check, or an export directory is unusable
+``ExportFormatError``      an export directory written by another exporter version
+``RegistryUnavailable``    the ClearML server is unreachable or answers with errors
+``DeviceUnavailable``      the device asked for (CUDA) is not there
+=========================  ==========================================================
 """
 
 from __future__ import annotations

@@ -294,3 +294,16 @@ def test_unusable_export_directories_are_named_errors(exported: tuple[Path, Path
     (corrupt / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     with pytest.raises(ExportFormatError, match="run `stepwise export` again"):
         ModelStore(model_dir=str(corrupt))
+
+
+def test_missing_gpu_is_device_unavailable() -> None:
+    import onnxruntime as ort
+
+    from stepwise.errors import DeviceUnavailable
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert available_providers("cuda")[0] == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(DeviceUnavailable, match="CUDA execution provider not available"):
+            available_providers("cuda")
+    assert available_providers("cpu") == ["CPUExecutionProvider"]
