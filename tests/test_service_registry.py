@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -32,10 +33,10 @@ task.close()
 """
 
 
-def _wait_for(condition: object, what: str, timeout: float = 60) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
