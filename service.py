@@ -223,9 +223,12 @@ async def _call_runner(method: Any, *args: Any) -> Any:
 def error_response(error: StepwiseError) -> JSONResponse:
     """The one mapping: a ``stepwise.errors`` exception as a status and a body naming the field."""
     status = next(code for kind, code in STATUS if isinstance(error, kind))
-    body: dict[str, Any] = {"error": str(error)}
+    message = str(error)
+    if error.field and not message.startswith(error.field):
+        message = f"{error.field}: {message}"
+    body: dict[str, Any] = {"error": message}
     if error.field:
-        body["detail"] = [{"loc": [error.field], "msg": str(error)}]
+        body["detail"] = [{"loc": [error.field], "msg": message}]
     return JSONResponse(body, status_code=status)
 
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 PRODUCTION = "production"
 
+
 @dataclass
 class ModelVersion:
     """One registered model version, as listed by :func:`list_versions`."""
@@ -193,7 +194,10 @@ def set_metadata(model_id: str, values: dict[str, Any]) -> None:
 def download(model_id: str) -> Path:
     """Download a version's weights (cached by the SDK); returns the local path."""
     get_version(model_id)
-    path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
+    try:
+        path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
+        raise _unavailable(f"downloading model {model_id}", exc) from None
     if not path:
         raise RegistryUnavailable(f"model {model_id}: its weights could not be downloaded")
     return Path(path)
@@ -277,7 +281,10 @@ def find_export(source_id: str) -> ModelVersion | None:
 def download_export(model_id: str) -> Path:
     """Download and unpack an ONNX export package; returns the export directory."""
     get_version(model_id)
-    path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
+    try:
+        path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
+        raise _unavailable(f"downloading export {model_id}", exc) from None
     if not path:
         raise RegistryUnavailable(f"model {model_id}: its export could not be downloaded")
     return Path(path)
