@@ -15,6 +15,7 @@ and exports go to a folder of the session's own, removed when the session ends.
 
 from __future__ import annotations
 
+import html
 import io
 import shutil
 import tempfile
@@ -50,17 +51,28 @@ EMPTY = "<p id='heatmap-empty'>Translate a sentence to see its attention.</p>"
 
 def ok(message: str) -> str:
     """A status line that reports success."""
-    return f"<div id='status-ok'>{message}</div>"
+    return f"<div id='status-ok'>{html.escape(message)}</div>"
 
 
 def error(message: str) -> str:
     """A status line that reports a failure, as a sentence."""
-    return f"<div id='status-error' style='color:#b00020;font-weight:bold'>⚠ {message}</div>"
+    return f"<div id='status-error' style='color:#b00020;font-weight:bold'>⚠ {html.escape(message)}</div>"
 
 
 def _index(value: int | str | None, count: int) -> int | None:
     """A menu's 0-based index if it is one of ``count``, else None."""
     return int(value) if value is not None and value != AVERAGE and 0 <= int(value) < count else None
+
+
+def _drawn(result: dict[str, Any], kind: str, layer: int | None, head: int | str | None) -> tuple[int, int | str]:
+    """The layer and head of ``kind`` to show: the chosen ones where ``kind`` has them.
+
+    Otherwise the last layer and the head average (a choice made for another kind, or a menu a
+    moment behind a new kind).
+    """
+    layer_i = _index(layer, layer_count(result, kind))
+    head_i = _index(head, head_count(result, kind))
+    return layer_count(result, kind) - 1 if layer_i is None else layer_i, AVERAGE if head_i is None else head_i
 
 
 # -- the sentence and its translation ------------------------------------------------------------
@@ -157,15 +169,10 @@ class Selection:
         """
         if not result:
             return {}
-        layers, heads = layer_count(result, kind), head_count(result, kind)
-        layer_i = _index(layer, layers)
-        head_i = _index(head, heads)
-        return {
-            self.layer: gr.update(choices=[(number(i), i) for i in range(layers)],
-                                  value=layers - 1 if layer_i is None else layer_i),
-            self.head: gr.update(choices=[(AVERAGE, AVERAGE), *[(number(h), h) for h in range(heads)]],
-                                 value=AVERAGE if head_i is None else head_i),
-        }
+        layer, head = _drawn(result, kind, layer, head)
+        heads = [(number(h), h) for h in range(head_count(result, kind))]
+        return {self.layer: gr.update(choices=[(number(i), i) for i in range(layer_count(result, kind))], value=layer),
+                self.head: gr.update(choices=[(AVERAGE, AVERAGE), *heads], value=head)}
 
     def reset(self, result: Result) -> Update:
         """After a translation: cross-attention, its last layer, the head average."""
@@ -221,8 +228,7 @@ class HeatmapView:
         """The heatmap of the selection."""
         if not result or layer is None or head is None:
             return EMPTY
-        layer = min(int(layer), layer_count(result, kind) - 1)  # a menu a moment behind a new kind
-        head = head if _index(head, head_count(result, kind)) is not None else AVERAGE
+        layer, head = _drawn(result, kind, layer, head)
         rows, cols = axes(result, kind)
         return heatmap_svg(matrix(result, kind, layer, head), rows, cols, title=title(kind, layer, head))
 
@@ -330,8 +336,7 @@ class LinesView:
         """The lines of one query token (all of them before one is chosen)."""
         if not result or layer is None or head is None:
             return ""
-        layer = min(int(layer), layer_count(result, kind) - 1)
-        head = head if _index(head, head_count(result, kind)) is not None else AVERAGE
+        layer, head = _drawn(result, kind, layer, head)
         rows, cols = axes(result, kind)
         return lines_svg(matrix(result, kind, layer, head), rows, cols, _index(token, len(rows)))
 

@@ -16,12 +16,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
+from gradio_app.client import TranslationClient
 from gradio_app.draw import AVERAGE, KINDS, heatmap_png, thumbnail_png
+from gradio_app.views import HeatmapView, Selection, TranslationView
 from stepwise.checkpoint import load_checkpoint
 from stepwise.export import export_checkpoint
 
@@ -220,6 +223,17 @@ def test_translate_and_explore_attention(service: BentoProcess, explorer: Explor
     assert "Exported attention-cross-layer2-head2.png and attention-cross-layer2-head2.html" in status
     page.screenshot(path=str(ARTIFACTS / "explorer-export.png"), full_page=True)
 
+    # compare versions: the loaded model (empty = the default) against one the service does not have
+    page.get_by_role("tab", name="Compare versions").click()
+    page.locator("#model-a textarea").fill("")
+    page.locator("#model-b textarea").fill("no-such-version")
+    page.locator("#compare-button").click()
+    page.wait_for_function("document.querySelector('#translation-b textarea').value.includes('unavailable')")
+    assert page.locator("#translation-a textarea").input_value() == expected["translation"]
+    assert page.locator("#heatmap-a text.col-label").all_text_contents() == expected["source_tokens"]
+    assert "no-such-version" in page.locator("#status-error").text_content()
+    assert "Traceback" not in page.content()
+
 
 def _thumbnail_sources(page: object) -> list[str]:
     return page.locator("#grid button.thumbnail-item img").evaluate_all("images => images.map(i => i.src)")
@@ -265,6 +279,25 @@ def test_two_sessions_see_their_own_thumbnails(service: BentoProcess, explorer: 
         assert _same_image(png, heatmap_png(weights, rows, cols, title=title))
     ARTIFACTS.mkdir(exist_ok=True)
     pages[1].screenshot(path=str(ARTIFACTS / "explorer-second-session.png"), full_page=True)
+
+
+def test_sessions_export_into_folders_of_their_own(service: BentoProcess) -> None:
+    """The same view exported by two sessions: two files, the first not overwritten by the second."""
+    with gr.Blocks():
+        translation = TranslationView.build(TranslationClient(service.url), "")
+        heatmap = HeatmapView.build(Selection.build(translation.result), translation.status)
+    results = [service.post("/translate", {"text": pair[0], "attention": "all"}).json() for pair in SAMPLE_PAIRS[:2]]
+    first, second = (heatmap.export(result, "cross", 1, AVERAGE, None) for result in results)
+    assert first[heatmap.folder] != second[heatmap.folder] and first[heatmap.png] != second[heatmap.png]
+    weights = np.asarray(results[0]["attention"]["cross"][1]).mean(axis=0)
+    title = "cross-attention (target → source) · layer 2 · average of heads"
+    png = heatmap_png(weights, results[0]["target_tokens"], results[0]["source_tokens"], title=title)
+    assert Path(first[heatmap.png]).read_bytes() == png
+    again = heatmap.export(results[0], "cross", 0, 2, first[heatmap.folder])  # the session's folder is kept
+    assert Path(again[heatmap.png]).parent == Path(first[heatmap.folder])
+    assert Path(again[heatmap.png]).name == "attention-cross-layer1-head3.png"
+    heatmap.folder.delete_callback(first[heatmap.folder])  # Gradio's call when the session's state is deleted
+    assert not Path(first[heatmap.folder]).exists() and Path(second[heatmap.png]).exists()
 
 
 def test_encoder_deeper_than_decoder(browser: object, tmp_path: Path) -> None:
