@@ -49,7 +49,10 @@ class Explorer:
     def __init__(self, api: str, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_DEFAULT_CONCURRENCY_LIMIT": "4"}
+        self.temp = log_path.parent / "tmp"  # its TMPDIR, where it keeps each session's exports
+        self.temp.mkdir()
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_DEFAULT_CONCURRENCY_LIMIT": "4",
+               "TMPDIR": str(self.temp)}
         self.process = subprocess.Popen([sys.executable, "-m", "gradio_app", "--api", api, "--port", str(self.port)],
                                         cwd=ROOT, env=env, stdout=open(log_path, "wb"),  # noqa: SIM115
                                         stderr=subprocess.STDOUT)
@@ -89,6 +92,7 @@ def explorer(service: BentoProcess, tmp_path_factory: pytest.TempPathFactory) ->
     app = Explorer(service.url, tmp_path_factory.mktemp("explorer-log") / "explorer.log")
     yield app
     app.stop()
+    assert not list(app.temp.glob("stepwise-explorer-*")), "the explorer left its export folders behind"
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +270,7 @@ def test_two_sessions_see_their_own_thumbnails(service: BentoProcess, explorer: 
             assert _same_image(image, thumbnail_png(result, "cross", layer, head)), (source, layer, head)
 
     # exports: the same view exported by both sessions at once, each file its own translation's
+    folders = set(explorer.temp.glob("stepwise-explorer-*/session-*"))
     for page in pages:
         page.get_by_role("tab", name="Heatmap").click()
         page.locator("#export").click()
@@ -277,6 +282,7 @@ def test_two_sessions_see_their_own_thumbnails(service: BentoProcess, explorer: 
         weights = np.asarray(result["attention"]["cross"][1]).mean(axis=0)
         title = "cross-attention (target → source) · layer 2 · average of heads"
         assert _same_image(png, heatmap_png(weights, rows, cols, title=title))
+    assert len(set(explorer.temp.glob("stepwise-explorer-*/session-*")) - folders) == 2  # a folder per session
     ARTIFACTS.mkdir(exist_ok=True)
     pages[1].screenshot(path=str(ARTIFACTS / "explorer-second-session.png"), full_page=True)
 
