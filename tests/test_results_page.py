@@ -9,6 +9,7 @@ address than 127.0.0.1, the pages ask for the server's key and secret.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
@@ -182,6 +183,16 @@ def test_pages_need_the_key_pair_unless_bound_to_loopback(tmp_path: Path) -> Non
     try:
         for path in paths:
             assert requests.get(f"http://127.0.0.1:{port}{path}", timeout=10).status_code == 200
+        missing = requests.get(f"http://127.0.0.1:{port}/projects/*/experiments/nope/output/log", timeout=10)
+        assert missing.status_code == 404 and "no experiment with id nope" in missing.text
+        # the file view stays inside the file store: the token key beside it is never served
+        key = (tmp_path / "loopback" / "token.key").read_bytes().strip()
+        for escape in ("/view-files/../token.key", "/view-files/%2e%2e/token.key", "/view-files//etc/passwd"):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", escape)
+            answer = connection.getresponse()
+            assert answer.status in (400, 404) and key not in answer.read()
+            connection.close()
     finally:
         process.terminate()
         process.wait(timeout=10)
