@@ -10,6 +10,7 @@ address than 127.0.0.1, the pages ask for the server's key and secret.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -42,12 +43,17 @@ TRAIN = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model
 LOGGED_STEPS = [1, 5, 10]
 
 PLAIN_SDK = """
+import numpy as np
 from clearml import Task
 task = Task.init(project_name="results-page", task_name="plain <b>sdk</b> run", auto_connect_frameworks=False,
                  reuse_last_task_id=False)
 task.connect({"learning_rate": 0.5}, name="config")
 for step in (2, 4, 6, 8):
     task.get_logger().report_scalar("loss", "train", 4.0 / step, iteration=step)
+image = np.zeros((16, 24, 3), dtype=np.uint8)
+image[:, :12, 0] = 255
+task.get_logger().report_image("samples", "red half", iteration=8, image=image)
+task.upload_artifact("vocabulary", artifact_object={"pieces": 300}, wait_on_upload=True)
 task.close()
 print("TASK", task.id)
 """
@@ -152,6 +158,16 @@ def test_the_printed_link_shows_console_curves_heatmaps_models_and_compare(
     assert len(names) == 3  # tiny-run train + validation, plain run train
     page.screenshot(path=str(ARTIFACTS / "results-page-compare.png"), full_page=True)
     pages.append(page.content())
+
+    # the plain run's debug image (loaded through the file view) and its artifact
+    plain_url = f"{server.url}/projects/*/experiments/{plain_id}"
+    page.goto(f"{plain_url}/info-output/debugImages")
+    page.wait_for_function("document.querySelector('img.debug') && document.querySelector('img.debug').complete")
+    assert page.evaluate("document.querySelector('img.debug').naturalWidth") == 24
+    assert "samples · red half · iteration 8" in page.locator("figcaption").text_content()
+    page.goto(f"{plain_url}/artifacts/output-model")
+    artifact = page.locator("a", has_text="vocabulary").first.get_attribute("href")
+    assert json.loads(requests.get(server.url + artifact, timeout=10).content) == {"pieces": 300}
 
     page.goto(server.url + "/")
     assert page.locator("a", has_text="results-page").count() >= 1
