@@ -4,6 +4,7 @@ A real tiny ``stepwise train`` runs against a real ``stepwise clearml-server`` p
 first checkpoint is registered the server is stopped, kept down while training saves more
 checkpoints, and started again on the same data. The run must finish, every save must be
 registered (``stepwise models list``), and every scalar reported during the outage must arrive.
+A second run loses the server before its only (final) save: it waits for the server at the end.
 """
 
 from __future__ import annotations
@@ -50,20 +51,39 @@ def _wait_for(log: Path, text: str, count: int, process: subprocess.Popen, limit
     return log.read_text(errors="replace").count(text) >= count
 
 
+def _start_training(server: ClearMLServerProcess, folder: Path, log: Path, *overrides: str) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "train", *TRAIN, *overrides, "--project-name", "faults",
+                                 "--task-name", "restarted", "--output-dir", str(folder / "run")],
+                                env=server.env, cwd=folder, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _registered_steps(server: ClearMLServerProcess) -> list[int]:
+    listed = subprocess.run([sys.executable, "-m", "stepwise", "models", "list", "--project", "faults", "--json"],
+                            env=server.env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return sorted(int(v["metadata"]["step"]) for v in json.loads(listed.stdout))
+
+
+def _reported_train_loss_steps(server: ClearMLServerProcess, output: str) -> list[int]:
+    task_id = output.split("/experiments/")[1].split("/")[0]
+    return json.loads(run_python(SCALARS.replace("{task_id!r}", repr(task_id)), server.env).stdout.strip()
+                      .splitlines()[-1])
+
+
 def test_server_restarted_mid_run_loses_no_checkpoint_and_no_scalar(
         clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     log = tmp_path / "train.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "train", *TRAIN, "--project-name", "faults",
-                                    "--task-name", "restarted", "--output-dir", str(tmp_path / "run")],
-                                   env=clearml_server.env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    process = _start_training(clearml_server, tmp_path, log)
     try:
         assert _wait_for(log, "registered transformer-de-en-tiny step", 1, process, 180), log.read_text()[-3000:]
         clearml_server.stop()
         stopped = time.monotonic()
         saved_before = log.read_text(errors="replace").count("saved ")
-        # down for 10 s and until training has saved (and failed to register) at least two more checkpoints
-        _wait_for(log, "saved ", saved_before + SAVES_DURING_OUTAGE, process, OUTAGE_LIMIT_S)
+        # down for 10 s and until training has saved (and failed to register) at least two more checkpoints:
+        # training goes on while the server is away
+        assert _wait_for(log, "saved ", saved_before + SAVES_DURING_OUTAGE, process, OUTAGE_LIMIT_S), \
+            log.read_text()[-3000:]
         time.sleep(max(0.0, OUTAGE_MIN_S - (time.monotonic() - stopped)))
         clearml_server.start()
         process.wait(timeout=300)
@@ -74,13 +94,28 @@ def test_server_restarted_mid_run_loses_no_checkpoint_and_no_scalar(
     assert process.returncode == 0, output[-3000:]
     assert "could not register" in output and "retried at the next save" in output  # the outage hit saves
 
-    listed = subprocess.run([sys.executable, "-m", "stepwise", "models", "list", "--project", "faults", "--json"],
-                            env=clearml_server.env, capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    steps = sorted(int(v["metadata"]["step"]) for v in json.loads(listed.stdout))
-    assert steps == list(range(SAVE_EVERY, MAX_STEPS + 1, SAVE_EVERY))  # every save, once
+    assert _registered_steps(clearml_server) == list(range(SAVE_EVERY, MAX_STEPS + 1, SAVE_EVERY))  # each once
+    # nothing reported during the outage is lost
+    assert _reported_train_loss_steps(clearml_server, output) == [1, *range(LOG_EVERY, MAX_STEPS + 1, LOG_EVERY)]
 
-    task_id = output.split("/experiments/")[1].split("/")[0]
-    reported = json.loads(run_python(SCALARS.replace("{task_id!r}", repr(task_id)), clearml_server.env)
-                          .stdout.strip().splitlines()[-1])
-    assert reported == [1, *range(LOG_EVERY, MAX_STEPS + 1, LOG_EVERY)]  # nothing reported in the outage lost
+
+def test_run_ending_while_the_server_is_down_registers_its_last_save_when_it_is_back(
+        clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    # 20 steps, one save (the final one); the server goes away once the data is ready (after Task.init and
+    # connecting the config), so every scalar and the save happen while it is down
+    process = _start_training(clearml_server, tmp_path, log, "--set", "train.max_steps=20", "--set",
+                              "train.save_every=1000", "--set", "train.eval_every=1000")
+    try:
+        assert _wait_for(log, "training pairs", 1, process, 180), log.read_text()[-3000:]
+        clearml_server.stop()
+        assert _wait_for(log, "waiting up to", 1, process, OUTAGE_LIMIT_S), log.read_text()[-3000:]
+        clearml_server.start()
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text(errors="replace")
+    assert process.returncode == 0, output[-3000:]
+    assert _registered_steps(clearml_server) == [20]
+    assert _reported_train_loss_steps(clearml_server, output) == [1, 5, 10, 15, 20]

@@ -425,16 +425,18 @@ class Trainer:
             self.registered.append(model_id)
         return True
 
-    def register_pending_at_end(self) -> None:
-        """Before closing the task: wait (up to ``REGISTRATION_WAIT_S``) for the server to take pending saves."""
-        deadline = time.monotonic() + REGISTRATION_WAIT_S
-        while self.pending and not self.register_pending():
-            if time.monotonic() > deadline:
-                log.error("ClearML server still unreachable after %.0fs: %d checkpoint(s) stay unregistered: %s",
-                          REGISTRATION_WAIT_S, len(self.pending), ", ".join(str(p.path) for p in self.pending))
-                return
-            log.info("waiting for the ClearML server to register %d pending checkpoint(s)", len(self.pending))
+    def register_pending_at_end(self, wait_s: float) -> None:
+        """Before closing the task: wait (up to ``wait_s``) for the server to take the pending saves."""
+        deadline = time.monotonic() + wait_s
+        if self.pending and not self.register_pending() and wait_s > 0:
+            log.info("waiting up to %.0fs for the ClearML server to register %d pending checkpoint(s)", wait_s,
+                     len(self.pending))
+        while self.pending and time.monotonic() < deadline:
             time.sleep(5.0)
+            self.register_pending()
+        if self.pending:
+            log.error("ClearML server unreachable: %d checkpoint(s) stay unregistered on disk: %s", len(self.pending),
+                      ", ".join(str(p.path) for p in self.pending))
 
     def finish(self, status: str) -> None:
         if self.task is not None:
@@ -443,7 +445,7 @@ class Trainer:
                 log.info("offline session recorded in %s; import it with "
                          "Task.import_offline_session(<that folder>.zip)", self.task.get_offline_mode_folder())
             else:
-                self.register_pending_at_end()
+                self.register_pending_at_end(REGISTRATION_WAIT_S if status == "completed" else 0.0)
                 self.task.get_logger().flush(wait=True)
                 if status == "completed":
                     self.task.mark_completed()
