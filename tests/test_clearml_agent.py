@@ -104,21 +104,30 @@ def _wait_for_status(server: ClearMLServerProcess, task_id: str, agent: Agent, t
     raise AssertionError(f"task {task_id} still {status} after {timeout}s; agent log:\n{agent.log()}")
 
 
-CHECK_RUN = """
+CHECK_RUNS = """
 import json, sys
 from clearml import Model, Task
-task = Task.get_task(task_id=sys.argv[1])
-models = task.get_models()["output"]
-scalars = task.get_reported_scalars()
-params = task.get_parameters()
-print(json.dumps({
-    "status": task.get_status(), "worker": task.data.last_worker,
-    "uris": [m.url for m in models], "steps": [m.get_metadata("step") for m in models],
-    "losses": len(scalars["loss"]["train"]["x"]), "bleu": "BLEU" in scalars,
-    "max_steps": params.get("config/train/max_steps"),
-    "weights": [len(open(m.get_local_copy(), "rb").read()) for m in models],
-}))
+runs = {}
+for task_id in TASK_IDS:
+    task = Task.get_task(task_id=task_id)
+    models = task.get_models()["output"]
+    scalars = task.get_reported_scalars()
+    params = task.get_parameters()
+    runs[task_id] = {
+        "status": task.get_status(), "worker": task.data.last_worker,
+        "uris": [m.url for m in models], "steps": [m.get_metadata("step") for m in models],
+        "losses": len(scalars["loss"]["train"]["x"]), "bleu": "BLEU" in scalars,
+        "max_steps": params.get("config/train/max_steps"),
+        "weights": [len(open(m.get_local_copy(), "rb").read()) for m in models],
+    }
+print(json.dumps(runs))
 """
+
+
+def _runs(server: ClearMLServerProcess, *task_ids: str) -> dict:
+    out = run_python(CHECK_RUNS.replace("TASK_IDS", repr(list(task_ids))), server.env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
 
 CLONE_AND_EDIT = """
 import sys
@@ -143,8 +152,7 @@ def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
     assert not list(tmp_path.rglob("step-*.pt")), "the enqueueing process trained"
 
     assert _wait_for_status(clearml_server, task_id, agent) == "completed", agent.log()
-    run = json.loads(run_python(CHECK_RUN.replace("sys.argv[1]", repr(task_id)), clearml_server.env).stdout
-                     .strip().splitlines()[-1])
+    run = _runs(clearml_server, task_id)[task_id]
     assert run["worker"] == "stepwise-test-agent"
     assert run["steps"] == ["10"] and run["max_steps"] == "10"
     # registered like a local run: the checkpoint was uploaded to the file server
@@ -162,10 +170,8 @@ def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
     clone_id = run_python(CLONE_AND_EDIT.replace("sys.argv[1]", repr(task_id)), clearml_server.env).stdout
     clone_id = clone_id.split("CLONE ", 1)[1].split()[0]
     assert _wait_for_status(clearml_server, clone_id, agent) == "completed", agent.log()
-    rerun = json.loads(run_python(CHECK_RUN.replace("sys.argv[1]", repr(clone_id)), clearml_server.env).stdout
-                       .strip().splitlines()[-1])
+    runs = _runs(clearml_server, clone_id, task_id)
+    rerun, original = runs[clone_id], runs[task_id]
     assert rerun["steps"] == ["6"] and rerun["max_steps"] == "6", rerun
-    assert rerun["uris"] != run["uris"]
-    original = json.loads(run_python(CHECK_RUN.replace("sys.argv[1]", repr(task_id)), clearml_server.env).stdout
-                          .strip().splitlines()[-1])
-    assert original["steps"] == ["10"]  # the source experiment is untouched
+    assert rerun["worker"] == "stepwise-test-agent" and rerun["uris"] != run["uris"]
+    assert original["steps"] == ["10"] and original["max_steps"] == "10"  # the source experiment is untouched
