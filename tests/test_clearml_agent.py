@@ -92,12 +92,14 @@ def _api(server: ClearMLServerProcess, name: str, body: dict) -> dict:
     return answer.json()["data"]
 
 
-def _wait_for_status(server: ClearMLServerProcess, task_id: str, agent: Agent, timeout: float = 180) -> str:
+def _wait_for_status(server: ClearMLServerProcess, task_id: str, agent: Agent, timeout: float = 180,
+                     until: tuple[str, ...] = ("completed", "failed", "stopped", "published")) -> str:
     deadline = time.monotonic() + timeout
     status = ""
     while time.monotonic() < deadline:
-        status = _api(server, "tasks.get_by_id", {"task": task_id})["task"]["status"]
-        if status in ("completed", "failed", "stopped", "published"):
+        task = _api(server, "tasks.get_by_id", {"task": task_id})["task"]
+        status = task["status"]
+        if status in until and (status != "in_progress" or task["last_iteration"] > 0):
             return status
         assert agent.process.poll() is None, f"the agent exited:\n{agent.log()}"
         time.sleep(1)
@@ -133,12 +135,17 @@ CLONE_AND_EDIT = """
 import sys
 from clearml import Task
 source = Task.get_task(task_id=sys.argv[1])
-clone = Task.clone(source_task=source, name="remote-run (6 steps)")
-clone.set_parameter("config/train/max_steps", 6)
-clone.set_parameter("config/train/save_every", 6)
+clone = Task.clone(source_task=source, name="remote-run (STEPS steps)")
+clone.set_parameter("config/train/max_steps", STEPS)
+clone.set_parameter("config/train/save_every", STEPS)
 Task.enqueue(clone, queue_name="default")
 print("CLONE", clone.id)
 """
+
+
+def _clone(server: ClearMLServerProcess, task_id: str, steps: int) -> str:
+    out = run_python(CLONE_AND_EDIT.replace("sys.argv[1]", repr(task_id)).replace("STEPS", str(steps)), server.env)
+    return out.stdout.split("CLONE ", 1)[1].split()[0]
 
 
 def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
@@ -167,11 +174,17 @@ def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
     assert listed.returncode == 0 and "stepwise-test-agent" in listed.stdout, listed.stdout + listed.stderr
 
     # clone the finished experiment, edit a hyperparameter, enqueue: the agent re-runs it
-    clone_id = run_python(CLONE_AND_EDIT.replace("sys.argv[1]", repr(task_id)), clearml_server.env).stdout
-    clone_id = clone_id.split("CLONE ", 1)[1].split()[0]
+    clone_id = _clone(clearml_server, task_id, 6)
     assert _wait_for_status(clearml_server, clone_id, agent) == "completed", agent.log()
     runs = _runs(clearml_server, clone_id, task_id)
     rerun, original = runs[clone_id], runs[task_id]
     assert rerun["steps"] == ["6"] and rerun["max_steps"] == "6", rerun
     assert rerun["worker"] == "stepwise-test-agent" and rerun["uris"] != run["uris"]
     assert original["steps"] == ["10"] and original["max_steps"] == "10"  # the source experiment is untouched
+
+    # abort a running remote experiment, as the UI's "Abort" does (tasks.stop): the agent ends it
+    long_id = _clone(clearml_server, task_id, 100_000)
+    assert _wait_for_status(clearml_server, long_id, agent, until=("in_progress",)) == "in_progress"
+    run_python(f"from clearml import Task\nTask.get_task(task_id={long_id!r}).mark_stop_request()", clearml_server.env)
+    assert _wait_for_status(clearml_server, long_id, agent, timeout=120) == "stopped", agent.log()
+    assert agent.process.poll() is None  # and the agent goes on serving its queue
