@@ -193,3 +193,36 @@ def test_task_state_machine_and_published_tasks_are_read_only(clearml_server: Cl
     unknown = call("tasks.move", ids=[task], project="x")
     assert unknown.status_code == 400 and unknown.json()["meta"]["result_msg"].startswith("Invalid request path")
     validate_trace(clearml_server.trace)
+
+
+def test_batch_endpoints(clearml_server: ClearMLServerProcess) -> None:
+    base, auth = _client(clearml_server)
+
+    def call(endpoint: str, **body: object) -> dict:
+        answer = requests.post(f"{base}/{endpoint}", json=body, headers=auth, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"]
+
+    ids = [call("tasks.create", name=f"t{i}", type="training",
+                configuration={"c": {"name": "c", "value": "1"}})["id"] for i in range(3)]
+    enqueued = call("tasks.enqueue_many", ids=ids, queue_name="default")
+    assert [s["id"] for s in enqueued["succeeded"]] == ids and all(s["queued"] for s in enqueued["succeeded"])
+    queue = call("queues.get_all", name="^default$")["queues"][0]
+    assert [e["task"] for e in queue["entries"]] == ids
+    dequeued = call("tasks.dequeue_many", ids=ids[:2])
+    assert len(dequeued["succeeded"]) == 2
+    assert [t["status"] for t in call("tasks.get_all", id=ids, order_by=["name"])["tasks"]] == \
+        ["created", "created", "queued"]
+    assert call("tasks.delete_configuration", task=ids[0], configuration=["c"])["deleted"] == 1
+    assert call("tasks.get_by_id", task=ids[0])["task"]["configuration"] == {}
+    assert call("tasks.get_types")["types"] == ["training"]
+    assert call("tasks.archive", tasks=[ids[2]])["archived"] == 1  # a queued task is stopped and dequeued
+    archived = call("tasks.get_by_id", task=ids[2])["task"]
+    assert "archived" in archived["system_tags"] and archived["status"] == "stopped"
+    deleted = call("tasks.delete_many", ids=[*ids, "no-such-task"])
+    assert sorted(s["id"] for s in deleted["succeeded"]) == sorted(ids)
+    assert [f["id"] for f in deleted["failed"]] == ["no-such-task"]
+    assert deleted["failed"][0]["error"]["codes"] == [400, 101]
+    assert call("tasks.get_all", id=ids)["tasks"] == []
+    seen = validate_trace(clearml_server.trace)
+    assert {"tasks.enqueue_many", "tasks.dequeue_many", "tasks.delete_many", "tasks.archive"} <= seen

@@ -678,6 +678,51 @@ def tasks_unarchive_many(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     return _archive(api, "task", body.get("ids") or [], False)
 
 
+@endpoint("tasks.archive")
+def tasks_archive(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    ids = _as_list(body.get("tasks")) or []
+    return {"archived": len(tasks_archive_many(api, {"ids": ids})["succeeded"])}
+
+
+@endpoint("tasks.delete_configuration")
+def tasks_delete_configuration(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    task = api.require("task", body, "task")
+    _require_editable(task, body)
+    names = set(_as_list(body.get("configuration")) or [])
+    deleted = sorted(names & set(task.get("configuration") or {}))
+    api.store.update("task", task["id"], lambda d: d.update(
+        configuration={k: v for k, v in (d.get("configuration") or {}).items() if k not in names}, last_change=now()))
+    return {"deleted": int(bool(deleted))}
+
+
+@endpoint("tasks.get_types")
+def tasks_get_types(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    projects = _as_list(body.get("projects"))
+    return {"types": sorted({t.get("type") for t in api.store.all("task")
+                             if t.get("type") and (projects is None or t.get("project") in projects)})}
+
+
+def _batch(single: Handler, field: str, shape: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> Handler:
+    """``*_many``: the single-entity endpoint for each of ``ids``, answered as ClearML's batch
+    result (``succeeded`` with each answer, ``failed`` with each error)."""
+
+    def run(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+        ids = body.get("ids")
+        if not isinstance(ids, list) or not ids:
+            raise ApiError(400, 17, "Batch request contains no items: ids")
+        rest = {k: v for k, v in body.items() if k != "ids"}
+        succeeded, failed = [], []
+        for doc_id in ids:
+            try:
+                succeeded.append({"id": doc_id, **shape(single(api, {**rest, field: doc_id}))})
+            except ApiError as exc:
+                failed.append({"id": doc_id, "error": {"codes": [exc.code, exc.subcode], "msg": exc.message,
+                                                       "data": {field: doc_id}}})
+        return {"succeeded": succeeded, "failed": failed}
+
+    return run
+
+
 @endpoint("models.archive_many")
 def models_archive_many(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     return _archive(api, "model", body.get("ids") or [], True)
@@ -1404,3 +1449,12 @@ def _decode_scroll(scroll_id: Any) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ApiError(400, 1104, f"Invalid scroll id: scroll_id={scroll_id}")
     return state
+
+
+HANDLERS["tasks.delete_many"] = _batch(tasks_delete, "task")
+HANDLERS["tasks.enqueue_many"] = _batch(tasks_enqueue, "task", lambda r: {**r, "queued": bool(r.get("queued"))})
+HANDLERS["tasks.dequeue_many"] = _batch(tasks_dequeue, "task", lambda r: {**r, "dequeued": bool(r.get("dequeued"))})
+HANDLERS["tasks.stop_many"] = _batch(tasks_stop, "task")
+HANDLERS["tasks.reset_many"] = _batch(tasks_reset, "task")
+HANDLERS["tasks.publish_many"] = _batch(tasks_publish, "task")
+HANDLERS["models.delete_many"] = _batch(models_delete, "model")
