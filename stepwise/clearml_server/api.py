@@ -1,9 +1,13 @@
-"""The ClearML REST endpoints the SDK calls, over :class:`~stepwise.clearml_server.store.Store`.
+"""The ClearML REST endpoints the SDK, ``clearml-data`` and ``clearml-agent`` call, over
+:class:`~stepwise.clearml_server.store.Store`.
 
 Each handler takes the request body (a dict) and returns the ``data`` part of the answer;
 :class:`ApiError` becomes a ClearML-format error. Documents carry every field the SDK's
 response schemas declare, with the declared types (a task without ``output: {}`` breaks
-``OutputModel.update_weights``, for one).
+``OutputModel.update_weights``, for one). Task status changes follow the real server's state
+machine (:data:`STATE_MACHINE`; ``force`` skips it), only ``created`` tasks are editable without
+``force``, and published tasks are read-only. Agents (workers) live in memory, as the real
+server keeps them in Redis.
 """
 
 from __future__ import annotations
@@ -982,7 +986,8 @@ def models_set_ready(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {"updated": result["updated"]}
     task = api.store.get("task", model.get("task") or "")
     if body.get("publish_task", True) and task is not None and task["status"] != "published":
-        published = _status_change(api, {"task": task["id"]}, "published")
+        published = _status_change(api, {"task": task["id"], "force": bool(body.get("force_publish_task"))},
+                                   "published")
         answer["published_task"] = {"id": task["id"], "data": published}
     return answer
 
