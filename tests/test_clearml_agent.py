@@ -151,7 +151,9 @@ def _clone(server: ClearMLServerProcess, task_id: str, steps: int) -> str:
 
 def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
         clearml_server: ClearMLServerProcess, agent: Agent, tmp_path: Path) -> None:
-    env = {**clearml_server.env, "PYTHONPATH": agent.env["PYTHONPATH"]}
+    # no git for the enqueueing process: the agent then runs this checkout (PYTHONPATH) rather than
+    # cloning the checkout's remote, which a CI clone may have but cannot reach
+    env = {**clearml_server.env, "PYTHONPATH": agent.env["PYTHONPATH"], "GIT_DIR": str(tmp_path / "no-git")}
     queued = subprocess.run([sys.executable, "-m", "stepwise", "train", *SMALL, "--project-name", "remote",
                              "--task-name", "remote-run", "--queue", "default"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=180)
