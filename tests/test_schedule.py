@@ -55,18 +55,18 @@ def test_time_budget_follows_the_training_clock(kind: str) -> None:
     clock = TrainingClock()
     optimizer, scheduler = _schedule({"lr_schedule": kind, "warmup_minutes": 1, "max_minutes": 11,
                                       "max_steps": 100000}, clock)
-    clock.spent = 30.0
+    clock.reading = 30.0
     assert _advance(optimizer, scheduler) == pytest.approx(0.5e-3)  # half the warmup minute
-    clock.spent = 60.0
+    clock.reading = 60.0
     assert _advance(optimizer, scheduler) == pytest.approx(1e-3)  # warmup done: the peak
     seen = []
     for seconds in range(120, 660, 60):
-        clock.spent = float(seconds)
+        clock.reading = float(seconds)
         seen.append(_advance(optimizer, scheduler))
     assert all(a > b for a, b in zip(seen, seen[1:], strict=False))
-    clock.spent = 660.0  # the deadline: min_lr_ratio defaults to 0
+    clock.reading = 660.0  # the deadline: min_lr_ratio defaults to 0
     assert _advance(optimizer, scheduler) == 0.0
-    clock.spent = 700.0  # past it (the last step overruns): stays at the minimum
+    clock.reading = 700.0  # past it (the last step overruns): stays at the minimum
     assert _advance(optimizer, scheduler) == 0.0
 
 
@@ -75,14 +75,14 @@ def test_warmup_in_steps_under_a_time_budget_decays_from_where_warmup_ended() ->
     optimizer, scheduler = _schedule({"lr_schedule": "linear", "warmup_steps": 4, "max_minutes": 10,
                                       "min_lr_ratio": 0.2}, clock)
     for seconds in (10.0, 20.0, 30.0):
-        clock.spent = seconds
+        clock.reading = seconds
         assert _advance(optimizer, scheduler) < 1e-3
-    clock.spent = 120.0  # step 4 ends the warmup at 2 of the 10 minutes
+    clock.reading = 120.0  # step 4 ends the warmup at 2 of the 10 minutes
     assert _advance(optimizer, scheduler) == pytest.approx(1e-3)
     assert scheduler.warmup_end == {"step": 4, "seconds": 120.0}
-    clock.spent = 360.0  # halfway from minute 2 to minute 10
+    clock.reading = 360.0  # halfway from minute 2 to minute 10
     assert _advance(optimizer, scheduler) == pytest.approx(1e-3 * (0.2 + 0.8 * 0.5))
-    clock.spent = 600.0
+    clock.reading = 600.0
     assert _advance(optimizer, scheduler) == pytest.approx(2e-4)
 
 
@@ -92,23 +92,24 @@ def test_resume_restores_the_schedule() -> None:
     train = {"lr_schedule": "cosine", "warmup_steps": 3, "max_minutes": 5, "min_lr_ratio": 0.05}
     optimizer, scheduler = _schedule(train, clock)
     for seconds in (5.0, 10.0, 40.0, 70.0, 100.0):
-        clock.spent = seconds
+        clock.reading = seconds
         _advance(optimizer, scheduler)
     state, optimizer_state = scheduler.state_dict(), optimizer.state_dict()
     assert "clock" not in state and "train" not in state and state["warmup_end"] == {"step": 3, "seconds": 40.0}
     later = []
     for seconds in (130.0, 200.0):
-        clock.spent = seconds
+        clock.reading = seconds
         later.append(_advance(optimizer, scheduler))
 
     resumed_clock = TrainingClock(spent=100.0)  # the checkpoint's train_seconds
+    assert resumed_clock.seconds() == resumed_clock.tick() == 100.0  # not started: what earlier calls spent
     optimizer2, scheduler2 = _schedule(train, resumed_clock)
     optimizer2.load_state_dict(optimizer_state)
     scheduler2.load_state_dict(state)
     assert scheduler2.clock is resumed_clock and scheduler2.last_epoch == 5
     again = []
     for seconds in (130.0, 200.0):
-        resumed_clock.spent = seconds
+        resumed_clock.reading = seconds
         again.append(_advance(optimizer2, scheduler2))
     assert again == later
 
@@ -176,3 +177,11 @@ def test_a_real_run_with_a_time_budget_ends_at_the_minimum_and_resumes_the_budge
     assert second.step > saved.step
     assert second.data_state["train_seconds"] >= 6.0
     assert second.optimizer_state["param_groups"][0]["lr"] == pytest.approx(0.002 * 0.1)
+
+
+def test_the_clock_adds_earlier_invocations_and_takes_the_agreed_reading() -> None:
+    clock = TrainingClock(spent=5.0)
+    assert clock.tick() == 5.0 and clock.seconds() == 5.0  # not started: only what earlier invocations spent
+    clock.start()
+    assert clock.tick() >= 5.0
+    assert clock.tick(lambda mine: 42.0) == 42.0 == clock.seconds()  # DDP: every rank takes rank 0's reading

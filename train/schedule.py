@@ -42,6 +42,11 @@ TO_THE_END = ("linear", "cosine")
 class TrainingClock:
     """Seconds a run has spent training, over every invocation (see the module docstring).
 
+    The clock is read once per optimizer step (:meth:`tick`); the schedule, the deadline and
+    the checkpoint all use that reading, so they agree with each other, and, in a data-parallel
+    run, across ranks (``agree`` hands every rank rank 0's reading: the same learning rate on
+    every replica, the same last step).
+
     Args:
         spent: seconds spent by earlier invocations (a resumed run's checkpoint holds them).
     """
@@ -49,14 +54,25 @@ class TrainingClock:
     def __init__(self, spent: float = 0.0) -> None:
         self.spent = spent
         self.started: float | None = None
+        self.reading = spent
 
     def start(self) -> None:
         """This invocation's training loop begins: from now on the clock runs."""
         self.started = time.monotonic()
 
+    def tick(self, agree: Callable[[float], float] | None = None) -> float:
+        """Read the clock: earlier invocations' seconds plus this one's since :meth:`start`.
+
+        Args:
+            agree: maps this process's reading to the one all ranks use (default: itself).
+        """
+        now = self.spent + (time.monotonic() - self.started if self.started is not None else 0.0)
+        self.reading = agree(now) if agree is not None else now
+        return self.reading
+
     def seconds(self) -> float:
-        """Training seconds so far: earlier invocations' plus this one's since :meth:`start`."""
-        return self.spent + (time.monotonic() - self.started if self.started is not None else 0.0)
+        """Training seconds at the last :meth:`tick`."""
+        return self.reading
 
 
 def lr_factor(config: Config) -> Callable[[int], float]:

@@ -179,9 +179,10 @@ class Trainer:
     def build(self, resumed: Checkpoint | None) -> None:
         torch.manual_seed(self.config.train.seed)
         self.model = Transformer(self.config.model).to(self.device)
+        if resumed is not None:
+            self.clock = TrainingClock(spent=float(resumed.data_state.get("train_seconds", 0.0)))
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config, self.clock)
         if resumed is not None:
-            self.clock.spent = float(resumed.data_state.get("train_seconds", 0.0))
             self.model.load_state_dict(resumed.model_state)
             self.optimizer.load_state_dict(resumed.optimizer_state)
             self.scheduler.load_state_dict(resumed.scheduler_state)
@@ -227,11 +228,20 @@ class Trainer:
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.clock.tick(self.rank_zero_value)  # what the schedule and the deadline read
         self.scheduler.step()
         with torch.no_grad():
             keep = ~batch.tgt_pad_mask
             accuracy = float((logits.argmax(-1) == batch.tgt_out)[keep].float().mean())
         return loss.item(), accuracy, tokens, float(grad_norm)
+
+    def rank_zero_value(self, value: float) -> float:
+        """``value`` as rank 0 has it (a broadcast; the value itself in a single process)."""
+        if self.dist.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return float(tensor.item())
 
     def run(self) -> int:
         resumed = None
