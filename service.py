@@ -2,12 +2,19 @@
 
 Two BentoML services in one ``bentoml serve``:
 
-* ``Translator`` (the entry point, port 3000 by default) validates flat JSON bodies and
-  answers ``POST /translate``, ``POST /translate_batch``, ``POST /model`` (also
-  ``GET /info/model``) and ``POST /reload``, plus BentoML's ``/readyz``, ``/livez`` and
-  ``/metrics``. Bad input is a 400 whose body names the field (pydantic's ``loc``).
-* ``TranslationRunner`` owns the ONNX Runtime sessions. Its ``run`` method is batchable, so
-  BentoML's adaptive batching merges concurrent requests into one decoding batch.
+* ``Translator`` (the entry point, port 3000 by default) validates flat JSON bodies against
+  the schemas below and answers ``POST /translate``, ``POST /translate_batch``, ``POST /model``
+  (also ``GET /info/model``) and ``POST /reload``, plus BentoML's ``/readyz``, ``/livez`` and
+  ``/metrics``.
+* ``TranslationRunner`` owns the models (``stepwise.serving.ModelStore``). Its ``run`` method is
+  batchable, so BentoML's adaptive batching merges concurrent requests into one decoding batch;
+  there each request is checked once against the model that will run it
+  (``serving.check_request``), then translated (``serving.translate``).
+
+This file is the HTTP surface only: schemas, that one check, and one mapping from
+``stepwise.errors`` to status codes (``STATUS``). Bad input is a 400 whose body names the field
+(``detail[].loc``, as pydantic's); an unknown model tag or id a 404; a registry that cannot be
+reached a 503 with a sentence. Errors cross from the runner as the exceptions themselves.
 
 Which model: ``STEPWISE_MODEL_DIR`` (an export directory from ``stepwise export``) or, when it is
 unset, the registry's ``production`` version resolved through ClearML at start-up (its ONNX
@@ -23,30 +30,48 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from typing import Any, Literal
 
 import bentoml
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stepwise.serving import ModelNotFound, ModelStore, json_bytes, select_attention
+from stepwise.errors import DeviceUnavailable, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
+from stepwise.serving import (
+    DECODE_BATCH,
+    MAX_BATCH_TEXTS,
+    MAX_BEAM_SIZE,
+    MAX_OUTPUT_TOKENS,
+    MAX_TEXT_CHARS,
+    ModelStore,
+    check_request,
+    json_bytes,
+    translate,
+)
 
-MAX_TEXT_CHARS = int(os.environ.get("STEPWISE_MAX_TEXT_CHARS", "2000"))
-MAX_BATCH_TEXTS = int(os.environ.get("STEPWISE_MAX_BATCH_TEXTS", "64"))
 RELOAD_INTERVAL = float(os.environ.get("STEPWISE_RELOAD_INTERVAL", "0"))
 ADAPTIVE_BATCHING = os.environ.get("STEPWISE_ADAPTIVE_BATCHING", "1") != "0"  # off only to measure it
+
+# the one mapping from stepwise.errors to HTTP status codes (first match wins)
+STATUS: list[tuple[type[StepwiseError], int]] = [
+    (InvalidRequest, 400),
+    (ModelNotFound, 404),
+    (RegistryUnavailable, 503),
+    (DeviceUnavailable, 503),
+    (StepwiseError, 500),  # a checkpoint or export that cannot be loaded: not the client's fault
+]
 
 log = logging.getLogger("stepwise.service")
 logging.getLogger("stepwise").setLevel(logging.INFO)  # BentoML's handlers print it into the server log
 
 
-def _not_blank(text: str) -> str:
+# -- schemas ---------------------------------------------------------------------------------------
+def _not_blank(text: str, where: str = "") -> str:
     if not text.strip():
-        raise ValueError("must not be empty or whitespace")
+        raise ValueError(f"{where}must not be empty or whitespace")
     return text
 
 
@@ -55,8 +80,9 @@ class _Options(bentoml.IODescriptor):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    beam_size: int = Field(default=1, ge=1, le=8, description="1 = greedy search")
-    max_length: int | None = Field(default=None, ge=1, le=1024, description="most target tokens")
+    beam_size: int = Field(default=1, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
+    max_length: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS,
+                                   description="most target tokens (default 2 x source + 10)")
     attention: Literal["none", "cross", "all"] = Field(default="cross", description="attention kinds to return")
     layers: list[int] | None = Field(default=None, description="only these layers (0-based)")
     heads: list[int] | None = Field(default=None, description="only these heads (0-based)")
@@ -75,7 +101,10 @@ class TranslateRequest(_Options):
 
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the sentence to translate")
 
-    _text = field_validator("text")(classmethod(lambda cls, v: _not_blank(v)))
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        return _not_blank(value)
 
 
 class TranslateBatchRequest(_Options):
@@ -87,20 +116,41 @@ class TranslateBatchRequest(_Options):
     @classmethod
     def _texts(cls, value: list[str]) -> list[str]:
         for i, text in enumerate(value):
-            if not text.strip():
-                raise ValueError(f"item {i} must not be empty or whitespace")
+            _not_blank(text, f"item {i} ")
             if len(text) > MAX_TEXT_CHARS:
                 raise ValueError(f"item {i} is longer than {MAX_TEXT_CHARS} characters")
         return value
 
 
+class TranslationResult(BaseModel):
+    """One translation (what ``/translate`` answers, and each item of ``/translate_batch``)."""
+
+    translation: str
+    source_tokens: list[str]
+    target_tokens: list[str]
+    attention: dict[str, list[list[list[list[float]]]]] = Field(
+        description="per kind asked for: [layer][head][query][key]")
+    model: dict[str, Any] = Field(description="id, name, tags of the version that translated")
+    score: float
+    timings: dict[str, float]
+
+
+class TranslationResults(RootModel[list[TranslationResult]]):
+    """``/translate_batch``: one result per text, in order."""
+
+
+# -- the model side --------------------------------------------------------------------------------
 # runner_connection: BentoML's client to this service replaces its connection pool every 100
 # requests (and 5 minutes) by default, closing it under requests still in flight: under load that
 # dropped answers every few seconds and, rarely, left one waiting until the traffic timeout.
 @bentoml.service(name="stepwise-runner", workers=1, traffic={"timeout": 300},
                  runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9})
 class TranslationRunner:
-    """Holds the ONNX models; ``run`` is where adaptive batching happens."""
+    """Holds the models; ``run`` is where adaptive batching happens.
+
+    Every method returns a ``stepwise.errors`` exception instead of raising it, so one bad
+    request in a merged batch fails alone and the entry service maps it to a status.
+    """
 
     def __init__(self) -> None:
         self.store = ModelStore()
@@ -113,68 +163,44 @@ class TranslationRunner:
             time.sleep(RELOAD_INTERVAL)
             try:
                 self.store.reload()
+            except RegistryUnavailable:  # the store logged it once and /model shows it
+                pass
             except Exception as exc:  # noqa: BLE001 - keep serving the current model
                 log.warning("periodic reload failed: %s", exc)
 
-    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=64, max_latency_ms=30000)
-    def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Translate a batch of jobs; jobs that share model and search settings decode together."""
-        log.info("translating a batch of %d request(s)", len(jobs))
-        results: list[dict[str, Any] | None] = [None] * len(jobs)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, job in enumerate(jobs):
-            key = (job.get("model"), job["beam_size"], job.get("max_length"), job["attention"] != "none")
-            groups[key].append(i)
-        for (spec, beam, max_length, need_attention), members in groups.items():
+    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=DECODE_BATCH, max_latency_ms=30000)
+    def run(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """Check each request against its model (the one check), then translate per model."""
+        log.info("translating a batch of %d request(s)", len(requests))
+        results: list[Any] = [None] * len(requests)
+        by_model: dict[str, tuple[Any, list[int]]] = {}
+        for i, request in enumerate(requests):
             try:
-                loaded = self.store.get(spec)
-            except ModelNotFound as exc:
-                for i in members:
-                    results[i] = {"error": str(exc), "field": "model", "status": 404}
+                loaded = self.store.get(request.get("model"))
+                check_request(request, loaded)
+            except StepwiseError as exc:
+                results[i] = exc
                 continue
-            translator = loaded.translator
-            valid = []
-            for i in members:
-                problem = _check_indices(jobs[i], translator.n_layers, translator.n_heads)
-                if problem:
-                    results[i] = {"error": problem[1], "field": problem[0], "status": 400}
-                else:
-                    valid.append(i)
-            if not valid:
-                continue
-            limit = translator.max_positions - 1
-            outputs = translator.translate([jobs[i]["text"] for i in valid], beam_size=beam,
-                                           max_length=min(max_length, limit) if max_length else None,
-                                           return_attention=need_attention, batch_size=64)
-            for i, out in zip(valid, outputs, strict=True):
-                job = jobs[i]
-                results[i] = {
-                    "translation": out.translation, "source_tokens": out.source_tokens,
-                    "target_tokens": out.target_tokens,
-                    "attention": select_attention(out.attention, job["attention"], job.get("layers"),
-                                                  job.get("heads")),
-                    "model": loaded.identity(), "score": out.score,
-                    "timings": {**out.timings, "requests_in_batch": len(jobs)},
-                }
-        return results  # type: ignore[return-value]
+            by_model.setdefault(loaded.id, (loaded, []))[1].append(i)
+        for loaded, members in by_model.values():
+            for i, result in zip(members, translate(loaded, [requests[i] for i in members]), strict=True):
+                result["timings"]["requests_in_batch"] = len(requests)
+                results[i] = result
+        return results
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
         return self.store.describe()
 
     @bentoml.api
-    def reload(self) -> dict[str, Any]:
-        return self.store.reload()
+    def reload(self) -> Any:
+        try:
+            return self.store.reload()
+        except StepwiseError as exc:
+            return exc
 
 
-def _check_indices(job: dict[str, Any], layers: int, heads: int) -> tuple[str, str] | None:
-    for field, count in (("layers", layers), ("heads", heads)):
-        bad = [i for i in job.get(field) or [] if i >= count]
-        if bad:
-            return field, f"{field}: index {bad[0]} out of range (the model has {count})"
-    return None
-
-
+# -- the HTTP side ---------------------------------------------------------------------------------
 async def _call_runner(method: Any, *args: Any) -> Any:
     """Call the runner, retrying a connection the runner closed while idle (keep-alive race).
 
@@ -194,16 +220,27 @@ async def _call_runner(method: Any, *args: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-def _error_response(results: list[dict[str, Any]]) -> JSONResponse | None:
-    """The first failed job as a 4xx in the same shape as BentoML's validation errors."""
+def error_response(error: StepwiseError) -> JSONResponse:
+    """The one mapping: a ``stepwise.errors`` exception as a status and a body naming the field."""
+    status = next(code for kind, code in STATUS if isinstance(error, kind))
+    message = str(error)
+    if error.field and not message.startswith(error.field):
+        message = f"{error.field}: {message}"
+    body: dict[str, Any] = {"error": message}
+    if error.field:
+        body["detail"] = [{"loc": [error.field], "msg": message}]
+    return JSONResponse(body, status_code=status)
+
+
+def _respond(results: list[Any], started: float, *, single: bool) -> Response:
+    """The first failed request's error, or the results as JSON with the total time."""
     for result in results:
-        if "error" in result:
-            message = result["error"]
-            if not message.startswith(result["field"]):
-                message = f"{result['field']}: {message}"
-            return JSONResponse({"error": message, "detail": [{"loc": [result["field"]], "msg": message}]},
-                                status_code=result["status"])
-    return None
+        if isinstance(result, StepwiseError):
+            return error_response(result)
+    total = round((time.perf_counter() - started) * 1000, 3)
+    for result in results:
+        result["timings"]["total_ms"] = total
+    return Response(json_bytes(results[0] if single else results), media_type="application/json")
 
 
 async def _model_info(_: Request) -> JSONResponse:
@@ -218,39 +255,35 @@ info_app = Starlette(routes=[Route("/model", _model_info, methods=["GET"])])
 @bentoml.asgi_app(info_app, path="/info")
 @bentoml.service(name="stepwise", traffic={"timeout": 300}, workers=1)
 class Translator:
-    """The HTTP entry point: validation, then the runner."""
+    """The HTTP entry point: the schemas, then the runner, then the status mapping."""
 
     runner = bentoml.depends(TranslationRunner)
 
-    @bentoml.api(route="/translate", input_spec=TranslateRequest)
-    async def translate(self, **request: Any) -> dict[str, Any]:
+    @bentoml.api(route="/translate", input_spec=TranslateRequest, output_spec=TranslationResult)
+    async def translate(self, **request: Any) -> Response:
         """Translate one sentence; attention as ``[layer][head][query][key]`` for the kinds asked."""
         started = time.perf_counter()
-        (result,) = await _call_runner(self.runner.to_async.run, [request])
-        if (error := _error_response([result])) is not None:
-            return error  # type: ignore[return-value]
-        result["timings"]["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        return Response(json_bytes(result), media_type="application/json")  # type: ignore[return-value]
+        results = await _call_runner(self.runner.to_async.run, [request])
+        return _respond(results, started, single=True)
 
-    @bentoml.api(route="/translate_batch", input_spec=TranslateBatchRequest)
-    async def translate_batch(self, **request: Any) -> list[dict[str, Any]]:
+    @bentoml.api(route="/translate_batch", input_spec=TranslateBatchRequest, output_spec=TranslationResults)
+    async def translate_batch(self, **request: Any) -> Response:
         """Translate several sentences with the same options; one result per text."""
         started = time.perf_counter()
         texts = request.pop("texts")
         results = await _call_runner(self.runner.to_async.run, [{**request, "text": text} for text in texts])
-        if (error := _error_response(results)) is not None:
-            return error  # type: ignore[return-value]
-        total = round((time.perf_counter() - started) * 1000, 3)
-        for result in results:
-            result["timings"]["total_ms"] = total
-        return Response(json_bytes(results), media_type="application/json")  # type: ignore[return-value]
+        return _respond(results, started, single=False)
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:
-        """What is loaded: manifest, registry identity, execution provider, load time."""
+        """What is loaded: manifest, registry identity and state, execution provider, load time."""
         return await _call_runner(self.runner.to_async.describe)
 
     @bentoml.api(route="/reload")
-    async def reload(self) -> dict[str, Any]:
-        """Re-resolve ``production`` (or re-read STEPWISE_MODEL_DIR) and swap if it changed."""
-        return await self.runner.to_async.reload()
+    async def reload(self) -> Any:
+        """Re-resolve ``production`` (or re-read STEPWISE_MODEL_DIR) and swap if it changed.
+
+        With the registry unreachable: a 503, and the current model keeps serving.
+        """
+        outcome = await self.runner.to_async.reload()
+        return error_response(outcome) if isinstance(outcome, StepwiseError) else outcome

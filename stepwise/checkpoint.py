@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from stepwise.config import Config
-from stepwise.errors import StepwiseError
+from stepwise.errors import CheckpointError, ModelNotFound
 from stepwise.models import Transformer
 from stepwise.tokenizer import Tokenizer
 
@@ -101,18 +101,28 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint; a missing or foreign file is a one-line StepwiseError."""
+    """Read a checkpoint.
+
+    Raises:
+        ModelNotFound: no file at ``path``.
+        CheckpointError: the file cannot be read, is corrupt, or is not a stepwise checkpoint.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelNotFound(f"checkpoint {path}: no such file") from None
     except OSError as exc:
-        raise StepwiseError(f"checkpoint {path}: cannot read ({exc.strerror})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot read ({exc.strerror})") from None
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise StepwiseError(f"checkpoint {path}: not a stepwise checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(f"checkpoint {path}: not a stepwise checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise StepwiseError(f"checkpoint {path}: not a stepwise checkpoint (format {FORMAT_VERSION} expected)")
+        raise CheckpointError(f"checkpoint {path}: not a stepwise checkpoint (format {FORMAT_VERSION} expected)")
+    missing = [key for key in ("config", "model", "tokenizer_model", "step") if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: corrupt (no {', '.join(missing)})")
     return Checkpoint(
         config=Config.from_dict(payload["config"]),
         model_state=payload["model"],

@@ -1,7 +1,8 @@
 """The ``stepwise`` command line. Each subcommand lives beside the code it drives.
 
-Errors a user can fix (bad config, missing corpus, unreachable server) print one line to
-stderr and exit with status 2; there is no traceback.
+Errors a user can fix (``stepwise.errors``: a bad config, a missing corpus, an unknown model id,
+tag or checkpoint, a corrupt checkpoint, an unreachable server) print one line to stderr and exit
+with status 2; there is no traceback.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from stepwise.data import load_split
     from stepwise.translate import evaluate_bleu, tune_length_penalty
 
-    if Path(args.model).is_file():
-        path, label = Path(args.model), args.model
+    if Path(args.model).is_file() or Path(args.model).suffix == ".pt" or os.sep in args.model:
+        path, label = Path(args.model), args.model  # a missing file is ModelNotFound from load_checkpoint
     elif args.model in (registry.PRODUCTION, registry.CANDIDATE) or args.model.startswith("tag:"):
         tag = args.model.removeprefix("tag:")
         resolved = registry.resolve(args.project, args.name, tag=tag)

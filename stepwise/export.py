@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from stepwise.checkpoint import Checkpoint
 from stepwise.data import load_split
 from stepwise.decoding import decode
-from stepwise.errors import CorpusError, StepwiseError
+from stepwise.errors import CorpusError, ExportError, ModelNotFound
 from stepwise.models import Transformer
 from stepwise.onnx_decoding import (
     DECODER_FILE,
@@ -69,10 +69,6 @@ FALLBACK_SENTENCES = [  # used when the checkpoint's corpus is not installed
     "Der Herr ist mein Hirte, mir wird nichts mangeln.",
     "Selig sind die Friedfertigen.",
 ]
-
-
-class ExportError(StepwiseError):
-    """The export failed a check (parity, onnx.checker); nothing was written."""
 
 
 class EncoderGraph(nn.Module):
@@ -348,7 +344,7 @@ def export_from_registry(
     else:
         try:
             resolved = registry.resolve(project, name, tag=tag or registry.PRODUCTION)
-        except registry.RegistryError:
+        except ModelNotFound:
             if tag is not None:
                 raise
             log.info("no version is tagged production: exporting the newest version")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from stepwise.errors import DeviceUnavailable, ExportFormatError
 from stepwise.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,6 @@ def _init_global_thread_pool(threads: int) -> None:
             _THREAD_POOL_THREADS = threads
 
 
-class ExportFormatError(RuntimeError):
-    """An export directory written by another version of the exporter."""
-
-
 def cache_names(layers: int) -> dict[str, list[str]]:
     """Names of the per-layer cache tensors of the graphs, by kind."""
     kinds = ("cross_keys", "cross_values", "past_keys", "past_values", "present_keys", "present_values")
@@ -114,7 +111,7 @@ def available_providers(device: str = "auto") -> list[str]:
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in have:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise RuntimeError(f"CUDA execution provider not available (have {', '.join(have)})")
+        raise DeviceUnavailable(f"CUDA execution provider not available (have {', '.join(have)})")
     return ["CPUExecutionProvider"]
 
 

@@ -17,16 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from stepwise import tracking
-from stepwise.errors import StepwiseError
+from stepwise.errors import ModelNotFound, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
-
-
-class RegistryError(StepwiseError):
-    """A registry lookup or change that cannot be done (unknown id, nothing tagged, ...)."""
 
 
 @dataclass
@@ -74,8 +70,20 @@ def _model_class() -> Any:
     return Model
 
 
+def _unavailable(doing: str, exc: Exception) -> RegistryUnavailable:
+    """The error for an SDK call that failed: unreachable (re-checked now) or answering with errors."""
+    try:
+        host = tracking.check_server()
+    except RegistryUnavailable as down:
+        return down
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return RegistryUnavailable(f"ClearML server {host} failed while {doing}: {reason}")
+
+
 def _version(model: Any) -> ModelVersion:
     data = model._get_model_data()  # one cached models.get_by_id answer
+    if data is None:  # the SDK logs the failure and returns None
+        raise _unavailable(f"reading model {model.id}", LookupError("no answer"))
     metadata = {key: str(item.get("value")) for key, item in (model.get_all_metadata() or {}).items()}
     created = data.created
     return ModelVersion(id=model.id, name=model.name, project=data.project,
@@ -105,25 +113,39 @@ def register_checkpoint(
 
 
 def list_versions(project: str | None = None, name: str | None = None, tag: str | None = None) -> list[ModelVersion]:
-    """Registered versions, newest first, filtered by project, model name and tag."""
+    """Registered versions, newest first, filtered by project, model name and tag.
+
+    Raises:
+        RegistryUnavailable: the ClearML server cannot be reached or fails.
+    """
     model_cls = _model_class()
     try:
         models = model_cls.query_models(project_name=project, model_name=name, tags=[tag] if tag else None,
                                         max_results=1000)
     except ValueError:  # the SDK's answer when the project does not exist
         return []
+    except Exception as exc:  # noqa: BLE001 - connection errors surface as several kinds
+        raise _unavailable("listing models", exc) from None
     return [_version(m) for m in models]
 
 
 def get_version(model_id: str) -> ModelVersion:
-    """One version by id."""
+    """One version by id.
+
+    Raises:
+        ModelNotFound: the registry has no model with this id.
+        RegistryUnavailable: the ClearML server cannot be reached or fails, so it cannot tell.
+    """
     model_cls = _model_class()
+    from clearml.backend_api.session.client import APIClient
+
     try:
-        model = model_cls(model_id=model_id)
-        model._get_model_data()
-    except Exception:  # noqa: BLE001 - the SDK raises several kinds for an unknown id
-        raise RegistryError(f"no registered model with id {model_id!r}") from None
-    return _version(model)
+        found = APIClient().models.get_all(id=[model_id], only_fields=["id"])
+    except Exception as exc:  # noqa: BLE001 - connection errors surface as several kinds
+        raise _unavailable(f"looking up model {model_id}", exc) from None
+    if not found:
+        raise ModelNotFound(f"no registered model with id {model_id!r}")
+    return _version(model_cls(model_id=model_id))
 
 
 def set_tag(model_id: str, tag: str = PRODUCTION, *, exclusive: bool = True) -> list[str]:
@@ -172,9 +194,12 @@ def set_metadata(model_id: str, values: dict[str, Any]) -> None:
 def download(model_id: str) -> Path:
     """Download a version's weights (cached by the SDK); returns the local path."""
     get_version(model_id)
-    path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
+    try:
+        path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
+        raise _unavailable(f"downloading model {model_id}", exc) from None
     if not path:
-        raise RegistryError(f"model {model_id}: its weights could not be downloaded")
+        raise RegistryUnavailable(f"model {model_id}: its weights could not be downloaded")
     return Path(path)
 
 
@@ -182,14 +207,14 @@ def resolve(project: str | None, name: str | None, tag: str | None = None) -> Re
     """The newest version of ``name`` carrying ``tag`` (or the newest version), downloaded.
 
     Raises:
-        RegistryError: when nothing matches.
+        ModelNotFound: when nothing matches.
     """
     versions = list_versions(project=project, name=name, tag=tag)
     if not versions:
         what = f"model {name!r}" if name else "any model"
         where = f" in project {project!r}" if project else ""
         with_tag = f" tagged {tag!r}" if tag else ""
-        raise RegistryError(f"no registered version of {what}{where}{with_tag}")
+        raise ModelNotFound(f"no registered version of {what}{where}{with_tag}")
     version = versions[0]
     return ResolvedModel(version=version, path=download(version.id))
 
@@ -212,7 +237,7 @@ def register_export(export_dir: Path, manifest: dict[str, Any]) -> str:
     from clearml import OutputModel, Task
 
     source = manifest.get("source_model", {})
-    project = source.get("project_name") or _project_name(source.get("project")) or "stepwise"
+    project = _project_name(source.get("project")) or "stepwise"
     task = Task.init(project_name=project, task_name=f"export {source.get('name', manifest['name'])}",
                      task_type=Task.TaskTypes.custom, auto_connect_frameworks=False, auto_resource_monitoring=False,
                      output_uri=True, reuse_last_task_id=False)
@@ -256,7 +281,10 @@ def find_export(source_id: str) -> ModelVersion | None:
 def download_export(model_id: str) -> Path:
     """Download and unpack an ONNX export package; returns the export directory."""
     get_version(model_id)
-    path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
+    try:
+        path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
+        raise _unavailable(f"downloading export {model_id}", exc) from None
     if not path:
-        raise RegistryError(f"model {model_id}: its export could not be downloaded")
+        raise RegistryUnavailable(f"model {model_id}: its export could not be downloaded")
     return Path(path)

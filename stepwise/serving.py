@@ -1,9 +1,14 @@
-"""What the BentoML service holds: loaded ONNX exports, resolved from a folder or the registry.
+"""What the BentoML service holds and does: loaded ONNX exports, and translation with them.
 
 ``ModelStore`` keeps the default model (``STEPWISE_MODEL_DIR``, or the registry's
 ``production`` version) plus a few others asked for by tag or id (LRU), and swaps the default
 atomically on :meth:`ModelStore.reload` when the ``production`` tag has moved. In-flight work
-keeps the translator it started with, so nothing is dropped during a swap.
+keeps the translator it started with, so nothing is dropped during a swap. When the registry
+cannot be reached (at a reload, a periodic check or a lookup), the store keeps what it has and
+remembers since when the registry has been unreachable; :meth:`ModelStore.describe` says so.
+
+:func:`translate` turns validated requests (``service.py`` checks them against the model with
+:func:`check_request`) into JSON-ready results. The request limits are defined here, once.
 
 This module imports no torch: when a version has no ONNX export yet, the exporter runs in a
 subprocess (``python -m stepwise export``), which needs torch installed.
@@ -18,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +32,24 @@ import numpy as np
 import orjson
 
 from stepwise import tracking
-from stepwise.onnx_decoding import EXPORT_FORMAT, OnnxTranslator, export_format
+from stepwise.errors import ExportError, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
+from stepwise.onnx_decoding import EXPORT_FORMAT, TOP_K, OnnxTranslator, export_format
 
 log = logging.getLogger(__name__)
 
+# -- request limits (the service's schemas and the check against the model use these) ----------
+MAX_TEXT_CHARS = int(os.environ.get("STEPWISE_MAX_TEXT_CHARS", "2000"))  # characters per sentence
+MAX_BATCH_TEXTS = int(os.environ.get("STEPWISE_MAX_BATCH_TEXTS", "64"))  # sentences per /translate_batch
+MAX_OUTPUT_TOKENS = 1024  # most target tokens a request may ask for (the model's positions cut it further)
+MAX_BEAM_SIZE = TOP_K  # the exporter's top-K: the widest beam a decoder graph supports
+DECODE_BATCH = 64  # sentences decoded together (and most requests the runner merges into one batch)
+ATTENTION_KINDS = {"none": (), "cross": ("cross",), "all": ("encoder", "decoder", "cross")}
+
 MODEL_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 @dataclass
@@ -48,9 +66,11 @@ class LoadedModel:
     def identity(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "tags": self.tags}
 
-
-class ModelNotFound(LookupError):
-    """A requested model (tag or id) is not in the registry or has no usable export."""
+    def layer_counts(self) -> dict[str, int]:
+        """Layers per attention kind: the encoder may be deeper or shallower than the decoder."""
+        model = self.translator.manifest.get("config", {}).get("model", {})
+        decoder = self.translator.n_layers
+        return {"encoder": int(model.get("n_encoder_layers", decoder)), "decoder": decoder, "cross": decoder}
 
 
 class ModelStore:
@@ -67,11 +87,24 @@ class ModelStore:
                                 Path.home() / ".cache" / "stepwise" / "exports")
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.registry_down_since: float | None = None  # when a registry call first failed (None: it answers)
+        self.registry_error: str | None = None
+        self.registry_checked_at: float | None = None
         self.default = self._load_default()
 
     # -- loading -----------------------------------------------------------------------------------
     def _from_dir(self, export_dir: Path, identity: dict[str, Any] | None = None) -> LoadedModel:
-        translator = OnnxTranslator(export_dir, device=self.device)
+        """Load an export directory; a missing one is ModelNotFound, an unusable one ExportError."""
+        if not export_dir.is_dir():
+            raise ModelNotFound(f"export {export_dir}: no such directory")
+        try:
+            translator = OnnxTranslator(export_dir, device=self.device)
+        except StepwiseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT, SentencePiece and json each have their own kinds
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            message = f"export {export_dir}: cannot be loaded ({reason}); run `stepwise export` again"
+            raise ExportError(message) from None
         source = translator.manifest.get("source_model", {})
         identity = identity or {"id": source.get("id") or export_dir.name, "name": translator.manifest.get("name"),
                                 "tags": source.get("tags", [])}
@@ -83,23 +116,39 @@ class ModelStore:
             return self._from_dir(Path(self.model_dir))
         return self._from_registry("production")
 
+    def _registry(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call a ``stepwise.registry`` function, remembering whether the registry answered."""
+        try:
+            result = call(*args, **kwargs)
+        except RegistryUnavailable as exc:
+            if self.registry_down_since is None:
+                self.registry_down_since = time.time()
+                log.warning("registry unreachable, serving %s meanwhile: %s", self.default_id(), exc)
+            self.registry_error = str(exc)
+            raise
+        if self.registry_down_since is not None:
+            log.info("registry reachable again")
+        self.registry_down_since, self.registry_error, self.registry_checked_at = None, None, time.time()
+        return result
+
+    def default_id(self) -> str | None:
+        default = getattr(self, "default", None)
+        return default.id if default is not None else None
+
     def _from_registry(self, spec: str) -> LoadedModel:
         """Load the export of the version named by a tag or an id, exporting it if needed."""
         from stepwise import registry
 
-        try:
-            if MODEL_ID.match(spec):
-                version = registry.get_version(spec)
-            else:
-                versions = registry.list_versions(project=self.project, name=self.name, tag=spec)
-                versions = [v for v in versions if registry.ONNX_TAG not in v.tags]
-                if not versions:
-                    raise ModelNotFound(f"no registered version is tagged {spec!r}")
-                version = versions[0]
-        except registry.RegistryError as exc:
-            raise ModelNotFound(str(exc)) from None
-        export = registry.find_export(version.id)
-        export_dir = registry.download_export(export.id) if export is not None else None
+        if MODEL_ID.match(spec):
+            version = self._registry(registry.get_version, spec)
+        else:
+            versions = self._registry(registry.list_versions, project=self.project, name=self.name, tag=spec)
+            versions = [v for v in versions if registry.ONNX_TAG not in v.tags]
+            if not versions:
+                raise ModelNotFound(f"no registered version is tagged {spec!r}")
+            version = versions[0]
+        export = self._registry(registry.find_export, version.id)
+        export_dir = self._registry(registry.download_export, export.id) if export is not None else None
         if export_dir is None or export_format(export_dir) != EXPORT_FORMAT:  # none yet, or an older exporter's
             export_dir = self.export_root / version.id
             if export_format(export_dir) != EXPORT_FORMAT:
@@ -114,11 +163,16 @@ class ModelStore:
         if result.returncode != 0:
             log.warning("exporter output:\n%s", result.stderr[-4000:])
             last = (result.stderr.strip().splitlines() or ["exporter failed"])[-1]
-            raise ModelNotFound(f"could not export version {model_id}: {last}")
+            raise ExportError(f"could not export version {model_id}: {last}")
 
     # -- lookup ------------------------------------------------------------------------------------
     def get(self, spec: str | None) -> LoadedModel:
-        """The default model for None/``production``/its id; otherwise a cached or newly loaded one."""
+        """The default model for None/``production``/its id; otherwise a cached or newly loaded one.
+
+        Raises:
+            ModelNotFound: no such tag or id (``field`` is ``model``).
+            RegistryUnavailable: the registry cannot be asked (``field`` is ``model``).
+        """
         default = self.default
         if spec in (None, "", "default", "production", default.id):
             return default
@@ -126,10 +180,14 @@ class ModelStore:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
                 return self._cache[spec]
-        if self.model_dir and not tracking.is_configured():
-            raise ModelNotFound(f"model {spec!r}: only the model in STEPWISE_MODEL_DIR is available "
-                                "(no ClearML server configured)")
-        loaded = self._from_registry(spec)
+        try:
+            if self.model_dir and not tracking.is_configured():
+                raise ModelNotFound(f"model {spec!r}: only the model in STEPWISE_MODEL_DIR is available "
+                                    "(no ClearML server configured)")
+            loaded = self._from_registry(spec)
+        except (ModelNotFound, RegistryUnavailable) as exc:
+            exc.field = "model"
+            raise
         with self._lock:
             self._cache[spec] = loaded
             while len(self._cache) > self.cache_size:
@@ -137,7 +195,11 @@ class ModelStore:
         return loaded
 
     def reload(self) -> dict[str, Any]:
-        """Re-resolve the default; swap it in if it changed. Returns what happened."""
+        """Re-resolve the default; swap it in if it changed. Returns what happened.
+
+        Raises:
+            RegistryUnavailable: the registry cannot be asked; the current model stays.
+        """
         before = self.default
         if self.model_dir:
             fresh = self._from_dir(Path(self.model_dir))
@@ -145,8 +207,8 @@ class ModelStore:
         else:
             from stepwise import registry
 
-            versions = [v for v in registry.list_versions(project=self.project, name=self.name, tag="production")
-                        if registry.ONNX_TAG not in v.tags]
+            versions = [v for v in self._registry(registry.list_versions, project=self.project, name=self.name,
+                                                  tag="production") if registry.ONNX_TAG not in v.tags]
             if not versions:
                 return {"changed": False, "model": before.identity(), "reason": "nothing is tagged production"}
             changed = versions[0].id != before.id
@@ -157,18 +219,74 @@ class ModelStore:
         return {"changed": changed, "previous": before.identity(), "model": self.default.identity()}
 
     def describe(self) -> dict[str, Any]:
-        """``/model``: the default model's manifest, provider and load time, plus cached ones."""
+        """``/model``: the default model's manifest, provider and load time, the registry's state, cached ones."""
         default = self.default
+        if self.model_dir:
+            registry_state: dict[str, Any] = {"status": "not used (STEPWISE_MODEL_DIR)"}
+        elif self.registry_down_since is not None:
+            registry_state = {"status": "unreachable", "since": _utc(self.registry_down_since),
+                              "error": self.registry_error,
+                              "note": f"still serving {default.id}, loaded {_utc(default.loaded_at)}"}
+        else:
+            registry_state = {"status": "reachable",
+                              "checked_at": _utc(self.registry_checked_at) if self.registry_checked_at else None}
         return {
             "model": default.identity(),
             "provider": default.translator.provider,
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(default.loaded_at)),
+            "loaded_at": _utc(default.loaded_at),
             "export_dir": str(default.export_dir),
             "source": "STEPWISE_MODEL_DIR" if self.model_dir else "registry:production",
+            "registry": registry_state,
             "manifest": default.translator.manifest,
             "layers": default.translator.n_layers, "heads": default.translator.n_heads,
+            "encoder_layers": default.layer_counts()["encoder"], "max_beam_size": default.translator.top_k,
             "cached": [m.identity() for m in self._cache.values()],
         }
+
+
+# -- translation ----------------------------------------------------------------------------------
+def check_request(request: dict[str, Any], loaded: LoadedModel) -> None:
+    """The request's options against the model that will run it (the schema checked the rest).
+
+    Raises:
+        InvalidRequest: a beam wider than the export's top-K, or a layer or head the model lacks.
+    """
+    translator = loaded.translator
+    if request["beam_size"] > translator.top_k:
+        raise InvalidRequest(f"{request['beam_size']} is wider than this model's export supports "
+                             f"({translator.top_k})", field="beam_size")
+    counts = loaded.layer_counts()
+    for index in request.get("layers") or []:
+        for kind in ATTENTION_KINDS[request["attention"]]:
+            if index >= counts[kind]:
+                raise InvalidRequest(f"index {index} out of range ({kind} attention has {counts[kind]} layers)",
+                                     field="layers")
+    bad_heads = [i for i in request.get("heads") or [] if i >= translator.n_heads]
+    if bad_heads:
+        raise InvalidRequest(f"index {bad_heads[0]} out of range (the model has {translator.n_heads} heads)",
+                             field="heads")
+
+
+def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Translate checked requests with one model; those that share search settings decode together."""
+    results: list[dict[str, Any]] = [{} for _ in requests]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, request in enumerate(requests):
+        groups[(request["beam_size"], request.get("max_length"), request["attention"] != "none")].append(i)
+    for (beam_size, max_length, need_attention), members in groups.items():
+        outputs = loaded.translator.translate([requests[i]["text"] for i in members], beam_size=beam_size,
+                                              max_length=max_length, return_attention=need_attention,
+                                              batch_size=DECODE_BATCH)
+        for i, out in zip(members, outputs, strict=True):
+            request = requests[i]
+            results[i] = {
+                "translation": out.translation, "source_tokens": out.source_tokens,
+                "target_tokens": out.target_tokens,
+                "attention": select_attention(out.attention, request["attention"], request.get("layers"),
+                                              request.get("heads")),
+                "model": loaded.identity(), "score": out.score, "timings": dict(out.timings),
+            }
+    return results
 
 
 def select_attention(
@@ -176,18 +294,18 @@ def select_attention(
 ) -> dict[str, np.ndarray]:
     """Pick the kinds asked for (``none``, ``cross``, ``all``) and optional layer/head subsets.
 
-    Returned as float32 arrays ``[layer][head][query][key]`` rounded to 5 decimals: they cross
-    from the runner to the entry service as arrays (BentoML pickles between services) and become
-    nested JSON lists once, in :func:`json_bytes`.
+    The indices were checked by :func:`check_request`. Returned as float32 arrays
+    ``[layer][head][query][key]`` rounded to 5 decimals: they cross from the runner to the entry
+    service as arrays (BentoML pickles between services) and become nested JSON lists once, in
+    :func:`json_bytes`.
     """
-    if kinds == "none" or attention is None:
+    if attention is None:
         return {}
-    wanted = ("cross",) if kinds == "cross" else ("encoder", "decoder", "cross")
     result = {}
-    for kind in wanted:
+    for kind in ATTENTION_KINDS[kinds]:
         weights = attention[kind]
         if layers is not None:
-            weights = weights[[i for i in layers if i < weights.shape[0]]]
+            weights = weights[layers]
         if heads is not None:
             weights = weights[:, heads]
         result[kind] = np.round(weights, 5).astype(np.float32)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import requests
 
-from stepwise.errors import StepwiseError
+from stepwise.errors import RegistryUnavailable
 
 CONFIG_DIR = Path(__file__).resolve().parent / "clearml_config"
 os.environ.setdefault("CLEARML_CONFIG_PATH", str(CONFIG_DIR))
 
 
-class ClearMLUnavailable(StepwiseError):
+class ClearMLUnavailable(RegistryUnavailable):
     """The configured ClearML server cannot be reached or refuses our credentials."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,7 +19,10 @@ import requests
 import torch
 
 from stepwise.checkpoint import load_checkpoint
+from stepwise.errors import ExportError, ExportFormatError, InvalidRequest, ModelNotFound
 from stepwise.export import export_checkpoint
+from stepwise.onnx_decoding import available_providers
+from stepwise.serving import MAX_BEAM_SIZE, ModelStore, check_request, translate
 from stepwise.translate import translate_ids
 
 from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint
@@ -51,7 +55,7 @@ def _pytorch(checkpoint_path: Path, text: str, beam: int) -> tuple[list[str], li
     return tokenizer.pieces(tokenizer.encode(text)), tokenizer.pieces(emitted)
 
 
-@pytest.mark.parametrize("beam", [1, 4])
+@pytest.mark.parametrize("beam", [1, 4, MAX_BEAM_SIZE])  # the widest beam is the decoder's, not a second limit
 def test_translation_and_attention_match_pytorch(service: BentoProcess, exported: tuple[Path, Path],
                                                  beam: int) -> None:
     text = SAMPLE_PAIRS[1][0]
@@ -71,10 +75,17 @@ def test_translation_and_attention_match_pytorch(service: BentoProcess, exported
 
 
 def test_attention_selection_and_batch_endpoint(service: BentoProcess) -> None:
-    none = service.post("/translate", {"text": "Liebet eure Feinde.", "attention": "none"}).json()
+    text = "Liebet eure Feinde."
+    none = service.post("/translate", {"text": text, "attention": "none"}).json()
     assert none["attention"] == {}
-    subset = service.post("/translate", {"text": "Liebet eure Feinde.", "layers": [1], "heads": [0, 2]}).json()
-    assert list(subset["attention"]) == ["cross"] and np.array(subset["attention"]["cross"]).shape[:2] == (1, 2)
+    full = service.post("/translate", {"text": text, "attention": "all"}).json()["attention"]
+    subset = service.post("/translate", {"text": text, "layers": [1], "heads": [0, 2]}).json()
+    assert list(subset["attention"]) == ["cross"]
+    np.testing.assert_array_equal(np.array(subset["attention"]["cross"]), np.array(full["cross"])[[1]][:, [0, 2]])
+    picked = service.post("/translate", {"text": text, "attention": "all", "layers": [1, 0], "heads": [3]}).json()
+    assert set(picked["attention"]) == {"encoder", "decoder", "cross"}
+    for kind, weights in picked["attention"].items():
+        np.testing.assert_array_equal(np.array(weights), np.array(full[kind])[[1, 0]][:, [3]])
     texts = [src for src, _ in SAMPLE_PAIRS]
     batch = service.post("/translate_batch", {"texts": texts, "beam_size": 2})
     assert batch.status_code == 200
@@ -88,13 +99,16 @@ BAD_INPUTS = [
     ({"text": "x" * 2001}, "text"),
     ({"text": "hallo", "colour": "red"}, "colour"),
     ({"text": "hallo", "beam_size": 0}, "beam_size"),
-    ({"text": "hallo", "beam_size": 9}, "beam_size"),
+    ({"text": "hallo", "beam_size": MAX_BEAM_SIZE + 1}, "beam_size"),
     ({"text": "hallo", "max_length": 0}, "max_length"),
     ({"text": "hallo", "max_length": 5000}, "max_length"),
     ({"text": 42}, "text"),
     ({"text": "hallo", "beam_size": "2"}, "beam_size"),
     ({"text": "hallo", "attention": "some"}, "attention"),
     ({"text": "hallo", "layers": [9]}, "layers"),
+    ({"text": "hallo", "layers": [2]}, "layers"),
+    ({"text": "hallo", "attention": "all", "layers": [0, 2]}, "layers"),
+    ({"text": "hallo", "heads": [4]}, "heads"),
     ({"text": "hallo", "heads": [-1]}, "heads"),
     ({"text": "hallo", "model": "no-such-tag"}, "model"),
     ({}, "text"),
@@ -178,42 +192,44 @@ def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerPro
         assert other["model"]["id"] == id_b and other["target_tokens"] == _pytorch(second, text, 1)[1]
 
         promote(id_b)
-        statuses: list[int] = []
+        answers: list[tuple[float, float, int, str | None]] = []  # (sent, answered, status, model id)
         stop = threading.Event()
 
         def hammer() -> None:
             while not stop.is_set():
-                statuses.append(server.post("/translate", {"text": text}).status_code)
+                sent = time.monotonic()
+                answer = server.post("/translate", {"text": text})
+                model = answer.json()["model"]["id"] if answer.status_code == 200 else None
+                answers.append((sent, time.monotonic(), answer.status_code, model))
 
         threads = [threading.Thread(target=hammer) for _ in range(4)]
         for t in threads:
             t.start()
+        while len(answers) < 8:  # traffic is flowing before the swap starts
+            time.sleep(0.05)
+        reload_sent = time.monotonic()
         swapped = server.post("/reload", {}).json()
-        time.sleep(1.0)
+        reload_answered = time.monotonic()
+        while sum(sent > reload_answered for sent, *_ in answers) < 8:  # and keeps flowing after it
+            time.sleep(0.05)
         stop.set()
         for t in threads:
             t.join()
         assert swapped["changed"] and swapped["model"]["id"] == id_b
-        assert statuses and set(statuses) == {200}, statuses
+        assert [status for _, _, status, _ in answers] == [200] * len(answers)
+        # requests in flight while the swap happened were answered (by either version) ...
+        assert any(sent < reload_answered and answered > reload_sent for sent, answered, _, _ in answers)
+        assert {model for *_, model in answers} == {id_a, id_b}
+        # ... and every request sent after the swap was translated by the new version
+        assert {model for sent, _, _, model in answers if sent > reload_answered} == {id_b}
         assert server.post("/model", {}).json()["model"]["id"] == id_b
         after = server.post("/translate", {"text": text}).json()
         assert after["model"]["id"] == id_b and after["target_tokens"] == _pytorch(second, text, 1)[1]
         assert server.post("/reload", {}).json()["changed"] is False
+        # ONNX Runtime's CUDA provider when this onnxruntime build offers it, else the CPU
+        assert server.post("/model", {}).json()["provider"] == available_providers("auto")[0]
     finally:
         server.stop()
-    assert torch.cuda.is_available() or "CPUExecutionProvider" in (tmp_path / "bentoml.log").read_text()
-
-
-def test_bentoml_build_produces_a_bento(tmp_path: Path) -> None:
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-2000:]
-    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    assert tag.startswith("stepwise:")
-    bento_dir = tmp_path / "bentoml" / "bentos" / "stepwise" / tag.split(":")[1]
-    assert (bento_dir / "src" / "service.py").is_file()
-    assert (bento_dir / "src" / "stepwise" / "onnx_decoding.py").is_file()
 
 
 def test_bursts_after_idle_periods_lose_no_request(service: BentoProcess) -> None:
@@ -225,3 +241,69 @@ def test_bursts_after_idle_periods_lose_no_request(service: BentoProcess) -> Non
             codes = list(pool.map(lambda t: service.post("/translate", {"text": t, "attention": "none"}).status_code,
                                   texts))
         assert codes == [200] * len(texts)
+
+
+# -- the model store on its own: the one request check, and exports that cannot be loaded ----------
+def _export_with_layers(folder: Path, encoder_layers: int, decoder_layers: int) -> Path:
+    """An untrained model whose encoder and decoder depths differ, exported to ONNX."""
+    from stepwise.checkpoint import Checkpoint
+    from stepwise.config import Config
+    from stepwise.models import Transformer
+    from stepwise.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train([s for pair in SAMPLE_PAIRS for s in pair] * 4, vocab_size=120)
+    config = Config.from_dict({"name": "uneven", "model": {
+        "vocab_size": tokenizer.vocab_size, "d_model": 32, "n_heads": 4, "n_encoder_layers": encoder_layers,
+        "n_decoder_layers": decoder_layers, "d_ff": 64, "dropout": 0.0, "max_positions": 64}})
+    torch.manual_seed(3)
+    model = Transformer(config.model).eval()
+    checkpoint = Checkpoint(config=config, model_state=model.state_dict(), tokenizer_model=tokenizer.model_proto,
+                            step=0)
+    export_checkpoint(checkpoint, folder / "export")
+    return folder / "export"
+
+
+def test_requests_are_checked_against_each_attention_kind(tmp_path: Path) -> None:
+    """Layer indices are checked against every kind asked for; nothing is silently dropped."""
+    store = ModelStore(model_dir=str(_export_with_layers(tmp_path, encoder_layers=1, decoder_layers=2)))
+    loaded = store.default
+    assert loaded.layer_counts() == {"encoder": 1, "decoder": 2, "cross": 2}
+    request = {"text": "Liebet eure Feinde.", "beam_size": 1, "attention": "all", "layers": [1], "heads": None}
+    with pytest.raises(InvalidRequest, match="encoder attention has 1 layers") as raised:
+        check_request(request, loaded)
+    assert raised.value.field == "layers"
+    cross_only = {**request, "attention": "cross"}
+    check_request(cross_only, loaded)  # the decoder has a second layer
+    (full,) = translate(loaded, [{**request, "layers": None}])
+    (picked,) = translate(loaded, [cross_only])
+    assert full["attention"]["encoder"].shape[0] == 1 and full["attention"]["cross"].shape[0] == 2
+    np.testing.assert_array_equal(picked["attention"]["cross"], full["attention"]["cross"][[1]])
+    with pytest.raises(InvalidRequest, match="beam_size"):
+        check_request({**cross_only, "beam_size": loaded.translator.top_k + 1}, loaded)
+
+
+def test_unusable_export_directories_are_named_errors(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="no such directory"):
+        ModelStore(model_dir=str(tmp_path / "missing"))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(exported[1], corrupt)
+    (corrupt / "decoder.onnx").write_bytes((corrupt / "decoder.onnx").read_bytes()[:1000])
+    with pytest.raises(ExportError, match=f"export {corrupt}: cannot be loaded"):
+        ModelStore(model_dir=str(corrupt))
+    manifest = json.loads((corrupt / "manifest.json").read_text())
+    (corrupt / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ExportFormatError, match="run `stepwise export` again"):
+        ModelStore(model_dir=str(corrupt))
+
+
+def test_missing_gpu_is_device_unavailable() -> None:
+    import onnxruntime as ort
+
+    from stepwise.errors import DeviceUnavailable
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert available_providers("cuda")[0] == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(DeviceUnavailable, match="CUDA execution provider not available"):
+            available_providers("cuda")
+    assert available_providers("cpu") == ["CPUExecutionProvider"]

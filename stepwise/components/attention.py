@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stepwise.errors import InvalidRequest
+
 
 def attention_bias(
     *,
@@ -56,12 +58,14 @@ def attention_bias(
     if key_padding_mask is not None:
         key_length = key_padding_mask.shape[-1]
         device = key_padding_mask.device
-    assert key_length is not None, "key_length is needed without key_padding_mask"
+    if key_length is None:
+        raise InvalidRequest("needed without key_padding_mask", field="key_length")
     blocked = torch.zeros(1, 1, 1, key_length, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         blocked = key_padding_mask[:, None, None, :]
     if causal:
-        assert query_length is not None, "query_length is needed for a causal mask"
+        if query_length is None:
+            raise InvalidRequest("needed for a causal mask", field="query_length")
         offset = key_length - query_length
         q_pos = torch.arange(query_length, device=device)[:, None] + offset
         k_pos = torch.arange(key_length, device=device)[None, :]
