@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from stepwise.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from stepwise.errors import StepwiseError
+from stepwise.errors import InvalidRequest, ModelNotFound, StepwiseError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def find_saves(sources: Sequence[str | Path]) -> list[Path]:
     A folder may be the run's output folder or its ``checkpoints`` folder itself.
 
     Raises:
-        StepwiseError: a source that does not exist, or a folder without saves.
+        ModelNotFound: a source that does not exist, or a folder without saves.
     """
     paths: list[Path] = []
     for source in map(Path, sources):
@@ -40,12 +40,12 @@ def find_saves(sources: Sequence[str | Path]) -> list[Path]:
             folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
             found = sorted(folder.glob("step-*.pt"))
             if not found:
-                raise StepwiseError(f"{source}: no step-*.pt checkpoints in {folder}")
+                raise ModelNotFound(f"{source}: no step-*.pt checkpoints in {folder}")
             paths.extend(found)
         elif source.is_file():
             paths.append(source)
         else:
-            raise StepwiseError(f"{source}: no such checkpoint or run folder")
+            raise ModelNotFound(f"{source}: no such checkpoint or run folder")
     return paths
 
 
@@ -97,7 +97,7 @@ def average_last(sources: Sequence[str | Path], out: str | Path, *, last: int | 
         The averaged checkpoint (as written).
     """
     if last is not None and last < 1:
-        raise StepwiseError(f"--last: must be >= 1, got {last}")
+        raise InvalidRequest(f"must be >= 1, got {last}", field="--last")
     checkpoints = sorted((load_checkpoint(path) for path in find_saves(sources)), key=lambda c: c.step)
     chosen = checkpoints[-last:] if last else checkpoints
     steps = [c.step for c in chosen]

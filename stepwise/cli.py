@@ -121,8 +121,12 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from stepwise import registry
     from stepwise.checkpoint import load_checkpoint
     from stepwise.data import load_split
+    from stepwise.errors import InvalidRequest
     from stepwise.translate import evaluate_bleu, tune_length_penalty
 
+    if args.tune_length_penalty and args.beam < 2:
+        raise InvalidRequest("needs --beam 2 or more (greedy search has no length penalty)",
+                             field="--tune-length-penalty")
     if Path(args.model).is_file() or Path(args.model).suffix == ".pt" or os.sep in args.model:
         path, label = Path(args.model), args.model  # a missing file is ModelNotFound from load_checkpoint
     elif args.model in (registry.PRODUCTION, registry.CANDIDATE) or args.model.startswith("tag:"):
@@ -135,8 +139,6 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     pairs = load_split(checkpoint.config.data, args.split)
     model, tokenizer, alpha = checkpoint.build_model(), checkpoint.tokenizer(), args.length_penalty
     if args.tune_length_penalty:  # on the validation split, whatever split is then scored
-        if args.beam < 2:
-            raise StepwiseError("--tune-length-penalty: needs --beam 2 or more (greedy search has no length penalty)")
         alpha, scores = tune_length_penalty(model, tokenizer, load_split(checkpoint.config.data, "valid"),
                                             beam_size=args.beam)
         print("length penalty on valid: " + ", ".join(f"{a:g} -> {b:.2f}" for a, b in scores.items())

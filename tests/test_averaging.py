@@ -71,6 +71,8 @@ def test_averaging_saves_of_different_models_is_a_one_line_error(tmp_path: Path)
     assert not (tmp_path / "x.pt").exists()
     missing = stepwise("average", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.pt"), check=False)
     assert missing.returncode == 2 and "no such checkpoint or run folder" in missing.stderr
+    zero = stepwise("average", str(tmp_path / "a.pt"), "--last", "0", "-o", str(tmp_path / "x.pt"), check=False)
+    assert zero.returncode == 2 and zero.stderr.strip() == "stepwise: error: --last: must be >= 1, got 0"
     with pytest.raises(StepwiseError, match="nothing to average"):
         average_checkpoints([])
 
