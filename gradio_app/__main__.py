@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from gradio_app.app import build_app
 from gradio_app.client import TranslationClient
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
     demo = build_app(TranslationClient(args.api))
+    signal.signal(signal.SIGTERM, _exit)  # a normal exit on SIGTERM, so the app's temporary folders are removed
     print(f"attention explorer on http://{args.host}:{port} (service {args.api})", flush=True)
     try:
         demo.launch(server_name=args.host, server_port=port, show_error=False, quiet=True)

@@ -12,7 +12,7 @@ class ServiceError(Exception):
 
 
 class TranslationClient:
-    """Calls ``POST /translate`` and ``POST /model`` on a running ``bentoml serve``."""
+    """Calls ``POST /translate`` on a running ``bentoml serve``."""
 
     def __init__(self, api: str, timeout: float = 120.0) -> None:
         self.api = api.rstrip("/")
@@ -51,7 +51,3 @@ class TranslationClient:
         if model:
             body["model"] = model
         return self._post("/translate", body)
-
-    def describe(self) -> dict[str, Any]:
-        """What the service has loaded."""
-        return self._post("/model", {})

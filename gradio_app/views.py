@@ -1,130 +1,409 @@
-"""Drawing attention: SVG heatmaps (with the weight on hover), token lines, PNG thumbnails.
+"""The explorer's views, each a small class that builds its components and answers their events.
 
-Everything works on one translation as the service returns it: ``source_tokens``,
-``target_tokens`` and ``attention[kind][layer][head][query][key]``.
+* ``TranslationView``: the sentence, beam and model; Translate; the status line, translation and tokens.
+* ``Selection``: which attention kind, layer and head every attention view shows.
+* ``HeatmapView``: one layer and head (or the head average) as a heatmap, and its PNG/HTML export.
+* ``GridView``: every layer × head as thumbnails; clicking one opens it in the heatmap.
+* ``LinesView``: token-to-token lines for one query token.
+* ``CompareView``: two model versions on the same sentence, side by side.
+
+Handlers return dicts keyed by component (Gradio updates those and leaves the rest alone).
+A translation lives in each session's ``gr.State``; nothing one session draws or exports is
+written where another session's files are: thumbnails are handed to Gradio as images in memory,
+and exports go to a folder of the session's own, removed when the session ends.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+import gradio as gr
+from PIL import Image
 
-KINDS = {"cross": "cross-attention (target → source)", "encoder": "encoder self-attention",
-         "decoder": "decoder self-attention"}
-AVERAGE = "average"
+from gradio_app.client import ServiceError, TranslationClient
+from gradio_app.draw import (
+    AVERAGE,
+    KINDS,
+    axes,
+    head_count,
+    heatmap_png,
+    heatmap_svg,
+    layer_count,
+    lines_svg,
+    matrix,
+    number,
+    standalone_html,
+    thumbnail_png,
+    title,
+)
 
+Result = dict[str, Any] | None  # one translation as the service returns it; None before the first
+Update = dict[gr.components.Component | gr.Tabs, Any]  # what a handler changes, keyed by component
 
-def axes(result: dict[str, Any], kind: str) -> tuple[list[str], list[str]]:
-    """Row (query) and column (key) labels of one attention kind."""
-    source, target = result["source_tokens"], result["target_tokens"]
-    if kind == "encoder":
-        return source, source
-    if kind == "decoder":
-        return target, ["<s>", *target[:-1]]  # the decoder's inputs are the outputs shifted right
-    return target, source
-
-
-def matrix(result: dict[str, Any], kind: str, layer: int, head: int | str) -> np.ndarray:
-    """``[query, key]`` weights of one layer and head (or the head average)."""
-    weights = np.asarray(result["attention"][kind][layer], dtype=np.float64)  # [H, Q, K]
-    return weights.mean(axis=0) if head == AVERAGE else weights[int(head)]
-
-
-def _color(weight: float) -> str:
-    # white -> deep blue
-    r = int(255 - weight * (255 - 8))
-    g = int(255 - weight * (255 - 69))
-    b = int(255 - weight * (255 - 148))
-    return f"rgb({r},{g},{b})"
+EMPTY = "<p id='heatmap-empty'>Translate a sentence to see its attention.</p>"
 
 
-def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title: str, cell: int = 28) -> str:
-    """An SVG heatmap: rows are queries, columns keys; hovering a cell shows both tokens and the weight."""
-    left = 12 + 8 * max((len(r) for r in rows), default=1)
-    top = 24 + 7 * max((len(c) for c in cols), default=1)
-    width = max(left + cell * len(cols) + 10, 8 * len(title) + 10)
-    height = top + cell * len(rows) + 10
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="attention-heatmap" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="12">',
-             f'<text x="4" y="14" font-weight="bold">{html.escape(title)}</text>']
-    for j, label in enumerate(cols):
-        x = left + j * cell + cell / 2
-        parts.append(f'<text class="col-label" x="{x}" y="{top - 6}" transform="rotate(-60 {x} {top - 6})">'
-                     f'{html.escape(label)}</text>')
-    for i, label in enumerate(rows):
-        y = top + i * cell + cell / 2 + 4
-        parts.append(f'<text class="row-label" x="{left - 6}" y="{y}" text-anchor="end">{html.escape(label)}</text>')
-        for j, col in enumerate(cols):
-            w = float(weights[i, j])
-            parts.append(f'<rect class="cell" x="{left + j * cell}" y="{top + i * cell}" width="{cell - 1}" '
-                         f'height="{cell - 1}" fill="{_color(w)}" data-weight="{w:.4f}"><title>'
-                         f'{html.escape(label)} → {html.escape(col)}: {w:.3f}</title></rect>')
-    parts.append("</svg>")
-    return "".join(parts)
+def ok(message: str) -> str:
+    """A status line that reports success."""
+    return f"<div id='status-ok'>{html.escape(message)}</div>"
 
 
-def lines_svg(weights: np.ndarray, rows: list[str], cols: list[str], selected: int | None) -> str:
-    """Token-to-token lines: queries on the left, keys on the right, line opacity = weight.
+def error(message: str) -> str:
+    """A status line that reports a failure, as a sentence."""
+    return f"<div id='status-error' style='color:#b00020;font-weight:bold'>⚠ {html.escape(message)}</div>"
 
-    With ``selected`` set only that query's lines are drawn (and its row is highlighted).
+
+def _index(value: int | str | None, count: int) -> int | None:
+    """A menu's 0-based index if it is one of ``count``, else None."""
+    return int(value) if value is not None and value != AVERAGE and 0 <= int(value) < count else None
+
+
+def _drawn(result: dict[str, Any], kind: str, layer: int | None, head: int | str | None) -> tuple[int, int | str]:
+    """The layer and head of ``kind`` to show: the chosen ones where ``kind`` has them.
+
+    Otherwise the last layer and the head average (a choice made for another kind, or a menu a
+    moment behind a new kind).
     """
-    step, width = 24, 520
-    height = 30 + step * max(len(rows), len(cols))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="attention-lines" width="{width}" height="{height}" '
-             f'font-family="monospace" font-size="13">']
-    for i in range(len(rows)):
-        if selected is not None and i != selected:
-            continue
-        for j in range(len(cols)):
-            w = float(weights[i, j])
-            if w < 0.02:
+    layer_i = _index(layer, layer_count(result, kind))
+    head_i = _index(head, head_count(result, kind))
+    return layer_count(result, kind) - 1 if layer_i is None else layer_i, AVERAGE if head_i is None else head_i
+
+
+# -- the sentence and its translation ------------------------------------------------------------
+
+
+@dataclass
+class TranslationView:
+    """The sentence, beam size and model; Translate; the status line, the translation and its tokens."""
+
+    client: TranslationClient
+    result: gr.State
+    text: gr.Textbox
+    beam: gr.Slider
+    model: gr.Textbox
+    button: gr.Button
+    status: gr.HTML
+    translation: gr.Textbox
+    tokens: gr.Markdown
+
+    @classmethod
+    def build(cls, client: TranslationClient, example: str) -> TranslationView:
+        """Lay out the translation controls."""
+        result = gr.State(None)
+        with gr.Row():
+            text = gr.Textbox(label="Sentence", value=example, lines=2, elem_id="sentence", scale=4)
+            with gr.Column(scale=1):
+                beam = gr.Slider(1, 8, value=1, step=1, label="Beam size", elem_id="beam")
+                model = gr.Textbox(label="Model (tag or version id; empty = production)", value="",
+                                   elem_id="model")
+        button = gr.Button("Translate", variant="primary", elem_id="translate")
+        status = gr.HTML(elem_id="status")
+        translation = gr.Textbox(label="Translation", interactive=False, elem_id="translation")
+        tokens = gr.Markdown(elem_id="tokens")
+        return cls(client, result, text, beam, model, button, status, translation, tokens)
+
+    def translate(self, text: str, beam: float, model: str) -> Update:
+        """Ask the service for a translation with every attention kind."""
+        try:
+            if not text or not text.strip():
+                raise ServiceError("Type a sentence to translate first.")
+            result = self.client.translate(text, beam_size=int(beam), model=model.strip() or None)
+        except ServiceError as exc:
+            return {self.result: None, self.status: error(str(exc)), self.translation: "", self.tokens: ""}
+        info = result["model"]
+        return {
+            self.result: result,
+            self.status: ok(f"Translated by {info.get('name')} ({info.get('id')}) in "
+                            f"{result['timings'].get('total_ms', 0):.0f} ms"),
+            self.translation: result["translation"],
+            self.tokens: (f"**Source tokens:** {' · '.join(result['source_tokens'])}  \n"
+                          f"**Target tokens:** {' · '.join(result['target_tokens'])}"),
+        }
+
+    def wire(self) -> gr.events.Dependency:
+        """Translate on the button or Enter; the returned event is for views to follow with ``.then``."""
+        return gr.on([self.button.click, self.text.submit], self.translate, [self.text, self.beam, self.model],
+                     [self.result, self.status, self.translation, self.tokens])
+
+
+# -- which kind, layer and head ----------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """The attention kind, layer and head that the heatmap, grid and lines show.
+
+    The menus show layers and heads numbered from 1; their values are the JSON's 0-based indexes.
+    Each kind offers its own layers: an encoder deeper than the decoder shows all of its own.
+    """
+
+    result: gr.State
+    kind: gr.Radio
+    layer: gr.Dropdown
+    head: gr.Dropdown
+
+    @classmethod
+    def build(cls, result: gr.State) -> Selection:
+        """Lay out the kind, layer and head menus."""
+        with gr.Row():
+            kind = gr.Radio(list(KINDS), value="cross", label="Attention", elem_id="kind")
+            layer = gr.Dropdown([], label="Layer", elem_id="layer")
+            head = gr.Dropdown([], label="Head", elem_id="head")
+        return cls(result, kind, layer, head)
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        """What a view of the current selection reads: the translation, kind, layer and head."""
+        return [self.result, self.kind, self.layer, self.head]
+
+    def fit(self, result: Result, kind: str, layer: int | None, head: int | str | None) -> Update:
+        """The menus of ``kind``'s layers and heads, keeping the choice where it still exists.
+
+        A layer that is gone becomes the last layer, a head that is gone the head average.
+        """
+        if not result:
+            return {}
+        layer, head = _drawn(result, kind, layer, head)
+        heads = [(number(h), h) for h in range(head_count(result, kind))]
+        return {self.layer: gr.update(choices=[(number(i), i) for i in range(layer_count(result, kind))], value=layer),
+                self.head: gr.update(choices=[(AVERAGE, AVERAGE), *heads], value=head)}
+
+    def reset(self, result: Result) -> Update:
+        """After a translation: cross-attention, its last layer, the head average."""
+        if not result:
+            return {}
+        return {self.kind: "cross", **self.fit(result, "cross", None, AVERAGE)}
+
+    def wire(self, translated: gr.events.Dependency) -> list[gr.events.Dependency]:
+        """Reset the menus after a translation and fit them to a new kind.
+
+        Returns the events after which the views redraw (besides a change of layer or head).
+        """
+        menus = [self.kind, self.layer, self.head]
+        return [translated.then(self.reset, [self.result], menus),
+                self.kind.change(self.fit, self.inputs, [self.layer, self.head])]
+
+
+# -- the attention views -------------------------------------------------------------------------------
+
+
+def remove_folder(folder: str | None) -> None:
+    """Remove a session's export folder (Gradio calls this when the session's state is deleted)."""
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class HeatmapView:
+    """One layer and head (or their average) as an SVG heatmap with the weight on hover; PNG/HTML export."""
+
+    selection: Selection
+    status: gr.HTML
+    exports: tempfile.TemporaryDirectory  # lives as long as the app; each session exports into a folder in it
+    folder: gr.State  # this session's export folder (a path), created on its first export
+    heat: gr.HTML
+    button: gr.Button
+    png: gr.File
+    page: gr.File
+
+    @classmethod
+    def build(cls, selection: Selection, status: gr.HTML) -> HeatmapView:
+        """Lay out the heatmap and the export row."""
+        exports = tempfile.TemporaryDirectory(prefix="stepwise-explorer-")
+        folder = gr.State(None, delete_callback=remove_folder)
+        heat = gr.HTML(elem_id="heatmap")
+        with gr.Row():
+            button = gr.Button("Export PNG + HTML", elem_id="export")
+            png = gr.File(label="PNG", elem_id="export-png")
+            page = gr.File(label="HTML", elem_id="export-html")
+        return cls(selection, status, exports, folder, heat, button, png, page)
+
+    def draw(self, result: Result, kind: str, layer: int | None, head: int | str | None) -> str:
+        """The heatmap of the selection."""
+        if not result or layer is None or head is None:
+            return EMPTY
+        layer, head = _drawn(result, kind, layer, head)
+        rows, cols = axes(result, kind)
+        return heatmap_svg(matrix(result, kind, layer, head), rows, cols, title=title(kind, layer, head))
+
+    def export(self, result: Result, kind: str, layer: int | None, head: int | str | None,
+               folder: str | None) -> Update:
+        """Write the selection as a PNG and a standalone HTML page into this session's folder."""
+        if not result or layer is None or head is None:
+            return {self.status: error("Nothing to export yet: translate a sentence first.")}
+        if folder is None or not Path(folder).is_dir():
+            folder = tempfile.mkdtemp(prefix="session-", dir=self.exports.name)
+        rows, cols = axes(result, kind)
+        weights = matrix(result, kind, int(layer), head)
+        name = title(kind, int(layer), head)
+        head_part = AVERAGE if head == AVERAGE else f"head{number(int(head))}"
+        stem = f"attention-{kind}-layer{number(int(layer))}-{head_part}"
+        png = Path(folder) / f"{stem}.png"
+        png.write_bytes(heatmap_png(weights, rows, cols, title=name))
+        page = Path(folder) / f"{stem}.html"
+        page.write_text(standalone_html(result, heatmap_svg(weights, rows, cols, title=name), title=name),
+                        encoding="utf-8")
+        return {self.folder: folder, self.png: str(png), self.page: str(page),
+                self.status: ok(f"Exported {png.name} and {page.name}")}
+
+    def wire(self, redraw: list[gr.events.Dependency]) -> None:
+        """Redraw when the translation or the selection changes; export on the button."""
+        selection = self.selection
+        for event in redraw:
+            event.then(self.draw, selection.inputs, self.heat)
+        for menu in (selection.layer, selection.head):
+            menu.change(self.draw, selection.inputs, self.heat)
+        self.button.click(self.export, [*selection.inputs, self.folder],
+                          [self.folder, self.png, self.page, self.status])
+
+
+@dataclass
+class GridView:
+    """Every layer × head of the selected kind as thumbnails (the last in a row is their average)."""
+
+    selection: Selection
+    tabs: gr.Tabs
+    gallery: gr.Gallery
+
+    @classmethod
+    def build(cls, selection: Selection, tabs: gr.Tabs) -> GridView:
+        """Lay out the grid (inside its tab)."""
+        gr.Markdown("Each thumbnail is one layer and head (the last in a row is their average). "
+                    "Click one to open it.")
+        gallery = gr.Gallery(columns=5, height="auto", elem_id="grid", allow_preview=False, format="png")
+        return cls(selection, tabs, gallery)
+
+    def draw(self, result: Result, kind: str) -> list[tuple[Image.Image, str]]:
+        """One thumbnail per layer and head, then the layer's head average, as images in memory."""
+        if not result:
+            return []
+        items = []
+        for layer in range(layer_count(result, kind)):
+            for head in [*range(head_count(result, kind)), AVERAGE]:
+                caption = f"layer {number(layer)} · {'average' if head == AVERAGE else f'head {number(head)}'}"
+                items.append((Image.open(io.BytesIO(thumbnail_png(result, kind, layer, head))), caption))
+        return items
+
+    def open(self, result: Result, kind: str, event: gr.SelectData) -> Update:
+        """Open the clicked thumbnail's layer and head in the heatmap tab."""
+        if not result:
+            return {}
+        heads = head_count(result, kind)
+        layer, position = divmod(event.index, heads + 1)
+        return {self.selection.layer: layer, self.selection.head: AVERAGE if position == heads else position,
+                self.tabs: gr.Tabs(selected="heatmap")}
+
+    def wire(self, redraw: list[gr.events.Dependency]) -> None:
+        """Redraw on a new translation or kind; open a head on click."""
+        selection = self.selection
+        for event in redraw:
+            event.then(self.draw, [selection.result, selection.kind], self.gallery)
+        self.gallery.select(self.open, [selection.result, selection.kind],
+                            [selection.layer, selection.head, self.tabs])
+
+
+@dataclass
+class LinesView:
+    """Token-to-token lines of the selection: queries on the left, keys on the right."""
+
+    selection: Selection
+    token: gr.Dropdown
+    lines: gr.HTML
+
+    @classmethod
+    def build(cls, selection: Selection) -> LinesView:
+        """Lay out the query-token menu and the lines (inside their tab)."""
+        token = gr.Dropdown([], label="Query token", elem_id="target-token")
+        lines = gr.HTML(elem_id="lines")
+        return cls(selection, token, lines)
+
+    def fit(self, result: Result, kind: str, token: int | None) -> Update:
+        """The menu of ``kind``'s query tokens (target tokens, or source tokens for the encoder)."""
+        if not result:
+            return {}
+        rows, _ = axes(result, kind)
+        kept = _index(token, len(rows))
+        return {self.token: gr.update(choices=[(f"{number(i)}: {t}", i) for i, t in enumerate(rows)],
+                                      value=kept if kept is not None else (0 if rows else None))}
+
+    def draw(self, result: Result, kind: str, layer: int | None, head: int | str | None, token: int | None) -> str:
+        """The lines of one query token (all of them before one is chosen)."""
+        if not result or layer is None or head is None:
+            return ""
+        layer, head = _drawn(result, kind, layer, head)
+        rows, cols = axes(result, kind)
+        return lines_svg(matrix(result, kind, layer, head), rows, cols, _index(token, len(rows)))
+
+    def wire(self, redraw: list[gr.events.Dependency]) -> None:
+        """Refit the token menu on a new translation or kind; redraw on any change."""
+        selection = self.selection
+        inputs = [*selection.inputs, self.token]
+        for event in redraw:
+            event.then(self.fit, [selection.result, selection.kind, self.token], self.token).then(
+                self.draw, inputs, self.lines)
+        for menu in (selection.layer, selection.head, self.token):
+            menu.change(self.draw, inputs, self.lines)
+
+
+@dataclass
+class CompareView:
+    """Two model versions translating the same sentence: their translations and last-layer cross-attention."""
+
+    client: TranslationClient
+    translation: TranslationView
+    model_a: gr.Textbox
+    model_b: gr.Textbox
+    button: gr.Button
+    out_a: gr.Textbox
+    heat_a: gr.HTML
+    out_b: gr.Textbox
+    heat_b: gr.HTML
+
+    @classmethod
+    def build(cls, client: TranslationClient, translation: TranslationView) -> CompareView:
+        """Lay out the two versions (inside their tab)."""
+        with gr.Row():
+            model_a = gr.Textbox(label="Version A", value="production", elem_id="model-a")
+            model_b = gr.Textbox(label="Version B", value="candidate", elem_id="model-b")
+        button = gr.Button("Compare", elem_id="compare-button")
+        with gr.Row():
+            with gr.Column():
+                out_a = gr.Textbox(label="Translation A", interactive=False, elem_id="translation-a")
+                heat_a = gr.HTML(elem_id="heatmap-a")
+            with gr.Column():
+                out_b = gr.Textbox(label="Translation B", interactive=False, elem_id="translation-b")
+                heat_b = gr.HTML(elem_id="heatmap-b")
+        return cls(client, translation, model_a, model_b, button, out_a, heat_a, out_b, heat_b)
+
+    def compare(self, text: str, beam: float, model_a: str, model_b: str) -> Update:
+        """Translate with both versions; a version that fails says why in the status line."""
+        update: Update = {}
+        messages = []
+        for spec, out, heat in ((model_a, self.out_a, self.heat_a), (model_b, self.out_b, self.heat_b)):
+            name = spec.strip() or "production"
+            try:
+                result = self.client.translate(text, beam_size=int(beam), model=spec.strip() or None,
+                                               attention="cross")
+            except ServiceError as exc:
+                messages.append(f"{name}: {exc}")
+                update.update({out: f"({name} unavailable)", heat: ""})
                 continue
-            parts.append(f'<line x1="150" y1="{24 + i * step}" x2="370" y2="{24 + j * step}" stroke="rgb(8,69,148)" '
-                         f'stroke-width="{1 + 6 * w:.2f}" stroke-opacity="{w:.3f}"><title>{html.escape(rows[i])} → '
-                         f'{html.escape(cols[j])}: {w:.3f}</title></line>')
-    for i, label in enumerate(rows):
-        weight = "bold" if i == selected else "normal"
-        parts.append(f'<text class="query-token" x="140" y="{28 + i * step}" text-anchor="end" '
-                     f'font-weight="{weight}">{html.escape(label)}</text>')
-    for j, label in enumerate(cols):
-        parts.append(f'<text class="key-token" x="380" y="{28 + j * step}">{html.escape(label)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+            rows, cols = axes(result, "cross")
+            last = layer_count(result, "cross") - 1
+            update.update({out: result["translation"],
+                           heat: heatmap_svg(matrix(result, "cross", last, AVERAGE), rows, cols,
+                                             title=f"{result['model'].get('id')} · last layer, average of heads")})
+        update[self.translation.status] = (error(" ".join(messages)) if messages
+                                           else ok("Compared both versions on the same sentence."))
+        return update
 
-
-def heatmap_png(weights: np.ndarray, rows: list[str], cols: list[str], *, title: str, size: float = 6.0) -> bytes:
-    """The same heatmap as a PNG (matplotlib), for export and thumbnails."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(2.0, size * len(cols) / 12 + 1.5), max(2.0, size * len(rows) / 12 + 1.5)))
-    ax.imshow(weights, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_title(title, fontsize=9)
-    if size >= 4:
-        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    else:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def standalone_html(result: dict[str, Any], svg: str, *, title: str) -> str:
-    """A self-contained page: the translation, the tokens and the current view."""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
-            f"<h1>{html.escape(title)}</h1><p><b>Translation:</b> {html.escape(result['translation'])}</p>"
-            f"<p><b>Source tokens:</b> {html.escape(' '.join(result['source_tokens']))}<br>"
-            f"<b>Target tokens:</b> {html.escape(' '.join(result['target_tokens']))}</p>{svg}"
-            f"<p><i>Model {html.escape(str(result['model'].get('name')))} "
-            f"({html.escape(str(result['model'].get('id')))}). Attention weights show where the model looked, "
-            "not why it translated as it did.</i></p>"
-            "</body></html>")
+    def wire(self) -> None:
+        """Compare on the button."""
+        self.button.click(self.compare, [self.translation.text, self.translation.beam, self.model_a, self.model_b],
+                          [self.out_a, self.heat_a, self.out_b, self.heat_b, self.translation.status])

@@ -22,7 +22,19 @@ from stepwise.errors import ModelNotFound, RegistryUnavailable
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
+REGISTER_PING_S = 3.0
 PRODUCTION = "production"
+
+
+class RegistrationInterrupted(RegistryUnavailable):
+    """A registration that created its model but could not upload the weights (the server went away).
+
+    Pass :attr:`model` back to :func:`register_checkpoint` to finish that same version.
+    """
+
+    def __init__(self, message: str, model: Any) -> None:
+        super().__init__(message)
+        self.model = model
 
 
 @dataclass
@@ -94,20 +106,36 @@ def _version(model: Any) -> ModelVersion:
 
 def register_checkpoint(
     task: Any, path: str | Path, *, name: str, step: int, metadata: dict[str, Any], tags: list[str] | None = None,
-    framework: str = "PyTorch", comment: str = "",
+    framework: str = "PyTorch", comment: str = "", model: Any = None,
 ) -> str:
     """Register a checkpoint file as a new version of ``name`` on ``task``; returns its id.
 
     The file is uploaded under a name unique to the step, so older versions keep their bytes.
+    The server is pinged first: the SDK retries a model call against an unreachable server
+    until it answers, so without the ping a server outage would stall the caller (training)
+    for as long as it lasts.
+
+    ``model``: the :attr:`RegistrationInterrupted.model` of an earlier attempt, finished rather
+    than registered twice.
+
+    Raises:
+        tracking.ClearMLUnavailable: the server does not answer now (nothing was registered).
+        RegistrationInterrupted: the version was created but its weights are not uploaded.
     """
     from clearml import OutputModel
 
+    tracking.check_server(timeout=REGISTER_PING_S)
     path = Path(path)
-    model = OutputModel(task=task, name=name, framework=framework, tags=list(tags or [CANDIDATE]), comment=comment)
-    for key, value in metadata.items():
-        model.set_metadata(key, str(value), type(value).__name__ if isinstance(value, (int, float)) else "str")
-    model.update_weights(weights_filename=str(path), iteration=step, target_filename=path.name,
-                         auto_delete_file=False, async_enable=False)
+    if model is None:
+        model = OutputModel(task=task, name=name, framework=framework, tags=list(tags or [CANDIDATE]),
+                            comment=comment)
+        for key, value in metadata.items():
+            model.set_metadata(key, str(value), type(value).__name__ if isinstance(value, (int, float)) else "str")
+    try:
+        model.update_weights(weights_filename=str(path), iteration=step, target_filename=path.name,
+                             auto_delete_file=False, async_enable=False)
+    except Exception as exc:  # noqa: BLE001 - the SDK raises whatever its HTTP stack raised
+        raise RegistrationInterrupted(f"model {model.id} created, its weights not uploaded: {exc}", model) from None
     log.info("registered %s step %d as model %s (tags %s)", name, step, model.id, ", ".join(tags or [CANDIDATE]))
     return model.id
 

@@ -115,8 +115,11 @@ SAMPLE_PAIRS = [
 ]
 
 
-def make_checkpoint(path: Path, seed: int = 0, name: str = "transformer-test") -> Path:
-    """Write a checkpoint of a small untrained model with a real (tiny) SentencePiece tokenizer."""
+def make_checkpoint(path: Path, seed: int = 0, name: str = "transformer-test", **overrides: object) -> Path:
+    """Write a checkpoint of a small untrained model with a real (tiny) SentencePiece tokenizer.
+
+    ``overrides`` replace fields of the model config, e.g. ``n_encoder_layers=4``.
+    """
     from stepwise.checkpoint import Checkpoint, save_checkpoint
     from stepwise.config import Config
     from stepwise.tokenizer import Tokenizer
@@ -124,7 +127,7 @@ def make_checkpoint(path: Path, seed: int = 0, name: str = "transformer-test") -
     tokenizer = Tokenizer.train([s for pair in SAMPLE_PAIRS for s in pair] * 4, vocab_size=120)
     config = Config.from_dict({"name": name, "model": {
         "vocab_size": tokenizer.vocab_size, "d_model": 32, "n_heads": 4, "n_encoder_layers": 2,
-        "n_decoder_layers": 2, "d_ff": 64, "dropout": 0.0, "max_positions": 64}})
+        "n_decoder_layers": 2, "d_ff": 64, "dropout": 0.0, "max_positions": 64, **overrides}})
     torch.manual_seed(seed)
     model = Transformer(config.model).eval()
     with torch.no_grad():  # a sharper output distribution: no near-ties between tokens

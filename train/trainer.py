@@ -6,7 +6,11 @@ and every saved checkpoint is registered as a version in the model registry, tag
 ``candidate``. ``torchrun --nproc_per_node N -m train`` trains data-parallel (DDP; gloo on CPU,
 NCCL on GPU); rank 0 alone logs, saves and registers.
 
-Checkpoints are written atomically to ``OUTPUT_DIR/checkpoints/step-NNNNNNN.pt``; ``--resume``
+The tracking server may go away mid-run (a restart): the SDK keeps the scalars and console
+lines it could not send and delivers them when the server is back, and a checkpoint saved
+meanwhile stays on disk in a pending-registration queue, retried at each later save and at
+the end (where training waits up to ``REGISTRATION_WAIT_S`` for the server), so every save is
+registered. Checkpoints are written atomically to ``OUTPUT_DIR/checkpoints/step-NNNNNNN.pt``; ``--resume``
 continues from the newest one that loads, restoring weights, optimizer, schedule, data position
 and RNG state, and continuing the same ClearML task.
 """
@@ -40,6 +44,19 @@ from stepwise.translate import evaluate_bleu
 from train.schedule import TrainingClock, build_optimizer
 
 log = logging.getLogger("train")
+REGISTRATION_WAIT_S = 600.0  # at the end of a run, how long to wait for the server to register pending saves
+
+
+@dataclass
+class PendingRegistration:
+    """A saved checkpoint not registered yet (the tracking server was unreachable)."""
+
+    path: Path
+    step: int
+    metadata: dict[str, Any]
+    model: Any = None  # the version an interrupted attempt created, finished by the next one
+    tags: list[str] | None = None  # default: candidate
+    comment: str = ""
 
 
 @dataclass
@@ -112,6 +129,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.last_metrics: dict[str, float] = {}
         self.registered: list[str] = []
+        self.pending: list[PendingRegistration] = []
         self.clock = TrainingClock()  # training seconds over every invocation (train/schedule.py)
         self.lr = 0.0  # the learning rate the last optimizer step used
 
@@ -395,29 +413,59 @@ class Trainer:
                         "train_seconds": self.clock.seconds()})
 
     def save_and_register(self) -> None:
+        """Save a checkpoint, queue it for registration, register what the server takes now."""
         if not self.dist.is_main:
             return
         path = save_checkpoint(self.checkpoint_path(), self.checkpoint())
         log.info("saved %s", path)
+        if self.task is not None and not self.args.offline and not self.args.no_register:
+            metadata = {"bleu": round(self.last_metrics.get("bleu", 0.0), 2),
+                        "loss": round(self.last_metrics.get("val_loss", float("nan")), 4), "step": self.step,
+                        "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair}
+            self.pending.append(PendingRegistration(path, self.step, metadata))
+            self.register_pending()
+        waiting = {item.path.name for item in self.pending}  # never delete a save before it is registered
         for old in sorted(self.checkpoint_dir.glob("step-*.pt"))[: -self.config.train.keep_checkpoints]:
-            old.unlink()
-        if self.task is None or self.args.offline or self.args.no_register:
-            return
-        metadata = {"bleu": round(self.last_metrics.get("bleu", 0.0), 2),
-                    "loss": round(self.last_metrics.get("val_loss", float("nan")), 4), "step": self.step,
-                    "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair}
-        try:
-            model_id = registry.register_checkpoint(self.task, path, name=self.config.name, step=self.step,
-                                                    metadata=metadata)
-        except Exception as exc:  # noqa: BLE001 - the checkpoint is safe on disk; training goes on
-            log.warning("could not register %s in ClearML (%s); it stays in %s", path.name, exc, path.parent)
-            return
-        self.registered.append(model_id)
+            if old.name not in waiting:
+                old.unlink()
+
+    def register_pending(self) -> bool:
+        """Register the queued checkpoints, oldest first; stop at the first failure. True when none is left."""
+        while self.pending:
+            item = self.pending[0]
+            try:
+                model_id = registry.register_checkpoint(self.task, item.path, name=self.config.name, step=item.step,
+                                                        metadata=item.metadata, model=item.model, tags=item.tags,
+                                                        comment=item.comment)
+            except Exception as exc:  # noqa: BLE001 - the checkpoint is safe on disk; training goes on
+                if isinstance(exc, registry.RegistrationInterrupted):
+                    item.model = exc.model
+                log.warning("could not register %s in ClearML (%s); it stays in %s and is retried at the next "
+                            "save and at the end (%d pending)", item.path.name, exc, item.path.parent,
+                            len(self.pending))
+                return False
+            self.pending.pop(0)
+            self.registered.append(model_id)
+        return True
+
+    def register_pending_at_end(self, wait_s: float) -> None:
+        """Before closing the task: wait (up to ``wait_s``) for the server to take the pending saves."""
+        deadline = time.monotonic() + wait_s
+        if self.pending and not self.register_pending() and wait_s > 0:
+            log.info("waiting up to %.0fs for the ClearML server to register %d pending checkpoint(s)", wait_s,
+                     len(self.pending))
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(5.0)
+            self.register_pending()
+        if self.pending:
+            log.error("ClearML server unreachable: %d checkpoint(s) stay unregistered on disk: %s", len(self.pending),
+                      ", ".join(str(p.path) for p in self.pending))
 
     def average_and_register(self) -> None:
         """``train.average_last``: average the last saves (stepwise/averaging.py), score the average on
         the validation set, save it beside the saves (``average-step-N.pt``, which ``--resume`` and
-        the rotation of old saves leave alone) and register it as its own version."""
+        the rotation of old saves leave alone) and register it as its own version (through the
+        pending queue, like every save)."""
         if not self.dist.is_main:
             return
         from stepwise.averaging import average_checkpoints
@@ -443,14 +491,9 @@ class Trainer:
         metadata = {"bleu": round(bleu, 2), "loss": round(averaged.metrics["val_loss"], 4), "step": self.step,
                     "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair,
                     "averaged_steps": ",".join(map(str, steps))}
-        try:
-            model_id = registry.register_checkpoint(self.task, path, name=self.config.name, step=self.step,
-                                                    metadata=metadata, tags=[registry.CANDIDATE, "averaged"],
-                                                    comment=f"average of steps {metadata['averaged_steps']}")
-        except Exception as exc:  # noqa: BLE001 - the average is safe on disk
-            log.warning("could not register %s in ClearML (%s); it stays in %s", path.name, exc, path.parent)
-            return
-        self.registered.append(model_id)
+        self.pending.append(PendingRegistration(path, self.step, metadata, tags=[registry.CANDIDATE, "averaged"],
+                                                comment=f"average of steps {metadata['averaged_steps']}"))
+        self.register_pending()
 
     def finish(self, status: str) -> None:
         if self.task is not None:
@@ -459,6 +502,7 @@ class Trainer:
                 log.info("offline session recorded in %s; import it with "
                          "Task.import_offline_session(<that folder>.zip)", self.task.get_offline_mode_folder())
             else:
+                self.register_pending_at_end(REGISTRATION_WAIT_S if status == "completed" else 0.0)
                 self.task.get_logger().flush(wait=True)
                 if status == "completed":
                     self.task.mark_completed()

@@ -7,7 +7,9 @@ Routes, all on one port:
   ``api_version``; every other call needs ``Authorization: Bearer <token>``.
 * ``/files/...``: the file server. ``POST /files/`` takes a multipart form whose field name is
   the target path; ``GET /files/<path>`` returns it. Paths stay inside the data directory.
-* ``/``: a plain HTML page listing projects, experiments and registered models.
+* ``/``, ``/projects/...``, ``/compare``: the read-only results pages (see ``web.py``), the
+  link the SDK prints on ``Task.init`` included. Open on 127.0.0.1; bound to any other address
+  they ask for the key and secret (HTTP Basic).
 
 Set ``CLEARML_API_HOST=http://HOST:PORT``, ``CLEARML_WEB_HOST=http://HOST:PORT`` and
 ``CLEARML_FILES_HOST=http://HOST:PORT/files`` (``stepwise clearml-server`` prints them).
@@ -19,7 +21,6 @@ import base64
 import email.parser
 import email.policy
 import hmac
-import html
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 import jwt
 
+from stepwise.clearml_server import web
 from stepwise.clearml_server.api import Api, ApiError, add_events
 from stepwise.clearml_server.store import Store
 
@@ -161,8 +163,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._files(path[len("/files"):])
             elif match := API_PATH.match(path):
                 self._api(match.group("name"), match.group("version"))
-            elif path == "/" and self.command == "GET":
-                self._index()
+            elif self.command == "GET" and web.is_web_path(path):
+                self._web(path, urlsplit(self.path).query)
             else:
                 self._api_error(f"{path.lstrip('/')}", None, ApiError(400, 0, f"Invalid request path {path}"))
         except (ConnectionError, TimeoutError):
@@ -292,20 +294,23 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise UnsafePath("no file in the upload")
         self._send_json(200, saved)
 
-    # -- web --------------------------------------------------------------------------------
-    def _index(self) -> None:
-        store = self.server.store
-        rows = []
-        for model in sorted(store.all("model"), key=lambda m: m["created"], reverse=True):
-            rows.append(f"<tr><td>{html.escape(model['name'])}</td><td><code>{model['id']}</code></td>"
-                        f"<td>{html.escape(', '.join(model.get('tags') or []))}</td><td>{model['ready']}</td>"
-                        f"<td>{model['created']}</td></tr>")
-        tasks = "".join(f"<li>{html.escape(t['name'])} <code>{t['id']}</code> ({t['status']})</li>"
-                        for t in store.all("task"))
-        page = (f"<!doctype html><title>stepwise ClearML server</title><h1>stepwise local ClearML server</h1>"
-                f"<h2>Models</h2><table border=1><tr><th>name</th><th>id</th><th>tags</th><th>published</th>"
-                f"<th>created</th></tr>{''.join(rows)}</table><h2>Experiments</h2><ul>{tasks}</ul>")
-        self._send(200, page.encode(), "text/html; charset=utf-8")
+    # -- results pages (web.py) ----------------------------------------------------------------
+    def _web(self, path: str, query: str) -> None:
+        self._body()
+        if web.needs_credentials(self.server.server_address[0]) and not self._authorised_for_files():
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="stepwise ClearML server (access key and secret)"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        site = web.Site(self.server.store, self.server.files_dir, (self.server.access_key, self.server.secret_key))
+        page = web.render(site, path, query)
+        self.send_response(page.status)
+        for name, value in {"Content-Type": page.content_type, "Content-Length": str(len(page.body)),
+                            "X-Content-Type-Options": "nosniff", **page.headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(page.body)
 
 
 def local_credentials() -> tuple[str, str]:
