@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser run test lint bench
+.PHONY: setup agent browser run test lint bench
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,corpus]"
 	touch $@
+
+# clearml-agent in a virtualenv of its own (it pins its own requests); the agent tests use it.
+AGENT_VENV ?= .venv-agent
+agent: $(AGENT_VENV)/bin/clearml-agent
+
+$(AGENT_VENV)/bin/clearml-agent:
+	$(PYTHON) -m venv $(AGENT_VENV)
+	$(AGENT_VENV)/bin/python -m pip install --quiet "clearml-agent==3.0.3"
 
 # Debian's Chromium for the explorer's browser tests (Playwright cannot download browsers here).
 browser:
@@ -27,7 +35,7 @@ run: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup browser lint
+test: setup agent browser lint
 	$(BIN)/python -m pytest
 
 bench: setup

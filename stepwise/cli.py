@@ -33,6 +33,11 @@ def _corpus_command(args: argparse.Namespace) -> int:
     from stepwise.data import SPLITS, load_split
 
     config = load_config(args.config, args.set)
+    if args.upload:
+        from stepwise.data import upload_corpus
+
+        print(f"ClearML dataset {args.upload}: new version {upload_corpus(config.data, args.upload)}")
+        return 0
     for split in SPLITS:
         pairs = load_split(config.data, split)
         print(f"{split}\t{len(pairs)} pairs")
@@ -205,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_config_command)
     p = with_config(sub.add_parser("corpus", help="load the configured corpus and print split sizes"))
     p.add_argument("--show", type=int, default=0, help="print the first N pairs of each split")
+    p.add_argument("--upload", default=None, metavar="PROJECT/NAME",
+                   help="put the splits into a new version of this ClearML dataset (train data.dataset=PROJECT/NAME)")
     p.set_defaults(handler=_corpus_command)
     p = sub.add_parser("clearml-server", help="run the local ClearML server (API, file server, registry)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

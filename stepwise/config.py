@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class DataConfig:
     """Which corpus, which language pair, how it is split and tokenized."""
 
     corpus: str = "bible"
+    # a ClearML dataset version holding train.tsv/valid.tsv/test.tsv (``stepwise corpus --upload``):
+    # "PROJECT/NAME" (its latest version) or a dataset id; when set it replaces ``corpus``
+    dataset: str = ""
     source_lang: str = "e"
     target_lang: str = "4"
     language_pair: str = "de-en"
@@ -88,7 +92,9 @@ class DataConfig:
         """Raise ConfigError naming the first bad key."""
         _choice("data.corpus", self.corpus, ("bible", "tsv", "files"))
         _choice("data.tokenizer_model_type", self.tokenizer_model_type, ("bpe", "unigram", "char", "word"))
-        if self.corpus != "bible" and not self.train_path:
+        if self.dataset and "/" not in self.dataset and not re.fullmatch(r"[0-9a-f]{32}", self.dataset):
+            raise ConfigError(f"data.dataset: give PROJECT/NAME or a dataset id, got {self.dataset!r}")
+        if self.corpus != "bible" and not self.train_path and not self.dataset:
             raise ConfigError(f"data.train_path: required when data.corpus is {self.corpus!r}")
         if set(self.test_books) & set(self.valid_books):
             raise ConfigError("data.valid_books: must not overlap data.test_books")

@@ -9,6 +9,7 @@ text files.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import logging
 import random
@@ -134,9 +135,15 @@ def _read_user_corpus(config: DataConfig, path: str) -> list[Pair]:
 
 
 def load_split(config: DataConfig, split: str) -> list[Pair]:
-    """The ``train``, ``valid`` or ``test`` pairs of the configured corpus."""
+    """The ``train``, ``valid`` or ``test`` pairs of the configured corpus (or ClearML dataset)."""
     if split not in SPLITS:
         raise CorpusError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
+    if config.dataset:
+        _, folder = dataset_copy(config.dataset)
+        path = folder / f"{split}.tsv"
+        if not path.is_file():
+            raise CorpusError(f"data.dataset: ClearML dataset {config.dataset!r} has no {split}.tsv")
+        return read_tsv(path)
     if config.corpus == "bible":
         held_out = [*config.test_books, *config.valid_books]
         if split == "train":
@@ -238,3 +245,76 @@ def token_batches(
         rng.shuffle(batches)
     for indices in batches:
         yield collate([examples[i] for i in indices])
+
+
+# -- the corpus as a ClearML dataset ---------------------------------------------------------------
+DATASET_ALIAS = "corpus"  # the task records the dataset id it used as parameter Datasets/corpus
+
+
+def _dataset_query(spec: str) -> dict[str, str]:
+    """``Dataset.get`` arguments for ``PROJECT/NAME`` (the latest version) or a dataset id."""
+    if "/" in spec:
+        project, _, name = spec.rpartition("/")
+        return {"dataset_project": project, "dataset_name": name}
+    return {"dataset_id": spec}
+
+
+@functools.lru_cache(maxsize=8)
+def dataset_copy(spec: str) -> tuple[str, Path]:
+    """A local (cached, read-only) copy of a ClearML dataset version: ``(dataset id, folder)``.
+
+    Inside a ClearML task the id is recorded on the task (``Datasets/corpus``); a clone run by an
+    agent then reads the same version.
+    """
+    from clearml import Dataset
+
+    try:
+        dataset = Dataset.get(**_dataset_query(spec), alias=DATASET_ALIAS)
+        folder = Path(dataset.get_local_copy())
+    except ValueError as exc:
+        raise CorpusError(f"data.dataset: no ClearML dataset {spec!r} ({exc})") from None
+    log.info("corpus from ClearML dataset %s (id %s) in %s", spec, dataset.id, folder)
+    return dataset.id, folder
+
+
+def write_splits(config: DataConfig, folder: Path) -> dict[str, int]:
+    """Write the configured corpus as ``SPLIT.tsv`` files (``source<TAB>target``); a user corpus
+    writes the splits it has paths for. Returns the pair count per split written."""
+    counts = {}
+    for split in SPLITS:
+        if config.corpus != "bible" and not getattr(config, f"{split}_path"):
+            continue
+        pairs = load_split(config, split)
+        with open(folder / f"{split}.tsv", "w", encoding="utf-8", newline="\n") as out:
+            out.writelines(f"{src}\t{tgt}\n" for src, tgt in pairs)
+        counts[split] = len(pairs)
+    return counts
+
+
+def upload_corpus(config: DataConfig, spec: str) -> str:
+    """Put the configured corpus into a new version of ClearML dataset ``PROJECT/NAME``; the
+    latest finalized version of that name, if any, becomes its parent. Returns the new id."""
+    import tempfile
+
+    from clearml import Dataset
+
+    if "/" not in spec:
+        raise CorpusError(f"--upload: give the dataset as PROJECT/NAME, got {spec!r}")
+    project, _, name = spec.rpartition("/")
+    if config.dataset:
+        raise CorpusError("--upload: data.dataset is set; upload from a corpus (data.corpus), not a dataset")
+    try:
+        parent = Dataset.get(dataset_project=project, dataset_name=name, only_completed=True)
+    except ValueError:
+        parent = None
+    with tempfile.TemporaryDirectory(prefix="stepwise-corpus-") as tmp:
+        counts = write_splits(config, Path(tmp))
+        dataset = Dataset.create(dataset_project=project, dataset_name=name,
+                                 parent_datasets=[parent.id] if parent is not None else None,
+                                 description=f"{config.language_pair} parallel corpus "
+                                             f"({config.corpus}): " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+        dataset.add_files(tmp)
+        dataset.upload()
+        dataset.finalize()
+    log.info("uploaded %s as ClearML dataset %s version %s", spec, dataset.id, dataset.version)
+    return dataset.id

@@ -21,6 +21,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -119,9 +120,18 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        self.config = load_config(args.config, args.set)
+        agent_task = _agent_task_id()
+        if agent_task and not Path(args.config).is_file():
+            # under a ClearML agent without the checkout's files: the config arrives with the
+            # task's "config" parameters (connected in start_tracking), so start from the defaults
+            log.info("config %s not on this machine: taking the config from ClearML task %s", args.config, agent_task)
+            self.config = load_config(None, args.set)
+        else:
+            self.config = load_config(args.config, args.set)
         self.task_name = args.task_name or self.config.name
         self.output_dir = Path(args.output_dir or Path("runs") / self.task_name)
+        if agent_task:  # every run an agent executes (a clone too) gets a folder of its own
+            self.output_dir = self.output_dir / agent_task
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.task: Any = None
         self.step = 0
@@ -160,10 +170,20 @@ class Trainer:
                               continue_last_task=previous or False)
         connected = self.task.connect(self.config.to_dict(), name="config")
         self.config = Config.from_dict(_restore_types(connected, self.config.to_dict()))
-        if self.args.queue:
+        if self.args.queue and self.task.running_locally():
             _ensure_queue(self.args.queue)
+            self._make_runnable_by_agent()
             log.info("enqueueing task %s on queue %r for a ClearML agent", self.task.id, self.args.queue)
             self.task.execute_remotely(queue_name=self.args.queue, exit_process=True)
+
+    def _make_runnable_by_agent(self) -> None:
+        """An agent runs ``python <script.entry_point>``: launched as ``stepwise train`` the SDK
+        records the console script, which an agent cannot run; record ``-m train ARGS`` instead."""
+        self.task._wait_for_repo_detection(timeout=300.0)  # the SDK detects the script in a thread
+        entry_point = (self.task.data.script.entry_point if self.task.data.script else "") or ""
+        if not entry_point.strip().startswith("-m "):
+            args = [a for a in (self.args.argv or []) if a]
+            self.task.set_script(entry_point=shlex.join(["-m", "train", *args]), working_dir=".")
 
     def prepare_data(self, resumed: Checkpoint | None) -> None:
         data = self.config.data
@@ -591,6 +611,13 @@ class ProgressBar:
         self.bar.close()
 
 
+def _agent_task_id() -> str | None:
+    """The id of the ClearML task an agent is executing in this process, else None."""
+    from clearml import Task
+
+    return None if Task.running_locally() else os.environ.get("CLEARML_TASK_ID")
+
+
 def _ensure_queue(name: str) -> None:
     """Create the execution queue if the server has none of that name (agents watch queues by name)."""
     from clearml.backend_api.session.client import APIClient
@@ -647,6 +674,7 @@ def _layer_grad_norms(model: Transformer) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m train`` and ``stepwise train``."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")

@@ -97,3 +97,9 @@ class Store:
                     f"SELECT body FROM events WHERE task = ? AND type IN ({marks}) ORDER BY seq", (task, *kinds)
                 ).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    def delete_events(self, task: str) -> int:
+        """Remove every event of a task; returns how many."""
+        with self.lock:
+            cur = self._db.execute("DELETE FROM events WHERE task = ?", (task,))
+        return cur.rowcount
