@@ -126,8 +126,12 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from stepwise import registry
     from stepwise.checkpoint import load_checkpoint
     from stepwise.data import load_split
-    from stepwise.translate import evaluate_bleu
+    from stepwise.errors import InvalidRequest
+    from stepwise.translate import evaluate_bleu, tune_length_penalty
 
+    if args.tune_length_penalty and args.beam < 2:
+        raise InvalidRequest("needs --beam 2 or more (greedy search has no length penalty)",
+                             field="--tune-length-penalty")
     if Path(args.model).is_file() or Path(args.model).suffix == ".pt" or os.sep in args.model:
         path, label = Path(args.model), args.model  # a missing file is ModelNotFound from load_checkpoint
     elif args.model in (registry.PRODUCTION, registry.CANDIDATE) or args.model.startswith("tag:"):
@@ -138,15 +142,30 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         path, label = registry.download(args.model), args.model
     checkpoint = load_checkpoint(path)
     pairs = load_split(checkpoint.config.data, args.split)
+    model, tokenizer, alpha = checkpoint.build_model(), checkpoint.tokenizer(), args.length_penalty
+    if args.tune_length_penalty:  # on the validation split, whatever split is then scored
+        alpha, scores = tune_length_penalty(model, tokenizer, load_split(checkpoint.config.data, "valid"),
+                                            beam_size=args.beam)
+        print("length penalty on valid: " + ", ".join(f"{a:g} -> {b:.2f}" for a, b in scores.items())
+              + f"; chosen {alpha:g}")
     started = time.monotonic()
-    bleu, hypotheses = evaluate_bleu(checkpoint.build_model(), checkpoint.tokenizer(), pairs, beam_size=args.beam,
-                                     limit=args.limit)
+    bleu, hypotheses = evaluate_bleu(model, tokenizer, pairs, beam_size=args.beam, limit=args.limit,
+                                     length_penalty=alpha)
     elapsed = time.monotonic() - started
-    print(f"{label}: sacreBLEU {bleu:.2f} on {args.split} ({len(hypotheses)} sentences, beam {args.beam}, "
+    penalty = f", length penalty {alpha:g}" if args.beam > 1 else ""
+    print(f"{label}: sacreBLEU {bleu:.2f} on {args.split} ({len(hypotheses)} sentences, beam {args.beam}{penalty}, "
           f"step {checkpoint.step}, {elapsed:.1f}s)")
     if args.show:
         for (src, ref), hyp in list(zip(pairs, hypotheses))[: args.show]:
             print(f"  src: {src}\n  ref: {ref}\n  hyp: {hyp}")
+    return 0
+
+
+def _average_command(args: argparse.Namespace) -> int:
+    from stepwise.averaging import average_last
+
+    averaged = average_last(args.sources, args.out, last=args.last)
+    print(f"averaged steps {', '.join(map(str, averaged.data_state['averaged_steps']))} into {args.out}")
     return 0
 
 
@@ -235,7 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default=None, help="project for tag lookups")
     p.add_argument("--name", default=None, help="model name for tag lookups")
     p.add_argument("--show", type=int, default=0, help="print N example translations")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (default 0.6)")
+    p.add_argument("--tune-length-penalty", action="store_true",
+                   help="pick the length penalty with the best BLEU on the validation split, then score --split")
     p.set_defaults(handler=_evaluate_command)
+
+    p = sub.add_parser("average", help="average the weights of a run's last saves into one checkpoint")
+    p.add_argument("sources", nargs="+", help="a run folder (its checkpoints/step-*.pt) or checkpoint files")
+    p.add_argument("--last", type=int, default=None, help="average the newest N saves (default: all given)")
+    p.add_argument("-o", "--out", required=True, help="the averaged checkpoint to write")
+    p.set_defaults(handler=_average_command)
 
     p = sub.add_parser("export", help="compile a registered version (or a checkpoint) to ONNX, check parity")
     p.add_argument("--project", default=None, help="ClearML project to search")
@@ -249,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_export_command)
 
     p = sub.add_parser("up", help="the main job: server, training if needed, promotion, export, service, explorer")
-    p.add_argument("--config", default="config/tiny.json", help="preset trained when nothing is in production")
+    p.add_argument("--config", default=None, help="preset trained when nothing is in production (default "
+                   "config/tiny.json on CPU, config/default.json with a CUDA GPU)")
     p.add_argument("--project", default="stepwise", help="ClearML project")
     p.add_argument("--clearml-port", type=int, default=8008, help="port of the local ClearML server")
     p.add_argument("--port", type=int, default=3000, help="port of the translation service")

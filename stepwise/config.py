@@ -113,6 +113,8 @@ class TrainConfig:
     lr_schedule: str = "noam"
     lr: float = 1.0
     warmup_steps: int = 4000
+    warmup_minutes: float = 0.0  # linear/cosine: warm up over training minutes instead of warmup_steps
+    min_lr_ratio: float = 0.0  # linear/cosine: the final learning rate, as a fraction of lr
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
@@ -128,12 +130,13 @@ class TrainConfig:
     eval_beam_size: int = 1
     heatmap_sentences: int = 2
     keep_checkpoints: int = 3
+    average_last: int = 0  # at the end, average the last N saves into one more version (0 = off)
     precision: str = "fp32"
     seed: int = 1234
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
-        _choice("train.lr_schedule", self.lr_schedule, ("noam", "inverse_sqrt", "constant"))
+        _choice("train.lr_schedule", self.lr_schedule, ("noam", "inverse_sqrt", "constant", "linear", "cosine"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
@@ -149,6 +152,20 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip: must be >= 0, got {self.grad_clip}")
+        if self.warmup_minutes < 0:
+            raise ConfigError(f"train.warmup_minutes: must be >= 0 (0 = count warmup_steps), got {self.warmup_minutes}")
+        if self.warmup_minutes and self.lr_schedule not in ("linear", "cosine"):
+            raise ConfigError(f"train.warmup_minutes: only for lr_schedule linear or cosine, got {self.lr_schedule!r}")
+        if self.warmup_minutes and self.max_minutes and self.warmup_minutes >= self.max_minutes:
+            raise ConfigError(f"train.warmup_minutes: must be < train.max_minutes ({self.max_minutes:g}), "
+                              f"got {self.warmup_minutes:g}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.average_last < 0 or self.average_last == 1:
+            raise ConfigError(f"train.average_last: must be 0 (off) or >= 2, got {self.average_last}")
+        if self.average_last > self.keep_checkpoints:
+            raise ConfigError(f"train.average_last: must be <= train.keep_checkpoints ({self.keep_checkpoints}), "
+                              f"got {self.average_last}")
 
 
 @dataclass

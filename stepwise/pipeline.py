@@ -1,7 +1,8 @@
 """``stepwise up``: the whole pipeline on local defaults, in one command.
 
 1. a ClearML server: the configured one, or ``stepwise clearml-server`` started here;
-2. a ``production`` model: if the registry has none, train the quick preset and promote it;
+2. a ``production`` model: if the registry has none, train a preset and promote it (the quick
+   ``config/tiny.json`` on CPU, ``config/default.json`` when a CUDA GPU is there: see :func:`default_preset`);
 3. its ONNX export (made once, then reused);
 4. ``bentoml serve`` with that export, and the attention explorer in front of it.
 
@@ -34,6 +35,22 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where service.py and gradio_app/ live
 
 
+def default_preset(cuda: bool | None = None) -> str:
+    """The preset ``stepwise up`` trains when nothing is in production.
+
+    The quick preset (ten minutes on 2 CPU cores) on CPU; the default preset when a CUDA GPU
+    can train it (its hour on CPU is minutes there).
+
+    Args:
+        cuda: whether a CUDA GPU is usable (default: ask torch).
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return "config/default.json" if cuda else "config/tiny.json"
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -45,10 +62,10 @@ class Pipeline:
     SDK here and every child) at it.
     """
 
-    def __init__(self, *, config: str, project: str, clearml_port: int, service_port: int, explorer_port: int,
-                 train_minutes: float | None, state_dir: str = ".stepwise") -> None:
+    def __init__(self, *, config: str | None, project: str, clearml_port: int, service_port: int,
+                 explorer_port: int, train_minutes: float | None, state_dir: str = ".stepwise") -> None:
         self.state = Path(state_dir).resolve()
-        self.config = config
+        self.config = config or default_preset()
         self.project = project
         self.clearml_port = clearml_port
         self.service_port = service_port
@@ -109,7 +126,7 @@ class Pipeline:
             print(f"production version of {name}: {listed[0].id} (BLEU {listed[0].bleu})")
             return listed[0].id
         budget = f"{self.train_minutes:g} minutes" if self.train_minutes else "the preset's time budget"
-        print(f"no production version of {name}: training the quick preset {self.config} ({budget})", flush=True)
+        print(f"no production version of {name}: training the preset {self.config} ({budget})", flush=True)
         args = [sys.executable, "-m", "stepwise", "train", "--config", self.config, "--project-name", self.project,
                 "--task-name", f"{name}-quick", "--output-dir", str(self.state / "runs" / f"{name}-{int(time.time())}")]
         if self.train_minutes:

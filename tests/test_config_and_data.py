@@ -32,7 +32,7 @@ def test_shipped_presets_load() -> None:
         ({"model": {"dropout": 1.5}}, "model.dropout"),
         ({"model": {"activation": "tanh"}}, "model.activation"),
         ({"train": {"batch_tokens": "many"}}, "train.batch_tokens"),
-        ({"train": {"lr_schedule": "cosine"}}, "train.lr_schedule"),
+        ({"train": {"lr_schedule": "exponential"}}, "train.lr_schedule"),
         ({"data": {"corpus": "tsv"}}, "data.train_path"),
         ({"unknown": 1}, "unknown"),
     ],

@@ -72,3 +72,24 @@ def test_up_builds_then_reuses_and_stops_everything(tmp_path: Path) -> None:
     assert "training the quick preset" not in second.stdout
     assert "production version of" in second.stdout and "reusing" in second.stdout
     assert all(_closed(p) for p in ports)
+
+
+def test_up_trains_the_quick_preset_on_cpu_and_the_default_preset_on_a_gpu() -> None:
+    import torch
+
+    from stepwise.pipeline import Pipeline, default_preset
+
+    assert default_preset(cuda=False) == "config/tiny.json"
+    assert default_preset(cuda=True) == "config/default.json"
+    here = "config/default.json" if torch.cuda.is_available() else "config/tiny.json"
+    assert default_preset() == here  # on this CPU-only machine: the quick preset
+    assert (ROOT / here).is_file()
+    pipeline = Pipeline(config=None, project="p", clearml_port=0, service_port=0, explorer_port=0,
+                        train_minutes=None)
+    assert pipeline.config == here
+    chosen = Pipeline(config="config/default.json", project="p", clearml_port=0, service_port=0, explorer_port=0,
+                      train_minutes=None)
+    assert chosen.config == "config/default.json"  # --config wins
+    help_text = subprocess.run([sys.executable, "-m", "stepwise", "up", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    assert "config/default.json with a CUDA GPU" in " ".join(help_text.split())

@@ -42,7 +42,7 @@ from stepwise.errors import StepwiseError
 from stepwise.models import Transformer
 from stepwise.tokenizer import Tokenizer
 from stepwise.translate import evaluate_bleu
-from train.schedule import build_optimizer
+from train.schedule import TrainingClock, build_optimizer
 
 log = logging.getLogger("train")
 REGISTRATION_WAIT_S = 600.0  # at the end of a run, how long to wait for the server to register pending saves
@@ -56,6 +56,8 @@ class PendingRegistration:
     step: int
     metadata: dict[str, Any]
     model: Any = None  # the version an interrupted attempt created, finished by the next one
+    tags: list[str] | None = None  # default: candidate
+    comment: str = ""
 
 
 @dataclass
@@ -138,6 +140,8 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.registered: list[str] = []
         self.pending: list[PendingRegistration] = []
+        self.clock = TrainingClock()  # training seconds over every invocation (train/schedule.py)
+        self.lr = 0.0  # the learning rate the last optimizer step used
 
     # -- set-up ---------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Checkpoint | None:
@@ -213,7 +217,9 @@ class Trainer:
     def build(self, resumed: Checkpoint | None) -> None:
         torch.manual_seed(self.config.train.seed)
         self.model = Transformer(self.config.model).to(self.device)
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.config)
+        if resumed is not None:
+            self.clock = TrainingClock(spent=float(resumed.data_state.get("train_seconds", 0.0)))
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.config, self.clock)
         if resumed is not None:
             self.model.load_state_dict(resumed.model_state)
             self.optimizer.load_state_dict(resumed.optimizer_state)
@@ -258,12 +264,22 @@ class Trainer:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.clock.tick(self.rank_zero_value)  # what the schedule and the deadline read
         self.scheduler.step()
         with torch.no_grad():
             keep = ~batch.tgt_pad_mask
             accuracy = float((logits.argmax(-1) == batch.tgt_out)[keep].float().mean())
         return loss.item(), accuracy, tokens, float(grad_norm)
+
+    def rank_zero_value(self, value: float) -> float:
+        """``value`` as rank 0 has it (a broadcast; the value itself in a single process)."""
+        if self.dist.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return float(tensor.item())
 
     def run(self) -> int:
         resumed = None
@@ -279,8 +295,9 @@ class Trainer:
         self.prepare_data(resumed)
         self.build(resumed)
         cfg = self.config.train
-        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        progress = ProgressBar(cfg, self.step, disable=not self.dist.is_main)
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf  # seconds of the run's training clock
+        progress = ProgressBar(cfg, self.step, spent=self.clock.spent, disable=not self.dist.is_main)
+        self.clock.start()
         tokens_since, time_since = 0, time.monotonic()
         stop_reason = "max_steps"
         try:
@@ -297,7 +314,7 @@ class Trainer:
                         tokens_since, time_since = 0, time.monotonic()
                         self.report_training(loss, accuracy, grad_norm, rate)
                         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{rate:,.0f}",
-                                   "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+                                   "lr": f"{self.lr:.2e}"}
                         progress.set_postfix(postfix, refresh=False)
                     progress.advance(self.step)
                     at_save = self.step % cfg.save_every == 0
@@ -307,7 +324,7 @@ class Trainer:
                         self.save_and_register()
                     if self.step >= cfg.max_steps:
                         break
-                    if time.monotonic() > deadline:
+                    if self.clock.seconds() >= budget:
                         stop_reason = "max_minutes"
                         break
                 else:
@@ -327,6 +344,8 @@ class Trainer:
         if self.step % cfg.save_every != 0:
             self.evaluate()
             self.save_and_register()
+        if cfg.average_last:
+            self.average_and_register()
         self.finish(status="completed")
         return 0
 
@@ -338,21 +357,8 @@ class Trainer:
             self.dist.barrier()
             return
         cfg = self.config.train
-        model = self.model
-        model.eval()
-        loss_sum, correct, total = 0.0, 0, 0
-        for batch in token_batches(self.valid_examples, cfg.batch_tokens, shuffle=False):
-            batch = batch.to(self.device)
-            logits = model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask)
-            loss_sum += float(F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(),
-                                              ignore_index=self.tokenizer.pad_id, reduction="sum"))
-            keep = ~batch.tgt_pad_mask
-            correct += int((logits.argmax(-1) == batch.tgt_out)[keep].sum())
-            total += int(keep.sum())
-        bleu, hypotheses = evaluate_bleu(model, self.tokenizer, self.valid_pairs, beam_size=cfg.eval_beam_size,
-                                         limit=cfg.eval_sentences)
-        self.last_metrics = {"val_loss": loss_sum / max(total, 1), "val_accuracy": correct / max(total, 1),
-                             "bleu": bleu}
+        self.last_metrics, hypotheses = self.validation_metrics(self.model)
+        bleu = self.last_metrics["bleu"]
         log.info("step %d: val loss %.3f, accuracy %.3f, BLEU %.2f | %s -> %s", self.step,
                  self.last_metrics["val_loss"], self.last_metrics["val_accuracy"], bleu,
                  self.valid_pairs[0][0][:60], hypotheses[0][:60])
@@ -365,6 +371,24 @@ class Trainer:
             for i, (src, _) in enumerate(self.valid_pairs[: cfg.heatmap_sentences]):
                 self.report_heatmaps(logger, i, src)
         self.dist.barrier()
+
+    @torch.no_grad()
+    def validation_metrics(self, model: Transformer) -> tuple[dict[str, float], list[str]]:
+        """``model``'s validation loss, token accuracy and BLEU; and its translations."""
+        cfg = self.config.train
+        model.eval()
+        loss_sum, correct, total = 0.0, 0, 0
+        for batch in token_batches(self.valid_examples, cfg.batch_tokens, shuffle=False):
+            batch = batch.to(self.device)
+            logits = model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask)
+            loss_sum += float(F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(),
+                                              ignore_index=self.tokenizer.pad_id, reduction="sum"))
+            keep = ~batch.tgt_pad_mask
+            correct += int((logits.argmax(-1) == batch.tgt_out)[keep].sum())
+            total += int(keep.sum())
+        bleu, hypotheses = evaluate_bleu(model, self.tokenizer, self.valid_pairs, beam_size=cfg.eval_beam_size,
+                                         limit=cfg.eval_sentences)
+        return {"val_loss": loss_sum / max(total, 1), "val_accuracy": correct / max(total, 1), "bleu": bleu}, hypotheses
 
     def report_heatmaps(self, logger: Any, index: int, sentence: str) -> None:
         """Cross-attention of a fixed sentence: head-averaged and per head, for every layer."""
@@ -390,7 +414,7 @@ class Trainer:
         logger = self.task.get_logger()
         logger.report_scalar("loss", "train", loss, iteration=self.step)
         logger.report_scalar("token accuracy", "train", accuracy, iteration=self.step)
-        logger.report_scalar("learning rate", "lr", self.scheduler.get_last_lr()[0], iteration=self.step)
+        logger.report_scalar("learning rate", "lr", self.lr, iteration=self.step)
         logger.report_scalar("gradient norm", "global", grad_norm, iteration=self.step)
         for name, norm in _layer_grad_norms(self.model).items():
             logger.report_scalar("gradient norm per layer", name, norm, iteration=self.step)
@@ -405,7 +429,8 @@ class Trainer:
             step=self.step, metrics=dict(self.last_metrics), optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(), rng_state=rng_state(),
             data_state={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                        "clearml_task_id": self.task.id if self.task is not None else None})
+                        "clearml_task_id": self.task.id if self.task is not None else None,
+                        "train_seconds": self.clock.seconds()})
 
     def save_and_register(self) -> None:
         """Save a checkpoint, queue it for registration, register what the server takes now."""
@@ -430,7 +455,8 @@ class Trainer:
             item = self.pending[0]
             try:
                 model_id = registry.register_checkpoint(self.task, item.path, name=self.config.name, step=item.step,
-                                                        metadata=item.metadata, model=item.model)
+                                                        metadata=item.metadata, model=item.model, tags=item.tags,
+                                                        comment=item.comment)
             except Exception as exc:  # noqa: BLE001 - the checkpoint is safe on disk; training goes on
                 if isinstance(exc, registry.RegistrationInterrupted):
                     item.model = exc.model
@@ -454,6 +480,40 @@ class Trainer:
         if self.pending:
             log.error("ClearML server unreachable: %d checkpoint(s) stay unregistered on disk: %s", len(self.pending),
                       ", ".join(str(p.path) for p in self.pending))
+
+    def average_and_register(self) -> None:
+        """``train.average_last``: average the last saves (stepwise/averaging.py), score the average on
+        the validation set, save it beside the saves (``average-step-N.pt``, which ``--resume`` and
+        the rotation of old saves leave alone) and register it as its own version (through the
+        pending queue, like every save)."""
+        if not self.dist.is_main:
+            return
+        from stepwise.averaging import average_checkpoints
+
+        cfg = self.config.train
+        saves = sorted(self.checkpoint_dir.glob("step-*.pt"))[-cfg.average_last :]
+        if len(saves) < 2:
+            log.info("train.average_last: %d save(s), nothing to average", len(saves))
+            return
+        averaged = average_checkpoints([load_checkpoint(path) for path in saves])
+        steps = averaged.data_state["averaged_steps"]
+        averaged.metrics, _ = self.validation_metrics(averaged.build_model().to(self.device))
+        path = save_checkpoint(self.checkpoint_dir / f"average-step-{self.step:07d}.pt", averaged)
+        bleu = averaged.metrics["bleu"]
+        log.info("averaged steps %s into %s: validation BLEU %.2f (last save %.2f)", ", ".join(map(str, steps)),
+                 path, bleu, self.last_metrics.get("bleu", float("nan")))
+        if self.task is None:
+            return
+        self.task.get_logger().report_scalar("BLEU", f"validation (beam {cfg.eval_beam_size}), average of last "
+                                             f"{len(steps)}", bleu, iteration=self.step)
+        if self.args.offline or self.args.no_register:
+            return
+        metadata = {"bleu": round(bleu, 2), "loss": round(averaged.metrics["val_loss"], 4), "step": self.step,
+                    "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair,
+                    "averaged_steps": ",".join(map(str, steps))}
+        self.pending.append(PendingRegistration(path, self.step, metadata, tags=[registry.CANDIDATE, "averaged"],
+                                                comment=f"average of steps {metadata['averaged_steps']}"))
+        self.register_pending()
 
     def finish(self, status: str) -> None:
         if self.task is not None:
@@ -479,7 +539,8 @@ class ProgressPlan:
     unit: str
 
 
-def progress_plan(train: TrainConfig, *, step: int, elapsed: float = 0.0, steps_run: int = 0) -> ProgressPlan:
+def progress_plan(train: TrainConfig, *, step: int, elapsed: float = 0.0, steps_run: int = 0,
+                  spent: float = 0.0) -> ProgressPlan:
     """The progress bar's total: what ends the run, whichever comes first.
 
     Without a time budget (``train.max_minutes`` 0) the run ends at ``train.max_steps``, and the
@@ -490,14 +551,15 @@ def progress_plan(train: TrainConfig, *, step: int, elapsed: float = 0.0, steps_
     Args:
         train: the run's settings.
         step: the optimizer step reached (a resumed run starts past 0).
-        elapsed: seconds since this invocation started training (the budget is per invocation).
+        elapsed: seconds since this invocation started training.
         steps_run: steps taken in those seconds (0: pace unknown yet).
+        spent: training seconds of earlier invocations (the budget is the run's, resumes included).
     """
     if not train.max_minutes:
         return ProgressPlan(total=train.max_steps, unit="step")
     seconds = train.max_minutes * 60
     if steps_run:
-        seconds = min(seconds, elapsed + (train.max_steps - step) * elapsed / steps_run)
+        seconds = min(seconds, spent + elapsed + (train.max_steps - step) * elapsed / steps_run)
     return ProgressPlan(total=max(1, math.ceil(seconds)), unit="s")
 
 
@@ -507,13 +569,15 @@ class ProgressBar:
     FORMATS = {"step": "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                "s": "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]"}
 
-    def __init__(self, train: TrainConfig, step: int, *, disable: bool = False) -> None:
+    def __init__(self, train: TrainConfig, step: int, *, spent: float = 0.0, disable: bool = False) -> None:
         self.train = train
         self.first_step = self.step = step
+        self.spent = spent  # training seconds of earlier invocations of this run
         self.postfix: dict[str, str] = {}
         self.started = time.monotonic()
-        self.plan = progress_plan(train, step=step)
-        self.bar = tqdm(total=self.plan.total, initial=step if self.plan.unit == "step" else 0, unit=self.plan.unit,
+        self.plan = progress_plan(train, step=step, spent=spent)
+        initial = step if self.plan.unit == "step" else min(int(spent), self.plan.total)
+        self.bar = tqdm(total=self.plan.total, initial=initial, unit=self.plan.unit,
                         desc="time budget" if self.plan.unit == "s" else None, disable=disable, dynamic_ncols=True,
                         mininterval=1.0, bar_format=self.FORMATS[self.plan.unit])
 
@@ -524,10 +588,11 @@ class ProgressBar:
             self.bar.update(1)
             return
         elapsed = time.monotonic() - self.started
-        self.plan = progress_plan(self.train, step=step, elapsed=elapsed, steps_run=step - self.first_step)
+        self.plan = progress_plan(self.train, step=step, elapsed=elapsed, steps_run=step - self.first_step,
+                                  spent=self.spent)
         self.bar.total = self.plan.total
         self.set_postfix(self.postfix)
-        self.bar.update(min(int(elapsed), self.plan.total) - self.bar.n)
+        self.bar.update(min(int(self.spent + elapsed), self.plan.total) - self.bar.n)
 
     def set_postfix(self, postfix: dict[str, str], refresh: bool = False) -> None:
         """Figures shown after the bar; a bar counting seconds also shows the step."""
