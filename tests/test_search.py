@@ -1,12 +1,14 @@
 """The shared search loop (``stepwise.search``): its k×k beam ranking against a textbook
-full-vocabulary beam search, the ONNX Runtime path without torch, the output budget on the ONNX
-path, and the one input-length rule across training, PyTorch and ONNX translation."""
+full-vocabulary beam search, the output budget on both runtimes, the ONNX Runtime path without
+torch, and the one input-length rule across training, PyTorch and ONNX translation."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +18,15 @@ import torch
 from stepwise.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stepwise.config import Config
 from stepwise.data import encode_pairs
+from stepwise.decoding import beam_search, decode, greedy_decode
 from stepwise.export import export_checkpoint
 from stepwise.models import Transformer
 from stepwise.onnx_decoding import OnnxTranslator
-from stepwise.search import search
+from stepwise.search import length_limits, search
 from stepwise.tokenizer import Tokenizer, truncate
 from stepwise.translate import encode_sources, translate, translate_ids
 
-from conftest import SAMPLE_PAIRS
-from test_decoding import never_eos
+from conftest import SAMPLE_PAIRS, make_model, padded_batch
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 12
@@ -66,9 +68,11 @@ class TableSteps:
         return np.take_along_axis(log_probs, top_ids, -1).astype(np.float32), top_ids, None, None
 
 
-def reference_beam_search(sentence: int, *, beam_size: int, length_penalty: float, budget: int) -> list[int]:
-    """The textbook beam search: every (hypothesis, token) pair of the vocabulary ranked each step,
-    a finished hypothesis carried at its score; the best by the GNMT length penalty at the end."""
+def reference_beam_search(log_probs: Callable[[tuple[int, ...]], np.ndarray], *, beam_size: int,
+                          length_penalty: float, budget: int) -> list[int]:
+    """The textbook beam search for one sentence, given its next-token log-probabilities per prefix:
+    every (hypothesis, token) pair of the vocabulary ranked each step, a finished hypothesis carried
+    at its score; the best by the GNMT length penalty at the end."""
     beams: list[tuple[tuple[int, ...], float, bool]] = [((), 0.0, False)]
     for _ in range(budget):
         candidates = []
@@ -76,7 +80,7 @@ def reference_beam_search(sentence: int, *, beam_size: int, length_penalty: floa
             if done:
                 candidates.append((tokens, score, True))
                 continue
-            for token, gain in enumerate(table_log_probs(sentence, tokens)):
+            for token, gain in enumerate(log_probs(tokens)):
                 if np.isfinite(gain):
                     candidates.append(((*tokens, token), score + float(gain), token == EOS))
         beams = sorted(candidates, key=lambda c: -c[1])[:beam_size]
@@ -94,11 +98,59 @@ def test_k_by_k_beam_equals_full_vocabulary_beam_search(beam_size: int, can_drop
     hyps = search(TableSteps(len(source_lengths), beam_size, can_drop_rows), source_lengths, beam_size=beam_size,
                   length_penalty=0.6, max_length=None, max_positions=64, bos_id=BOS, eos_id=EOS, pad_id=PAD)
     emitted = [h.tokens + ([EOS] if h.finished else []) for h in hyps]
-    expected = [reference_beam_search(s, beam_size=beam_size, length_penalty=0.6, budget=2 * n + 10)
-                for s, n in enumerate(source_lengths)]
+    expected = [reference_beam_search(partial(table_log_probs, s), beam_size=beam_size, length_penalty=0.6,
+                                      budget=2 * n + 10) for s, n in enumerate(source_lengths)]
     assert emitted == expected
     # the table makes the check meaningful: some end with EOS, some run out of budget, lengths vary
     assert any(h.finished for h in hyps) and len({len(e) for e in emitted}) > 2
+
+
+@pytest.mark.parametrize("beam_size", [2, 4])
+def test_pytorch_beam_search_equals_full_vocabulary_beam_search(beam_size: int) -> None:
+    model = make_model(seed=3, vocab_size=24)  # an untrained model whose beams part from greedy search
+    src, src_mask = padded_batch(24, [6, 4, 7, 5], seed=11)
+
+    def model_log_probs(sentence: torch.Tensor, prefix: tuple[int, ...]) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(sentence[None], torch.tensor([[model.config.bos_id, *prefix]]))
+        log_probs = torch.log_softmax(logits[0, -1].float(), -1)
+        log_probs[[model.config.pad_id, model.config.bos_id]] = float("-inf")
+        return log_probs.numpy()
+
+    hyps = beam_search(model, src, src_mask, beam_size=beam_size, length_penalty=0.6, max_length=9)
+    greedy = greedy_decode(model, src, src_mask, max_length=9)
+    assert any(g.tokens != h.tokens for g, h in zip(greedy, hyps, strict=True))
+    for b, hyp in enumerate(hyps):
+        sentence = src[b, : int((~src_mask[b]).sum())]
+        expected = reference_beam_search(partial(model_log_probs, sentence), beam_size=beam_size,
+                                         length_penalty=0.6, budget=9)
+        assert hyp.tokens + ([EOS] if hyp.finished else []) == expected
+
+
+# -- the output budget -------------------------------------------------------------------------
+def never_eos(model: Transformer) -> Transformer:
+    """Make a pre-LN model unable to prefer EOS: the final norm's bias puts 100 on feature 0, which
+    only EOS's output row reads (with weight -1), so EOS's logit is about -100 at every step."""
+    eos = model.config.eos_id
+    with torch.no_grad():
+        model.decoder_norm.bias[0] = 100.0
+        model.output_projection.weight[:, 0] = 0.0
+        model.output_projection.weight[eos, 0] = -1.0
+    return model
+
+
+def test_default_budget_is_two_source_lengths_plus_ten_within_the_positional_table() -> None:
+    model = never_eos(make_model(seed=2, vocab_size=40, norm_placement="pre", max_positions=48))
+    lengths = [3, 9, 20]  # budgets 16, 28 and 50 -> 47 (max_positions - 1)
+    src, src_mask = padded_batch(40, lengths, seed=4)
+    assert length_limits(lengths, None, 48).tolist() == [16, 28, 47]
+    for beam in (1, 3):
+        hyps = decode(model, src, src_mask, beam_size=beam)
+        assert [len(h.tokens) for h in hyps] == [16, 28, 47]
+        assert not any(h.finished for h in hyps)
+        # max_length caps every sentence, short or long
+        capped = decode(model, src, src_mask, beam_size=beam, max_length=12)
+        assert [len(h.tokens) for h in capped] == [12, 12, 12]
 
 
 # -- the ONNX Runtime path ----------------------------------------------------------------------
