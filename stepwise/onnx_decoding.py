@@ -11,7 +11,8 @@ Cache layout: one keys and one values tensor per layer, ``[B, H, T, d_k]``; atte
 stacked over layers, ``[L, B, H, T_q, T_k]``. The decoder graph ends in top-K, so each step
 hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution, and gathers the cache
 rows named by ``past_order`` itself. Sessions share one global thread pool, so the encoder's and
-the decoder's pools do not fight over the cores."""
+the decoder's pools do not fight over the cores.
+"""
 
 from __future__ import annotations
 
