@@ -204,7 +204,8 @@ def encode_pairs(
     kept = [(s, t) for s, t in zip(src, tgt) if len(s) <= max_length and len(t) + 1 <= max_length
             and (max_positions is None or len(truncate(s, max_positions)) == len(s))]
     if len(kept) < len(pairs):
-        log.info("dropped %d of %d pairs longer than %d tokens", len(pairs) - len(kept), len(pairs), max_length)
+        log.info("dropped %d of %d pairs longer than %d tokens (or than the positional table allows)",
+                 len(pairs) - len(kept), len(pairs), max_length)
     return kept
 
 

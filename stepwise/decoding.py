@@ -26,7 +26,8 @@ class TorchSteps:
     one decoder step of ``model`` (see :class:`stepwise.search.Step`).
 
     Rows can be dropped: :meth:`select_rows` indexes the cross-attention keys/values and the
-    source mask, and ``past_order`` gathers the self-attention cache.
+    source mask, and ``past_order`` gathers the self-attention cache. Use it under
+    ``torch.no_grad()`` (as :func:`greedy_decode` and :func:`beam_search` do).
     """
 
     can_drop_rows = True
@@ -55,7 +56,6 @@ class TorchSteps:
         if self.src_pad_mask is not None:
             self.src_pad_mask = self.src_pad_mask[index]
 
-    @torch.no_grad()
     def __call__(
         self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
