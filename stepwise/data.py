@@ -23,7 +23,7 @@ from torch import Tensor
 
 from stepwise.config import DataConfig
 from stepwise.errors import CorpusError
-from stepwise.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from stepwise.tokenizer import BOS_ID, EOS_ID, PAD_ID, truncate
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +198,21 @@ def collate(examples: Sequence[tuple[list[int], list[int]]]) -> Batch:
     return Batch(src, tgt_in, tgt_out, src_mask, tgt_mask)
 
 
-def encode_pairs(pairs: Sequence[Pair], tokenizer: object, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Tokenize pairs, dropping those longer than ``max_length`` tokens on either side."""
+def encode_pairs(
+    pairs: Sequence[Pair], tokenizer: object, max_length: int, *, max_positions: int | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize pairs, dropping those longer than ``max_length`` tokens on either side.
+
+    With ``max_positions``, a pair whose source :func:`stepwise.tokenizer.truncate` would cut is
+    dropped too: translation cuts such a source, but a cut source no longer matches its target.
+    """
     src = tokenizer.encode_batch([s for s, _ in pairs])  # type: ignore[attr-defined]
     tgt = tokenizer.encode_batch([t for _, t in pairs], add_eos=False)  # type: ignore[attr-defined]
-    kept = [(s, t) for s, t in zip(src, tgt) if len(s) <= max_length and len(t) + 1 <= max_length]
+    kept = [(s, t) for s, t in zip(src, tgt) if len(s) <= max_length and len(t) + 1 <= max_length
+            and (max_positions is None or len(truncate(s, max_positions)) == len(s))]
     if len(kept) < len(pairs):
-        log.info("dropped %d of %d pairs longer than %d tokens", len(pairs) - len(kept), len(pairs), max_length)
+        log.info("dropped %d of %d pairs longer than %d tokens (or than the positional table allows)",
+                 len(pairs) - len(kept), len(pairs), max_length)
     return kept
 
 

@@ -1,56 +1,83 @@
-"""Incremental decoding with a KV cache: greedy search and beam search share one loop.
+"""The PyTorch decoder step, and greedy and beam search through the shared loop.
 
-At step ``t`` the decoder sees only the newest token; the keys and values of earlier
-positions come from the cache (``past``), and cross-attention keys/values are projected from
-the encoder memory once. Each step therefore costs one position per layer instead of ``t``.
-
-Beam search keeps ``beam_size`` hypotheses per sentence, all in one batch of
-``B * beam_size`` rows. Each step scores every (hypothesis, next token) pair by summed
-log-probability, keeps the best ``beam_size`` per sentence and reorders the cache rows to
-follow them. A finished hypothesis stays in the beam, extending only with padding at no
-cost. At the end hypotheses are ranked with the GNMT length penalty
-``score / ((5 + length) / 6) ** alpha``. Greedy search is the same loop with the argmax.
-
-When asked, the attention of every generated step is recorded and followed back through the
-beam reorderings, so each result carries its own maps in the shared layout
-``{"encoder": [L x (H, S, S)], "decoder": [L x (H, T, T)], "cross": [L x (H, T, S)]}``
-where ``T`` counts the generated tokens including the final EOS.
+The loop itself (length budget, beam ranking, finished hypotheses, GNMT length penalty,
+attention traced back through the beam) is :mod:`stepwise.search`, written once for every
+runtime. This module supplies its PyTorch step (:class:`TorchSteps`): the model encodes the
+batch once, projects the encoder memory into every decoder layer's cross-attention keys and
+values once, and each step then runs one new position per layer against the self-attention KV
+cache, returning the top-K next tokens (PAD and BOS never generated) and, when asked, this
+step's attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 from torch import Tensor
 
 from stepwise.models.transformer import Transformer
+from stepwise.search import Hypothesis, length_limits, search
+
+__all__ = ["Hypothesis", "TorchSteps", "beam_search", "decode", "greedy_decode", "length_limits"]
 
 
-@dataclass
-class Hypothesis:
-    """One decoded sentence.
+class TorchSteps:
+    """Encoder output and KV cache of one batch for :func:`stepwise.search.search`; each call runs
+    one decoder step of ``model`` (see :class:`stepwise.search.Step`).
 
-    Attributes:
-        tokens: generated token ids, without BOS and EOS.
-        score: summed log-probability (length-normalised for beam search).
-        finished: the hypothesis ended with EOS (rather than at ``max_length``).
-        attention: per kind, one ``[H, T, K]`` tensor per layer; None unless asked.
+    Rows can be dropped: :meth:`select_rows` indexes the cross-attention keys/values and the
+    source mask, and ``past_order`` gathers the self-attention cache. Use it under
+    ``torch.no_grad()`` (as :func:`greedy_decode` and :func:`beam_search` do).
     """
 
-    tokens: list[int]
-    score: float
-    finished: bool
-    attention: dict[str, list[Tensor]] | None = None
+    can_drop_rows = True
+
+    def __init__(self, model: Transformer, src_ids: Tensor, src_pad_mask: Tensor | None, beam_size: int,
+                 need_attention: bool) -> None:
+        cfg = model.config
+        self.model = model
+        self.top_k = beam_size
+        self.device = src_ids.device
+        memory, enc_weights = model.encode(src_ids, src_pad_mask, need_weights=need_attention)
+        self.encoder_attention = _to_numpy(enc_weights) if need_attention else None
+        # every hypothesis of a sentence shares its memory: repeat each sentence k times
+        self.cross_kv = [(key.repeat_interleave(beam_size, 0), value.repeat_interleave(beam_size, 0))
+                         for key, value in model.cross_key_values(memory)]
+        self.src_pad_mask = None if src_pad_mask is None else src_pad_mask.repeat_interleave(beam_size, 0)
+        self.past: list[tuple[Tensor, Tensor]] | None = None
+        # added to the log-probabilities: PAD and BOS are never generated
+        self.never = torch.zeros(cfg.vocab_size, device=self.device)
+        self.never[[cfg.pad_id, cfg.bos_id]] = float("-inf")
+
+    def select_rows(self, positions: np.ndarray) -> None:
+        """Keep only these rows of the memory and mask (``past_order`` gathers the cache)."""
+        index = torch.from_numpy(positions).to(self.device)
+        self.cross_kv = [(key[index], value[index]) for key, value in self.cross_kv]
+        if self.src_pad_mask is not None:
+            self.src_pad_mask = self.src_pad_mask[index]
+
+    def __call__(
+        self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One step: ``(top_log_probs [n, K], top_ids [n, K], self_attention, cross_attention)``."""
+        past = self.past
+        if past is not None and not (len(past_order) == past[0][0].shape[0]
+                                     and np.array_equal(past_order, np.arange(len(past_order)))):
+            index = torch.from_numpy(past_order).to(self.device)
+            past = [(key.index_select(0, index), value.index_select(0, index)) for key, value in past]
+        logits, self.past, self_w, cross_w = self.model.decode(
+            torch.from_numpy(tokens).to(self.device), self.cross_kv, src_pad_mask=self.src_pad_mask, past=past,
+            need_weights=need_attention)
+        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1) + self.never
+        top_log_probs, top_ids = log_probs.topk(self.top_k, dim=-1)
+        if not need_attention:
+            return top_log_probs.cpu().numpy(), top_ids.cpu().numpy(), None, None
+        return top_log_probs.cpu().numpy(), top_ids.cpu().numpy(), _to_numpy(self_w), _to_numpy(cross_w)
 
 
-def length_limits(source_lengths: Tensor, max_length: int | None, max_positions: int) -> Tensor:
-    """Per-sentence output budget: ``max_length`` if given, else ``2 * S + 10`` for each sentence's
-    own length ``S`` (so a sentence decodes the same alone or in any batch), within the positional
-    table."""
-    if max_length is not None:
-        return torch.full_like(source_lengths, min(max_length, max_positions - 1))
-    return torch.clamp(2 * source_lengths + 10, max=max_positions - 1)
+def _to_numpy(weights: list[Tensor]) -> np.ndarray:
+    """Per-layer ``[B, H, T_q, T_k]`` tensors as one float32 array ``[L, B, H, T_q, T_k]``."""
+    return torch.stack(weights).float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -89,7 +116,7 @@ def beam_search(
     max_length: int | None = None,
     return_attention: bool = False,
 ) -> list[Hypothesis]:
-    """Keep the ``beam_size`` best hypotheses per sentence; see the module docstring.
+    """Keep the ``beam_size`` best hypotheses per sentence; see :mod:`stepwise.search`.
 
     Args:
         model: the transformer (eval mode).
@@ -129,116 +156,11 @@ def _search(
     return_attention: bool,
 ) -> list[Hypothesis]:
     cfg = model.config
+    if not 1 <= beam_size <= cfg.vocab_size:
+        raise ValueError(f"beam_size must be between 1 and the vocabulary size {cfg.vocab_size}")
     batch, src_len = src_ids.shape
-    k = beam_size
-    rows = batch * k
-    device = src_ids.device
-    src_lengths = torch.full((batch,), src_len, device=device) if src_pad_mask is None else (~src_pad_mask).sum(1)
-    row_limit = length_limits(src_lengths, max_length, cfg.max_positions).repeat_interleave(k)
-
-    memory, enc_weights = model.encode(src_ids, src_pad_mask, need_weights=return_attention)
-    # every hypothesis of a sentence shares its memory: repeat each sentence k times
-    cross_kv = [(key.repeat_interleave(k, 0), value.repeat_interleave(k, 0))
-                for key, value in model.cross_key_values(memory)]
-    row_pad_mask = None if src_pad_mask is None else src_pad_mask.repeat_interleave(k, 0)
-
-    tokens = torch.full((rows, 1), cfg.bos_id, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, k, device=device)
-    scores[:, 1:] = float("-inf")  # all beams start identical: let only the first one expand
-    scores = scores.view(rows)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    past = None
-    first_row = torch.arange(batch, device=device)[:, None] * k
-    steps: list[tuple[Tensor, list[Tensor], list[Tensor]]] = []  # (origin, self, cross) per step
-
-    for step in range(int(row_limit.max())):
-        logits, past, self_w, cross_w = model.decode(tokens[:, -1:], cross_kv, src_pad_mask=row_pad_mask,
-                                                     past=past, need_weights=return_attention)
-        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
-        log_probs[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")  # never generated
-        # a finished hypothesis may only grow by padding, at no cost
-        log_probs[finished] = float("-inf")
-        log_probs[finished, cfg.pad_id] = 0.0
-
-        if k == 1:
-            next_tokens = log_probs.argmax(dim=-1)
-            scores = scores + log_probs.gather(1, next_tokens[:, None]).squeeze(1)
-            origin = torch.arange(rows, device=device)
-        else:
-            vocab = log_probs.shape[-1]
-            candidates = (scores[:, None] + log_probs).view(batch, k * vocab)
-            top_scores, top_index = candidates.topk(k, dim=-1)
-            origin = (first_row + torch.div(top_index, vocab, rounding_mode="floor")).view(rows)
-            next_tokens = (top_index % vocab).view(rows)
-            scores = top_scores.view(rows)
-            # follow the surviving hypotheses: reorder everything indexed by row
-            tokens = tokens[origin]
-            finished = finished[origin]
-            past = [(key[origin], value[origin]) for key, value in past]
-
-        if return_attention:
-            steps.append((origin, [w[:, :, 0] for w in self_w], [w[:, :, 0] for w in cross_w]))
-        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-        finished = finished | (next_tokens == cfg.eos_id) | (step + 1 >= row_limit)
-        if bool(finished.all()):
-            break
-
-    generated = tokens[:, 1:]
-    lengths = _lengths(generated, cfg.eos_id, cfg.pad_id)
-    final = scores.clone()
-    if k > 1 and length_penalty > 0:
-        final = final / ((5.0 + lengths.float()) / 6.0) ** length_penalty
-    best = first_row.squeeze(1) + final.view(batch, k).argmax(dim=-1)
-
-    results = []
-    for b in range(batch):
-        row = int(best[b])
-        ids = generated[row, : int(lengths[row])].tolist()
-        ended = bool(ids) and ids[-1] == cfg.eos_id
-        attention = None
-        if return_attention:
-            src_real = src_len if src_pad_mask is None else int((~src_pad_mask[b]).sum())
-            attention = _collect_attention(steps, row, len(ids), b, src_real, enc_weights)
-        if ended:
-            ids = ids[:-1]
-        results.append(Hypothesis(tokens=ids, score=float(final[row]), finished=ended, attention=attention))
-    return results
-
-
-def _lengths(generated: Tensor, eos_id: int, pad_id: int) -> Tensor:
-    """Number of tokens up to and including the first EOS (or all non-padding ones)."""
-    is_eos = generated == eos_id
-    any_eos = is_eos.any(dim=1)
-    first_eos = is_eos.float().argmax(dim=1)
-    return torch.where(any_eos, first_eos + 1, (generated != pad_id).sum(dim=1))
-
-
-def _collect_attention(
-    steps: list[tuple[Tensor, list[Tensor], list[Tensor]]],
-    row: int,
-    length: int,
-    sentence: int,
-    src_real: int,
-    enc_weights: list[Tensor],
-) -> dict[str, list[Tensor]]:
-    """Walk the beam back-pointers from ``row`` and stack that hypothesis's attention."""
-    self_rows: list[list[Tensor]] = []
-    cross_rows: list[list[Tensor]] = []
-    for t in range(length - 1, -1, -1):
-        origin, self_w, cross_w = steps[t]
-        row = int(origin[row])  # the row that computed step t for this hypothesis
-        self_rows.append([w[row] for w in self_w])  # L x [H, t+1]
-        cross_rows.append([w[row, :, :src_real] for w in cross_w])  # L x [H, S]
-    self_rows.reverse()
-    cross_rows.reverse()
-    n_layers = len(self_rows[0]) if self_rows else 0
-    decoder, cross = [], []
-    for layer in range(n_layers):
-        heads = self_rows[0][layer].shape[0]
-        square = self_rows[0][layer].new_zeros(heads, length, length)
-        for t in range(length):
-            square[:, t, : t + 1] = self_rows[t][layer]
-        decoder.append(square)
-        cross.append(torch.stack([cross_rows[t][layer] for t in range(length)], dim=1))
-    encoder = [w[sentence, :, :src_real, :src_real] for w in enc_weights]
-    return {"encoder": encoder, "decoder": decoder, "cross": cross}
+    lengths = [src_len] * batch if src_pad_mask is None else (~src_pad_mask).sum(1).tolist()
+    step = TorchSteps(model, src_ids, src_pad_mask, beam_size, return_attention)
+    return search(step, lengths, beam_size=beam_size, length_penalty=length_penalty, max_length=max_length,
+                  max_positions=cfg.max_positions, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+                  return_attention=return_attention)

@@ -1,17 +1,17 @@
-"""The ONNX Runtime decoding loop: an export directory in, translations and attention out.
+"""The ONNX Runtime runtime: an export directory in, translations and attention out.
 
-This mirrors :mod:`stepwise.decoding` (greedy and beam search in one loop, the same GNMT
-length penalty, the same attention layout) on top of two ONNX Runtime sessions: the encoder
-(run once per batch) and one decoder step that takes the KV cache in and gives it back one
-position longer. It imports numpy, onnxruntime and sentencepiece only (no torch), so the
-service, the benchmarks and the exporter's parity check all share it.
+Two ONNX Runtime sessions: the encoder (run once per batch) and one decoder step that takes the
+KV cache in and gives it back one position longer (:class:`DecoderSteps`). The search itself
+(greedy and beam, length budget, GNMT length penalty, attention traced back through the beam) is
+the shared loop of :mod:`stepwise.search`, the same one the PyTorch path runs. This module
+imports numpy, onnxruntime and sentencepiece only (no torch), so the service, the benchmarks and
+the exporter's parity check all share it.
 
 Cache layout: one keys and one values tensor per layer, ``[B, H, T, d_k]``; attention outputs
 stacked over layers, ``[L, B, H, T_q, T_k]``. The decoder graph ends in top-K, so each step
-hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution: greedy takes the first,
-beam search of width k ranks the k×k candidates of each sentence (the k best continuations of
-every hypothesis contain the k best overall). Sessions share one global thread pool, so the
-encoder's and the decoder's pools do not fight over the cores.
+hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution, and gathers the cache
+rows named by ``past_order`` itself. Sessions share one global thread pool, so the encoder's and
+the decoder's pools do not fight over the cores.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import numpy as np
 import onnxruntime as ort
 
 from stepwise.errors import DeviceUnavailable, ExportFormatError
-from stepwise.tokenizer import Tokenizer
+from stepwise.search import Hypothesis, search
+from stepwise.tokenizer import Tokenizer, truncate
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,6 @@ TOP_K = 16  # candidates the decoder graph returns per row: the widest beam it s
 
 _THREAD_POOL_LOCK = threading.Lock()
 _THREAD_POOL_THREADS: int | None = None
-
-
-@dataclass
-class OnnxHypothesis:
-    """One decoded sentence from the ONNX path (same fields as ``decoding.Hypothesis``).
-
-    ``attention`` maps kind to an array ``[L, H, T_q, T_k]`` (already cut to the real lengths).
-    """
-
-    tokens: list[int]
-    score: float
-    finished: bool
-    attention: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -116,7 +104,8 @@ def available_providers(device: str = "auto") -> list[str]:
 
 
 class DecoderSteps:
-    """Encoder output and KV cache of one batch; each call runs one decoder step.
+    """Encoder output and KV cache of one batch; each call runs one decoder step (the ONNX
+    Runtime :class:`stepwise.search.Step`).
 
     On CPU the cache is a numpy array fed back as the next input. On CUDA the cache stays on
     the GPU: outputs are bound to device memory with IOBinding and the next step reads them
@@ -206,7 +195,6 @@ class OnnxTranslator:
         self.encoder = ort.InferenceSession(str(self.export_dir / ENCODER_FILE), options, providers=providers)
         self.decoder = ort.InferenceSession(str(self.export_dir / DECODER_FILE), options, providers=providers)
         self.provider = self.decoder.get_providers()[0]
-        self.loaded_at = time.time()
         past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_keys_")]  # [B, H, T, d_k] each
         self.n_layers, self.n_heads, self.d_k = len(past), int(past[0].shape[1]), int(past[0].shape[3])
         self.top_k = int(next(o.shape[1] for o in self.decoder.get_outputs() if o.name == "top_ids"))
@@ -216,132 +204,27 @@ class OnnxTranslator:
         """Encode a batch and return the step function over its KV cache (on the session's device)."""
         return DecoderSteps(self, src, src_mask, beam_size)
 
-    # -- the loop ---------------------------------------------------------------------------------
     def decode_ids(
         self, sources: list[list[int]], *, beam_size: int = 1, length_penalty: float = 0.6,
         max_length: int | None = None, return_attention: bool = False,
-    ) -> list[OnnxHypothesis]:
+    ) -> list[Hypothesis]:
         """Greedy (``beam_size == 1``) or beam search over encoded sources (each ending with EOS)."""
         if not 1 <= beam_size <= self.top_k:
             raise ValueError(f"beam_size must be between 1 and {self.top_k} (the export's top-K)")
         tok = self.tokenizer
-        batch = len(sources)
         src_len = max(len(s) for s in sources)
-        src = np.full((batch, src_len), tok.pad_id, dtype=np.int64)
+        src = np.full((len(sources), src_len), tok.pad_id, dtype=np.int64)
         for i, ids in enumerate(sources):
             src[i, : len(ids)] = ids
-        src_mask = src == tok.pad_id
-        k = beam_size
-        rows = batch * k
-        # per-sentence budget, as in decoding.length_limits: the same output alone or in any batch
-        lengths = np.array([len(s) for s in sources])
-        limit = np.full(batch, max_length) if max_length is not None else 2 * lengths + 10
-        row_limit = np.repeat(np.minimum(limit, self.max_positions - 1), k)
-
-        step = self.start(src, src_mask, beam_size=k)
-        max_steps = int(row_limit.max())
-        tokens = np.full((rows, max_steps + 1), tok.pad_id, dtype=np.int64)
-        tokens[:, 0] = tok.bos_id
-        scores = np.zeros((batch, k), dtype=np.float32)
-        scores[:, 1:] = -np.inf  # only the first beam expands at the first step
-        scores = scores.reshape(rows)
-        finished = np.zeros(rows, dtype=bool)
-        origin = np.arange(rows, dtype=np.int64)  # row r continues what row origin[r] had
-        cache_pos = np.arange(rows, dtype=np.int64)  # where each row's keys/values sit in the cache
-        active = np.arange(rows, dtype=np.int64)  # rows still decoding (every beam of unfinished sentences)
-        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-
-        for t in range(max_steps):
-            # the graph gathers the cache rows each active row continues: beam reordering and
-            # dropping finished sentences are one index
-            top_log_probs, top_ids, self_w, cross_w = step(tokens[active, t : t + 1], cache_pos[origin[active]],
-                                                           return_attention)
-            n = len(active)
-            cache_pos[active] = np.arange(n)
-            done_rows = finished[active]
-            if k == 1:
-                next_tokens, gains = top_ids[:, 0], top_log_probs[:, 0]
-                if done_rows.any():  # a finished hypothesis grows by padding, at no cost
-                    next_tokens = np.where(done_rows, tok.pad_id, next_tokens)
-                    gains = np.where(done_rows, np.float32(0.0), gains)
-                scores[active] += gains
-                origin[active] = active
-            else:
-                gains, ids = top_log_probs[:, :k], top_ids[:, :k]
-                if done_rows.any():  # a finished hypothesis has one continuation: padding, at no cost
-                    gains, ids = gains.copy(), ids.copy()
-                    gains[done_rows] = -np.inf
-                    gains[done_rows, 0] = 0.0
-                    ids[done_rows] = tok.pad_id
-                sentences = n // k
-                # each sentence's k hypotheses × their k best tokens: the k best of those k*k
-                candidates = (scores[active][:, None] + gains).reshape(sentences, k * k)
-                top_index = np.argsort(-candidates, axis=-1, kind="stable")[:, :k]
-                local = (np.arange(sentences)[:, None] * k + top_index // k).reshape(n)  # row in this batch
-                new_origin = active[local]
-                next_tokens = ids[local, (top_index % k).reshape(n)]
-                scores[active] = np.take_along_axis(candidates, top_index, axis=-1).reshape(n)
-                tokens[active, : t + 1] = tokens[new_origin, : t + 1]
-                finished[active] = finished[new_origin]
-                origin[active] = new_origin
-            if return_attention:
-                steps.append((active.copy(), origin[active].copy(), self_w[:, :, :, 0], cross_w[:, :, :, 0]))
-            tokens[active, t + 1] = next_tokens
-            finished[active] |= (next_tokens == tok.eos_id) | (t + 1 >= row_limit[active])
-            sentence_done = finished.reshape(batch, k).all(axis=1)
-            if sentence_done.all():
-                break
-            if step.can_drop_rows:
-                still = (np.flatnonzero(~sentence_done)[:, None] * k + np.arange(k)).reshape(-1)
-                # drop in chunks (each drop copies the memory): once a quarter of the rows are done
-                if len(still) <= 0.75 * n:
-                    step.select_rows(np.searchsorted(active, still))
-                    active = still
-
-        generated = tokens[:, 1:]
-        is_eos = generated == tok.eos_id
-        lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, (generated != tok.pad_id).sum(axis=1))
-        final = scores.copy()
-        if k > 1 and length_penalty > 0:
-            final = final / ((5.0 + lengths) / 6.0) ** length_penalty
-        best = np.arange(batch) * k + final.reshape(batch, k).argmax(axis=-1)
-
-        results = []
-        for b in range(batch):
-            row = int(best[b])
-            ids = generated[row, : int(lengths[row])].tolist()
-            ended = bool(ids) and ids[-1] == tok.eos_id
-            attention = None
-            if return_attention:
-                real = len(sources[b])
-                attention = self._collect_attention(steps, row, len(ids), real,
-                                                    step.encoder_attention[:, b, :, :real, :real])
-            results.append(OnnxHypothesis(tokens=ids[:-1] if ended else ids, score=float(final[row]),
-                                          finished=ended, attention=attention))
-        return results
-
-    @staticmethod
-    def _collect_attention(
-        steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], row: int, length: int, src_real: int,
-        encoder: np.ndarray,
-    ) -> dict[str, np.ndarray]:
-        """Follow the beam back-pointers from ``row`` and stack that hypothesis's attention."""
-        layers, _, heads, _ = steps[0][3].shape
-        decoder = np.zeros((layers, heads, length, length), dtype=np.float32)
-        cross = np.zeros((layers, heads, length, src_real), dtype=np.float32)
-        for t in range(length - 1, -1, -1):
-            active, origins, self_w, cross_w = steps[t]
-            row = int(origins[np.searchsorted(active, row)])  # the row that computed step t
-            at = int(np.searchsorted(active, row))
-            decoder[:, :, t, : t + 1] = self_w[:, at]
-            cross[:, :, t] = cross_w[:, at, :, :src_real]
-        return {"encoder": encoder, "decoder": decoder, "cross": cross}
+        step = self.start(src, src == tok.pad_id, beam_size=beam_size)
+        return search(step, [len(s) for s in sources], beam_size=beam_size, length_penalty=length_penalty,
+                      max_length=max_length, max_positions=self.max_positions, bos_id=tok.bos_id,
+                      eos_id=tok.eos_id, pad_id=tok.pad_id, return_attention=return_attention)
 
     # -- text in, text out ----------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
-        """Source ids (with EOS), cut to the positional table."""
-        ids = self.tokenizer.encode(text)
-        return ids if len(ids) < self.max_positions else ids[: self.max_positions - 2] + [self.tokenizer.eos_id]
+        """Source ids (with EOS), cut to the positional table (:func:`stepwise.tokenizer.truncate`)."""
+        return truncate(self.tokenizer.encode(text), self.max_positions)
 
     def translate(
         self, texts: list[str], *, beam_size: int = 1, max_length: int | None = None,

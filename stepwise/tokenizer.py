@@ -20,6 +20,21 @@ log = logging.getLogger(__name__)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+def truncate(ids: list[int], max_positions: int) -> list[int]:
+    """The one input-length rule: a source (ending with EOS) cut to at most ``max_positions - 1``
+    tokens, EOS kept last. Training, PyTorch translation and ONNX translation all cut with it.
+
+    Args:
+        ids: encoded source, ending with EOS.
+        max_positions: the model's positional table size.
+
+    Returns:
+        ``ids`` itself when it fits, else its first ``max_positions - 2`` tokens and EOS.
+    """
+    limit = max_positions - 1
+    return ids if len(ids) <= limit else [*ids[: limit - 1], EOS_ID]
+
+
 class Tokenizer:
     """A thin wrapper around ``sentencepiece.SentencePieceProcessor``."""
 

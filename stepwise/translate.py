@@ -15,7 +15,7 @@ import torch
 from stepwise.data import pad_sequences
 from stepwise.decoding import Hypothesis, decode
 from stepwise.models import Transformer
-from stepwise.tokenizer import Tokenizer
+from stepwise.tokenizer import Tokenizer, truncate
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,17 @@ def translate_ids(
     return results  # type: ignore[return-value]
 
 
+def encode_sources(tokenizer: Tokenizer, sentences: Sequence[str], max_positions: int) -> list[list[int]]:
+    """Source ids (with EOS) of ``sentences``, each cut by :func:`stepwise.tokenizer.truncate`."""
+    return [truncate(ids, max_positions) for ids in tokenizer.encode_batch(list(sentences))]
+
+
 def translate(
     model: Transformer, tokenizer: Tokenizer, sentences: Sequence[str], *, beam_size: int = 1,
-    batch_size: int = 32, max_source_tokens: int | None = None, length_penalty: float = 0.6,
+    batch_size: int = 32, length_penalty: float = 0.6,
 ) -> list[str]:
     """Translate sentences with greedy (``beam_size=1``) or beam search."""
-    limit = max_source_tokens or model.config.max_positions
-    sources = [ids[: limit - 1] + [tokenizer.eos_id] if len(ids) > limit else ids
-               for ids in tokenizer.encode_batch(list(sentences))]
+    sources = encode_sources(tokenizer, sentences, model.config.max_positions)
     was_training = model.training
     model.eval()
     try:

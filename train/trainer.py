@@ -208,8 +208,10 @@ class Trainer:
             self.tokenizer = Tokenizer.load(tokenizer_path)
         # the vocabulary actually learned can be smaller than asked on a small corpus
         self.config.model.vocab_size = self.tokenizer.vocab_size
-        self.train_examples = encode_pairs(train_pairs, self.tokenizer, data.max_length)
-        self.valid_examples = encode_pairs(self.valid_pairs, self.tokenizer, data.max_length)
+        max_positions = self.config.model.max_positions
+        self.train_examples = encode_pairs(train_pairs, self.tokenizer, data.max_length, max_positions=max_positions)
+        self.valid_examples = encode_pairs(self.valid_pairs, self.tokenizer, data.max_length,
+                                           max_positions=max_positions)
         if not self.train_examples:
             raise StepwiseError("no training pairs left after filtering by data.max_length")
         log.info("data: %d training pairs, %d validation pairs", len(self.train_examples), len(self.valid_examples))
@@ -392,9 +394,9 @@ class Trainer:
 
     def report_heatmaps(self, logger: Any, index: int, sentence: str) -> None:
         """Cross-attention of a fixed sentence: head-averaged and per head, for every layer."""
-        from stepwise.translate import translate_ids
+        from stepwise.translate import encode_sources, translate_ids
 
-        source = self.tokenizer.encode(sentence)[: self.config.model.max_positions - 1]
+        (source,) = encode_sources(self.tokenizer, [sentence], self.config.model.max_positions)
         hyp = translate_ids(self.model, [source], return_attention=True)[0]
         src_labels = _unique_labels(self.tokenizer.pieces(source))
         out_ids = hyp.tokens + ([self.tokenizer.eos_id] if hyp.finished else [])
@@ -404,7 +406,7 @@ class Trainer:
             views = [("head average", weights.mean(0))] + [(f"head {h}", weights[h]) for h in range(weights.shape[0])]
             for series, matrix in views:
                 # ClearML plots matrix[x][y]: x = source token, y = target token
-                logger.report_confusion_matrix(title=title, series=series, matrix=matrix.T.cpu().numpy(),
+                logger.report_confusion_matrix(title=title, series=series, matrix=matrix.T,
                                                iteration=self.step, xaxis="source", yaxis="target",
                                                xlabels=src_labels, ylabels=tgt_labels, yaxis_reversed=True)
 

@@ -1,0 +1,223 @@
+"""The search loop, written once over numpy arrays: greedy and beam search for every runtime.
+
+A runtime supplies a *step* (:class:`Step`): the PyTorch model (``stepwise.decoding``) or the
+ONNX Runtime decoder graph (``stepwise.onnx_decoding``). Each call feeds one new token per row
+and hands back that row's ``K`` best next tokens with their log-probabilities (PAD and BOS are
+never among them), plus, when asked, this step's self- and cross-attention. The step keeps the
+KV cache; ``past_order`` says which cache row each current row continues, so reordering the
+beam and dropping finished sentences are one gather.
+
+Beam search keeps ``k`` hypotheses per sentence in ``B * k`` rows. Each hypothesis's ``k`` best
+continuations contain the sentence's ``k`` best overall, so a step ranks ``k * k`` candidates per
+sentence instead of ``k * V``. A finished hypothesis stays in the beam, growing only by padding at
+no cost. Each sentence has its own output budget (:func:`length_limits`), so a sentence decodes
+the same alone or in any batch. At the end hypotheses are ranked with the GNMT length penalty
+``score / ((5 + length) / 6) ** alpha``. Greedy search is the same loop with ``k = 1``. Where the
+step allows it (``can_drop_rows``), sentences whose beams are all finished leave the batch, in
+chunks, as CTranslate2 does.
+
+When asked, every step's attention is recorded and followed back through the beam reorderings,
+so each result carries its own maps in the shared layout: per kind (``encoder``, ``decoder``,
+``cross``) an array ``[L, H, T_q, T_k]`` cut to the real lengths, where the target length counts
+the generated tokens including the final EOS.
+
+This module imports numpy only: the ONNX Runtime path must not need torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+# (rows decoding at this step, the row each continued, self-attention [L, n, H, T], cross [L, n, H, S])
+_Trace = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
+class Hypothesis:
+    """One decoded sentence.
+
+    Attributes:
+        tokens: generated token ids, without BOS and EOS.
+        score: summed log-probability (length-normalised for beam search).
+        finished: the hypothesis ended with EOS (rather than at its length budget).
+        attention: per kind, an array ``[L, H, T_q, T_k]`` cut to the real lengths; None unless asked.
+    """
+
+    tokens: list[int]
+    score: float
+    finished: bool
+    attention: dict[str, np.ndarray] | None = None
+
+
+class Step(Protocol):
+    """One runtime's decoder step over one batch (its encoder output and KV cache)."""
+
+    can_drop_rows: bool
+    """Whether :meth:`select_rows` may be called (finished sentences leave the batch)."""
+    encoder_attention: np.ndarray | None
+    """``[L, B, H, S, S]`` encoder self-attention of the batch (None unless asked)."""
+
+    def __call__(
+        self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Feed ``tokens [n, 1]``; row ``i`` continues cache row ``past_order[i]``.
+
+        Returns:
+            ``(top_log_probs [n, K], top_ids [n, K], self_attention [L, n, H, 1, T] or None,
+            cross_attention [L, n, H, 1, S] or None)``, candidates best first.
+        """
+        ...
+
+    def select_rows(self, positions: np.ndarray) -> None:
+        """Keep only these rows (positions in the current batch) of the encoder output and mask."""
+        ...
+
+
+def length_limits(source_lengths: np.ndarray | Sequence[int], max_length: int | None, max_positions: int) -> np.ndarray:
+    """Per-sentence output budget: ``max_length`` if given, else ``2 * S + 10`` for each sentence's
+    own length ``S`` (so a sentence decodes the same alone or in any batch), within the positional
+    table (at most ``max_positions - 1`` tokens after BOS)."""
+    lengths = np.asarray(source_lengths, dtype=np.int64)
+    limit = np.full_like(lengths, max_length) if max_length is not None else 2 * lengths + 10
+    return np.minimum(limit, max_positions - 1)
+
+
+def search(
+    step: Step,
+    source_lengths: np.ndarray | Sequence[int],
+    *,
+    beam_size: int,
+    length_penalty: float,
+    max_length: int | None,
+    max_positions: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    return_attention: bool = False,
+) -> list[Hypothesis]:
+    """Greedy (``beam_size == 1``) or beam search; see the module docstring.
+
+    Args:
+        step: the runtime's step over the encoded batch, its memory already repeated
+            ``beam_size`` times per sentence (rows ``b * k ... b * k + k - 1`` are sentence ``b``).
+        source_lengths: real (unpadded) length of each source, EOS included.
+        beam_size: hypotheses kept per sentence; the step must return at least this many candidates.
+        length_penalty: GNMT alpha for ranking the final hypotheses (beam search only; 0 = raw score).
+        max_length: most tokens to generate; default :func:`length_limits`.
+        max_positions: the model's positional table size.
+        bos_id: id fed at the first step.
+        eos_id: id that ends a hypothesis.
+        pad_id: id a finished hypothesis grows by.
+        return_attention: record attention maps of the returned hypotheses.
+
+    Returns:
+        The best :class:`Hypothesis` per sentence, in input order.
+    """
+    source_lengths = np.asarray(source_lengths, dtype=np.int64)
+    batch, k = len(source_lengths), beam_size
+    rows = batch * k
+    row_limit = np.repeat(length_limits(source_lengths, max_length, max_positions), k)
+    max_steps = int(row_limit.max())
+    tokens = np.full((rows, max_steps + 1), pad_id, dtype=np.int64)
+    tokens[:, 0] = bos_id
+    scores = np.zeros((batch, k), dtype=np.float32)
+    scores[:, 1:] = -np.inf  # all beams start identical: only the first one expands at the first step
+    scores = scores.reshape(rows)
+    finished = np.zeros(rows, dtype=bool)
+    origin = np.arange(rows, dtype=np.int64)  # row r continues what row origin[r] had
+    cache_pos = np.arange(rows, dtype=np.int64)  # where each row's keys/values sit in the step's cache
+    active = np.arange(rows, dtype=np.int64)  # rows still decoding (every beam of unfinished sentences)
+    trace: list[_Trace] = []
+
+    for t in range(max_steps):
+        # the step gathers the cache rows each active row continues: beam reordering and
+        # dropping finished sentences are one index
+        top_log_probs, top_ids, self_w, cross_w = step(tokens[active, t : t + 1], cache_pos[origin[active]],
+                                                       return_attention)
+        n = len(active)
+        cache_pos[active] = np.arange(n)
+        done_rows = finished[active]
+        if k == 1:
+            next_tokens, gains = top_ids[:, 0], top_log_probs[:, 0]
+            if done_rows.any():  # a finished hypothesis grows by padding, at no cost
+                next_tokens = np.where(done_rows, pad_id, next_tokens)
+                gains = np.where(done_rows, np.float32(0.0), gains)
+            scores[active] += gains
+            origin[active] = active
+        else:
+            gains, ids = top_log_probs[:, :k], top_ids[:, :k]
+            if done_rows.any():  # a finished hypothesis has one continuation: padding, at no cost
+                gains, ids = gains.copy(), ids.copy()
+                gains[done_rows] = -np.inf
+                gains[done_rows, 0] = 0.0
+                ids[done_rows] = pad_id
+            sentences = n // k
+            # each sentence's k hypotheses × their k best tokens: the k best of those k*k
+            candidates = (scores[active][:, None] + gains).reshape(sentences, k * k)
+            top_index = np.argsort(-candidates, axis=-1, kind="stable")[:, :k]
+            local = (np.arange(sentences)[:, None] * k + top_index // k).reshape(n)  # row in this batch
+            new_origin = active[local]
+            next_tokens = ids[local, (top_index % k).reshape(n)]
+            scores[active] = np.take_along_axis(candidates, top_index, axis=-1).reshape(n)
+            tokens[active, : t + 1] = tokens[new_origin, : t + 1]
+            finished[active] = finished[new_origin]
+            origin[active] = new_origin
+        if return_attention:
+            trace.append((active.copy(), origin[active].copy(), self_w[:, :, :, 0], cross_w[:, :, :, 0]))
+        tokens[active, t + 1] = next_tokens
+        finished[active] |= (next_tokens == eos_id) | (t + 1 >= row_limit[active])
+        sentence_done = finished.reshape(batch, k).all(axis=1)
+        if sentence_done.all():
+            break
+        if step.can_drop_rows:
+            still = (np.flatnonzero(~sentence_done)[:, None] * k + np.arange(k)).reshape(-1)
+            # drop in chunks (each drop copies the memory): once a quarter of the rows are done
+            if len(still) <= 0.75 * n:
+                step.select_rows(np.searchsorted(active, still))
+                active = still
+
+    generated = tokens[:, 1:]
+    lengths = hypothesis_lengths(generated, eos_id, pad_id)
+    final = scores.copy()
+    if k > 1 and length_penalty > 0:
+        final = final / ((5.0 + lengths) / 6.0) ** length_penalty
+    best = np.arange(batch) * k + final.reshape(batch, k).argmax(axis=-1)
+
+    results = []
+    for b in range(batch):
+        row = int(best[b])
+        ids = generated[row, : int(lengths[row])].tolist()
+        ended = bool(ids) and ids[-1] == eos_id
+        attention = None
+        if return_attention:
+            real = int(source_lengths[b])
+            encoder = step.encoder_attention[:, b, :, :real, :real]  # type: ignore[index]
+            attention = _collect_attention(trace, row, len(ids), real, encoder)
+        results.append(Hypothesis(tokens=ids[:-1] if ended else ids, score=float(final[row]), finished=ended,
+                                  attention=attention))
+    return results
+
+
+def hypothesis_lengths(generated: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
+    """Tokens per row up to and including the first EOS (or all non-padding ones)."""
+    is_eos = generated == eos_id
+    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, (generated != pad_id).sum(axis=1))
+
+
+def _collect_attention(trace: list[_Trace], row: int, length: int, src_real: int,
+                       encoder: np.ndarray) -> dict[str, np.ndarray]:
+    """Follow the beam back-pointers from ``row`` and stack that hypothesis's attention."""
+    layers, _, heads, _ = trace[0][3].shape
+    decoder = np.zeros((layers, heads, length, length), dtype=np.float32)
+    cross = np.zeros((layers, heads, length, src_real), dtype=np.float32)
+    for t in range(length - 1, -1, -1):
+        active, origins, self_w, cross_w = trace[t]
+        row = int(origins[np.searchsorted(active, row)])  # the row that computed step t
+        at = int(np.searchsorted(active, row))
+        decoder[:, :, t, : t + 1] = self_w[:, at]
+        cross[:, :, t] = cross_w[:, at, :, :src_real]
+    return {"encoder": np.ascontiguousarray(encoder, dtype=np.float32), "decoder": decoder, "cross": cross}
