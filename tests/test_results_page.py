@@ -134,7 +134,10 @@ def test_the_printed_link_shows_console_curves_heatmaps_models_and_compare(
     assert first.get_attribute("data-iter") == "10" and first.get_attribute("data-metric").startswith(
         "cross-attention sentence 0 layer 0")
     heatmap = figure(page, ".plot-chart")
-    assert heatmap["data"][0]["type"] == "heatmap" and len(heatmap["data"][0]["z"]) >= 1
+    trace = heatmap["data"][0]
+    assert trace["type"] == "heatmap" and len(trace["z"]) >= 1
+    # a row per target token (y), a column per source token (x), as Plotly draws z[row][column]
+    assert len(trace["z"]) == len(trace["y"]) and all(len(row) == len(trace["x"]) for row in trace["z"])
     assert page.locator(".plot-chart").count() == 1 + 4  # head average + 4 heads (tiny.json)
     page.screenshot(path=str(ARTIFACTS / "results-page-heatmap.png"), full_page=True)
     page.locator("a", has_text=re.compile(r"^5$")).click()

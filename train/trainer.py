@@ -405,8 +405,8 @@ class Trainer:
             title = f"cross-attention sentence {index} layer {layer}"
             views = [("head average", weights.mean(0))] + [(f"head {h}", weights[h]) for h in range(weights.shape[0])]
             for series, matrix in views:
-                # ClearML plots matrix[x][y]: x = source token, y = target token
-                logger.report_confusion_matrix(title=title, series=series, matrix=matrix.T,
+                # stored as Plotly's z[row][column]: a row per target token (y), a column per source token (x)
+                logger.report_confusion_matrix(title=title, series=series, matrix=matrix,
                                                iteration=self.step, xaxis="source", yaxis="target",
                                                xlabels=src_labels, ylabels=tgt_labels, yaxis_reversed=True)
 
