@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from test_explorer import ARTIFACTS, CHROMIUM, _choose, _open
 
 from stepwise.net import wait_until_ready
@@ -182,7 +181,6 @@ def test_registry_view_matches_cli_and_promotes_through_the_gate(setup: Setup, b
         assert row["link"] == f"{setup.server.url}/projects/{setup.project}/experiments/{setup.task}/output/log"
     oldest = next(r for r in rows if r["id"] == setup.ids[0])
     assert "production" in oldest["marked"] and oldest["cells"][7].startswith("passed:")  # the CLI's gate
-    assert requests.get(rows[0]["link"], timeout=30).status_code == 200  # the experiment's page answers
 
     # the gate refuses (the version must beat production by 100 BLEU): both scores shown, nothing moves
     _choose(page, "promote-version", f"{setup.ids[2]} (step 15)")
@@ -209,7 +207,7 @@ def test_registry_view_matches_cli_and_promotes_through_the_gate(setup: Setup, b
     # and back: promoting the oldest again (it was production before) restores the set-up for other tests
     _choose(page, "promote-version", f"{setup.ids[0]} (step 5)")
     page.locator("#promote").click()
-    assert f"now answers with {setup.ids[0]}" in _wait_status(page, "registry-status", "Promoted")
+    assert "Promoted" in _wait_status(page, "registry-status", f"now answers with {setup.ids[0]}")
     assert setup.production() == [setup.ids[0]]
 
 
@@ -289,11 +287,11 @@ def test_diff_grid_matches_the_two_responses(setup: Setup, browser: object) -> N
     layer, head = 0, 1
     wa, wb = (np.asarray(r["attention"]["encoder"][layer][head], dtype=np.float64) for r in (a, b))
     expected = np.mean([_js(p, q) for p, q in zip(wa, wb, strict=True)])
-    grid = page.locator("#diff-grid table tbody tr")
-    grid.nth(1).wait_for()
-    assert grid.count() == 2
-    cell = grid.nth(layer).locator("td").nth(head + 1)
+    cell = page.locator(f"#diff-grid [data-testid='cell-{layer}-{head + 1}']")  # column 0 is the layer
+    cell.wait_for()
+    assert page.locator("#diff-grid [role='gridcell']").count() == 2 * (4 + 1)  # 2 layers x (layer, 4 heads)
     assert abs(float(cell.text_content().strip()) - expected) < 1e-3
+    assert "background-color" in cell.get_attribute("style")  # coloured by its value
     assert expected > 1e-3  # two different versions: something to see
     cell.click()
     page.wait_for_selector("#diff-heatmap-a svg.attention-heatmap")
