@@ -28,11 +28,25 @@ import pandas as pd
 from gradio_app.client import ServiceError, TranslationClient
 from gradio_app.divergence import compared_rows, head_divergence
 from gradio_app.draw import AVERAGE, KINDS, axes, head_count, heatmap_svg, layer_count, matrix, number, title
-from gradio_app.views import Update, error, ok
-from stepwise import registry
+from gradio_app.views import Update
+from gradio_app.views import error as status_error
+from gradio_app.views import ok as status_ok
+from stepwise import registry, tracking
 from stepwise.errors import StepwiseError
 
 MARKED_TAGS = (registry.PRODUCTION, registry.CANDIDATE)
+NOT_CONFIGURED = ("No ClearML server is configured, so there is no registry to show: set CLEARML_API_HOST and "
+                  "the credentials (or ~/clearml.conf) and restart the explorer.")
+
+
+def ok(message: str) -> str:
+    """These views' success line (an id apart from the translation's status line)."""
+    return status_ok(message, "versions-ok")
+
+
+def error(message: str) -> str:
+    """These views' failure line, as a sentence."""
+    return status_error(message, "versions-error")
 
 
 # -- reading the registry ----------------------------------------------------------------------------
@@ -162,6 +176,8 @@ class RegistryView:
 
     def list(self, name: str) -> Update:
         """Read the registry and redraw the table (and the version and run menus)."""
+        if not tracking.is_configured():
+            return {self.table: "", self.status: f"<p id='registry-none'>{html.escape(NOT_CONFIGURED)}</p>"}
         try:
             versions = model_versions(name.strip() or None)
             host = web_host()
@@ -191,8 +207,10 @@ class RegistryView:
             return {self.status: error("Choose a version to promote.")}
         try:
             result = promote(version, margin=float(margin), sentences=int(sentences))
-        except PromotionRefused as exc:
-            return {**self.list(name), self.status: error(f"Promotion refused: {exc}")}
+        except PromotionRefused as exc:  # its message names both versions and both scores
+            reason = str(exc).split("; use --force")[0]
+            return {**self.list(name), self.status: error(f"Promotion refused: {reason}. (Only the CLI's "
+                                                          "`stepwise promote --force` overrides the gate.)")}
         except StepwiseError as exc:
             return {self.status: error(str(exc))}
         current = ("no version was in production" if result.current_id is None
@@ -337,7 +355,8 @@ class TrainingView:
         self.button.click(self.load, [self.run, self.text],
                           [self.checkpoints, self.kind, self.layer, self.head, self.slider, self.status]).then(
             self.draw, view, drawn)
-        self.kind.change(self.fit, [self.checkpoints, self.kind, self.layer, self.head], [self.layer, self.head])
+        self.kind.change(self.fit, [self.checkpoints, self.kind, self.layer, self.head], [self.layer, self.head]).then(
+            self.draw, view, drawn)  # the menus may keep their values: draw the new kind anyway
         for control in (self.slider, self.layer, self.head):
             control.change(self.draw, view, drawn)
 

@@ -10,6 +10,7 @@ admin explorer (``--admin``) and a read-only one in front of it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ task.close()
 
 SDK_PRODUCTION = f"""
 import json
+import os
 from clearml import Model
 print("PRODUCTION", json.dumps([m.id for m in Model.query_models(model_name={NAME!r}, tags=["production"])
                                 if m.name == {NAME!r}]))
@@ -259,6 +261,10 @@ def test_training_slider_shows_each_checkpoint(setup: Setup, browser: object) ->
         shown.append(cells)
     assert not np.allclose(shown[0][: shown[2].size], shown[2][: shown[0].size], atol=1e-3)  # the slider changed it
     assert page.locator("#training-bleu-table tr").count() == 4
+    page.locator("#training-kind label", has_text="encoder").click()  # the same checkpoint, another kind
+    page.wait_for_function("document.querySelector('#training-heatmap svg text').textContent.includes('encoder')")
+    encoder = np.asarray(expected[2]["attention"]["encoder"][-1]).mean(axis=0).ravel()
+    assert np.allclose(_cells(page, "training-heatmap"), encoder, atol=1e-3)
     page.screenshot(path=str(_artifacts() / "explorer-training.png"), full_page=True)
 
 
@@ -316,3 +322,13 @@ def _artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
 
+
+
+def test_admin_needs_a_clearml_server(tmp_path: Path) -> None:
+    """``--admin`` without ClearML configured: one line and a non-zero exit, not a page with dead buttons."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    env["HOME"] = str(tmp_path)  # no ~/clearml.conf either
+    result = subprocess.run([sys.executable, "-m", "gradio_app", "--admin", "--port", str(free_port())], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--admin needs a ClearML server" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
