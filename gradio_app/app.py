@@ -2,7 +2,9 @@
 
 Views (``gradio_app/views.py``): one layer/head heatmap (weight on hover), a grid of every
 layer × head (click one to open it), the head average per layer, token-to-token lines, and two
-model versions side by side. The current view exports as PNG and as a standalone HTML file.
+model versions side by side, a layer × head divergence between two versions, one run's attention
+over its training checkpoints, and the registry (with promotion for an explorer started as an
+admin: ``--admin``). The current view exports as PNG and as a standalone HTML file.
 Layers, heads and tokens are numbered from 1 everywhere on the page (the service's JSON counts
 from 0). Every failure (service down, bad input) is shown as a sentence in the status line,
 never a traceback.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import gradio as gr
 
 from gradio_app.client import TranslationClient
+from gradio_app.versions import DiffView, RegistryView, TrainingView
 from gradio_app.views import CompareView, GridView, HeatmapView, LinesView, Selection, TranslationView
 
 NOTE = ("**A word of caution:** attention weights show where each layer and head looked while producing a "
@@ -23,8 +26,14 @@ EXAMPLES = ["Und Gott sprach: Es werde Licht!", "Der Herr ist mein Hirte, mir wi
 CACHE_LIFETIME_S = 24 * 3600  # Gradio's copies of thumbnails and exports older than this are deleted hourly
 
 
-def build_app(client: TranslationClient) -> gr.Blocks:
-    """The Gradio Blocks of the explorer, talking to ``client``."""
+def build_app(client: TranslationClient, *, admin: bool = False, model_name: str = "") -> gr.Blocks:
+    """The Gradio Blocks of the explorer, talking to ``client``.
+
+    Args:
+        client: the translation service.
+        admin: show the registry's promote and demote controls (``--admin``).
+        model_name: the model name the registry and training views list first.
+    """
     with gr.Blocks(title="stepwise attention explorer", delete_cache=(3600, CACHE_LIFETIME_S)) as demo:
         gr.Markdown("# stepwise attention explorer")
         gr.Markdown(NOTE, elem_id="attention-note")
@@ -39,9 +48,18 @@ def build_app(client: TranslationClient) -> gr.Blocks:
                 lines = LinesView.build(selection)
             with gr.Tab("Compare versions", id="compare"):
                 compare = CompareView.build(client, translation)
+            with gr.Tab("Version diff", id="diff"):
+                diff = DiffView.build(client, EXAMPLES[0])
+            with gr.Tab("Attention over training", id="training"):
+                training = TrainingView.build(client, translation.text)
+            with gr.Tab("Registry", id="registry"):
+                registry = RegistryView.build(client, admin=admin, name=model_name, runs=training.run)
 
         redraw = selection.wire(translation.wire())
         for view in (heatmap, grid, lines):
             view.wire(redraw)
         compare.wire()
+        diff.wire()
+        training.wire()
+        registry.wire(demo)
     return demo

@@ -51,3 +51,11 @@ class TranslationClient:
         if model:
             body["model"] = model
         return self._post("/translate", body)
+
+    def describe(self) -> dict[str, Any]:
+        """``POST /model``: the version that answers by default, and on which provider."""
+        return self._post("/model", {})
+
+    def reload(self) -> dict[str, Any]:
+        """``POST /reload``: re-resolve ``production`` and swap it in if it changed."""
+        return self._post("/reload", {})

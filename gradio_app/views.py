@@ -49,14 +49,14 @@ Update = dict[gr.components.Component | gr.Tabs, Any]  # what a handler changes,
 EMPTY = "<p id='heatmap-empty'>Translate a sentence to see its attention.</p>"
 
 
-def ok(message: str) -> str:
-    """A status line that reports success."""
-    return f"<div id='status-ok'>{html.escape(message)}</div>"
+def ok(message: str, elem_id: str = "status-ok") -> str:
+    """A status line that reports success (each view's status line has an id of its own)."""
+    return f"<div id='{elem_id}'>{html.escape(message)}</div>"
 
 
-def error(message: str) -> str:
+def error(message: str, elem_id: str = "status-error") -> str:
     """A status line that reports a failure, as a sentence."""
-    return f"<div id='status-error' style='color:#b00020;font-weight:bold'>⚠ {html.escape(message)}</div>"
+    return f"<div id='{elem_id}' style='color:#b00020;font-weight:bold'>⚠ {html.escape(message)}</div>"
 
 
 def _index(value: int | str | None, count: int) -> int | None:
