@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from test_explorer import ARTIFACTS, CHROMIUM, _choose, _open
 
 from stepwise.net import wait_until_ready
@@ -181,6 +182,9 @@ def test_registry_view_matches_cli_and_promotes_through_the_gate(setup: Setup, b
         assert cells[6] == f"{version['bleu']:.2f}"
         assert row["marked"] == [t for t in version["tags"] if t in ("production", "candidate")]
         assert row["link"] == f"{setup.server.url}/projects/{setup.project}/experiments/{setup.task}/output/log"
+    # the link opens the experiment's results page on the embedded server
+    page_of_run = requests.get(rows[0]["link"], timeout=60)
+    assert page_of_run.status_code == 200 and setup.task in page_of_run.text
     oldest = next(r for r in rows if r["id"] == setup.ids[0])
     assert "production" in oldest["marked"] and oldest["cells"][7].startswith("passed:")  # the CLI's gate
 
