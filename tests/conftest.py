@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,6 +106,30 @@ def run_python(code: str, env: dict[str, str], timeout: float = 180) -> subproce
     return result
 
 
+REGISTER_FILES = """
+import json, sys
+from clearml import Task, OutputModel
+project, tags, paths = json.loads(sys.argv[1])
+task = Task.init(project_name=project, task_name="register", auto_connect_frameworks=False,
+                 auto_resource_monitoring=False, output_uri=True)
+for path in paths:
+    model = OutputModel(task=task, name="transformer-test", framework="PyTorch", tags=tags)
+    model.update_weights(weights_filename=path, auto_delete_file=False, async_enable=False)
+    print("MODEL", model.id)
+task.close()
+"""
+
+
+def register_files(env: dict[str, str], paths: list[Path], *, project: str, tags: tuple[str, ...] = ("candidate",),
+                   cwd: Path | None = None) -> list[str]:
+    """Register files as versions of ``transformer-test`` with the plain SDK, in a process of its own; their ids."""
+    result = subprocess.run([sys.executable, "-c", REGISTER_FILES, json.dumps([project, list(tags),
+                                                                                [str(p) for p in paths]])],
+                            env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return [line.split()[1] for line in result.stdout.splitlines() if line.startswith("MODEL")]
+
+
 # -- checkpoints of small untrained models ------------------------------------------------------
 SAMPLE_PAIRS = [
     ("Im Anfang war das Wort.", "In the beginning was the Word."),
@@ -167,3 +193,21 @@ class BentoProcess:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+# -- Debian's Chromium through Playwright (Playwright's own browser download fails here) ----------
+CHROMIUM = os.environ.get("STEPWISE_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """A headless Chromium for the browser tests; `make test` installs Debian's package."""
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium", pytrace=False)
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield chromium
+        chromium.close()

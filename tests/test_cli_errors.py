@@ -14,7 +14,7 @@ import pytest
 
 from stepwise.errors import InvalidRequest
 
-from conftest import ClearMLServerProcess, make_checkpoint, run_python
+from conftest import ClearMLServerProcess, make_checkpoint, register_files
 
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
 
@@ -32,18 +32,6 @@ def _assert_one_line_error(done: subprocess.CompletedProcess, names: str) -> str
     assert len(lines) == 1, output
     assert lines[0].startswith("stepwise: error: ") and names in lines[0], output
     return lines[0]
-
-
-REGISTER_CORRUPT = """
-import sys
-from clearml import Task, OutputModel
-task = Task.init(project_name="stepwise-cli", task_name="register", auto_connect_frameworks=False,
-                 auto_resource_monitoring=False, output_uri=True)
-model = OutputModel(task=task, name="transformer-test", framework="PyTorch", tags=["candidate"])
-model.update_weights(weights_filename=sys.argv[1], auto_delete_file=False, async_enable=False)
-print("MODEL", model.id)
-task.close()
-"""
 
 
 def test_unknown_ids_tags_and_paths_are_one_line_errors(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
@@ -76,8 +64,7 @@ def test_corrupt_checkpoints_are_one_line_errors(clearml_server: ClearMLServerPr
     # a registered version whose weights are not a checkpoint
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00not a checkpoint\xff" * 64)
-    out = run_python(REGISTER_CORRUPT.replace("sys.argv[1]", repr(str(junk))), env=env)
-    (model_id,) = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("MODEL")]
+    (model_id,) = register_files(env, [junk], project="stepwise-cli", cwd=tmp_path)
     for args in (["evaluate", model_id], ["export", "--model-id", model_id, "--out", str(tmp_path / "y")]):
         assert "not a stepwise checkpoint" in _assert_one_line_error(_stepwise(env, *args), "checkpoint")
 

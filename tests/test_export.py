@@ -18,7 +18,7 @@ from stepwise.decoding import decode
 from stepwise.export import ExportError, check_parity, export_checkpoint, fuse_shared_input_projections
 from stepwise.onnx_decoding import ExportFormatError, OnnxTranslator, session_options
 
-from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint
+from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint, register_files
 
 
 def test_export_fresh_model_passes_checker_and_parity(tmp_path: Path) -> None:
@@ -157,25 +157,10 @@ def test_export_cli_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
         f"stepwise: error: checkpoint {tmp_path / 'junk.pt'}: not a stepwise checkpoint (UnpicklingError)"]
 
 
-REGISTER = """
-import sys
-from clearml import Task, OutputModel
-task = Task.init(project_name="stepwise-export", task_name="register", auto_connect_frameworks=False,
-                 auto_resource_monitoring=False, output_uri=True)
-model = OutputModel(task=task, name="transformer-test", framework="PyTorch", tags=["candidate"])
-model.update_weights(weights_filename=sys.argv[1], auto_delete_file=False, async_enable=False)
-print("MODEL", model.id)
-task.close()
-"""
-
-
 def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     env = clearml_server.env
     checkpoint = make_checkpoint(tmp_path / "model.pt")
-    registered = subprocess.run([sys.executable, "-c", REGISTER, str(checkpoint)], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=120)
-    assert registered.returncode == 0, registered.stderr
-    source_id = next(x.split()[1] for x in registered.stdout.splitlines() if x.startswith("MODEL"))
+    (source_id,) = register_files(env, [checkpoint], project="stepwise-export", cwd=tmp_path)
     result = subprocess.run([sys.executable, "-m", "stepwise", "export", "--tag", "candidate", "--out",
                              str(tmp_path / "export")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

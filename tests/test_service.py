@@ -25,7 +25,7 @@ from stepwise.onnx_decoding import available_providers
 from stepwise.serving import MAX_BEAM_SIZE, ModelStore, check_request, translate
 from stepwise.translate import translate_ids
 
-from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint
+from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint, register_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,26 +154,10 @@ def test_model_endpoint_describes_what_is_loaded(service: BentoProcess, exported
     assert requests.get(f"{service.url}/livez", timeout=30).status_code == 200
 
 
-REGISTER = """
-import sys
-from clearml import Task, OutputModel
-task = Task.init(project_name="stepwise-serve", task_name="register", auto_connect_frameworks=False,
-                 auto_resource_monitoring=False, output_uri=True)
-for path in sys.argv[1:]:
-    model = OutputModel(task=task, name="transformer-test", framework="PyTorch", tags=["candidate"])
-    model.update_weights(weights_filename=path, auto_delete_file=False, async_enable=False)
-    print("MODEL", model.id)
-task.close()
-"""
-
-
 def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     env = {**clearml_server.env, "STEPWISE_ORT_THREADS": "1", "STEPWISE_EXPORT_CACHE": str(tmp_path / "exports")}
     first, second = make_checkpoint(tmp_path / "a.pt", seed=11), make_checkpoint(tmp_path / "b.pt", seed=12)
-    out = subprocess.run([sys.executable, "-c", REGISTER, str(first), str(second)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    id_a, id_b = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("MODEL")]
+    id_a, id_b = register_files(env, [first, second], project="stepwise-serve", cwd=tmp_path)
 
     def promote(model_id: str) -> None:
         done = subprocess.run([sys.executable, "-m", "stepwise", "promote", model_id, "--force", "--sentences", "3"],

@@ -9,28 +9,15 @@ server is back.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import requests
 
-from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint
+from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint, register_files
 
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
-
-REGISTER_PRODUCTION = """
-import sys
-from clearml import Task, OutputModel
-task = Task.init(project_name="stepwise-outage", task_name="register", auto_connect_frameworks=False,
-                 auto_resource_monitoring=False, output_uri=True)
-model = OutputModel(task=task, name="transformer-test", framework="PyTorch", tags=["production"])
-model.update_weights(weights_filename=sys.argv[1], auto_delete_file=False, async_enable=False)
-print("MODEL", model.id)
-task.close()
-"""
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
@@ -56,10 +43,7 @@ def test_registry_outage_keeps_serving_and_unknown_is_not_unavailable(clearml_se
     env = {**clearml_server.env, "STEPWISE_ORT_THREADS": "1", "STEPWISE_EXPORT_CACHE": str(tmp_path / "exports"),
            "STEPWISE_RELOAD_INTERVAL": "1"}
     checkpoint = make_checkpoint(tmp_path / "a.pt", seed=21)
-    out = subprocess.run([sys.executable, "-c", REGISTER_PRODUCTION, str(checkpoint)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    (model_id,) = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("MODEL")]
+    (model_id,) = register_files(env, [checkpoint], project="stepwise-outage", tags=("production",), cwd=tmp_path)
     text = SAMPLE_PAIRS[0][0]
 
     server = BentoProcess(tmp_path / "bentoml.log", env)  # resolves production through the registry
