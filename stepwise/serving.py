@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stepwise import tracking
+from stepwise import attention_codec, tracking
 from stepwise.errors import ExportError, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
 from stepwise.onnx_decoding import EXPORT_FORMAT, TOP_K, OnnxTranslator, export_format
 
@@ -44,6 +44,7 @@ MAX_OUTPUT_TOKENS = 1024  # most target tokens a request may ask for (the model'
 MAX_BEAM_SIZE = TOP_K  # the exporter's top-K: the widest beam a decoder graph supports
 DECODE_BATCH = 64  # sentences decoded together (and most requests the runner merges into one batch)
 ATTENTION_KINDS = {"none": (), "cross": ("cross",), "all": ("encoder", "decoder", "cross")}
+ATTENTION_FORMATS = attention_codec.FORMATS  # how a response carries attention ("json": nested lists)
 
 MODEL_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -310,6 +311,18 @@ def select_attention(
             weights = weights[:, heads]
         result[kind] = np.round(weights, 5).astype(np.float32)
     return result
+
+
+def encode_attention(results: list[dict[str, Any]], fmt: str) -> None:
+    """The response encoding's attention step: each result's arrays in ``fmt`` (``json`` keeps them).
+
+    ``float16`` and ``uint10`` replace each kind's array with a compact base64 object
+    (:mod:`stepwise.attention_codec`); :func:`json_bytes` then writes the rest as before.
+    """
+    if fmt == "json":
+        return
+    for result in results:
+        result["attention"] = attention_codec.encode_all(result["attention"], fmt)
 
 
 def json_bytes(value: Any) -> bytes:
