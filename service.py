@@ -50,11 +50,16 @@ from stepwise.serving import (
     check_request,
     encode_attention,
     json_bytes,
+    model_cache_limits,
     translate,
 )
 
 RELOAD_INTERVAL = float(os.environ.get("STEPWISE_RELOAD_INTERVAL", "0"))
 ADAPTIVE_BATCHING = os.environ.get("STEPWISE_ADAPTIVE_BATCHING", "1") != "0"  # off only to measure it
+try:  # checked here, at start, so a bad value is one line and not a worker's traceback
+    model_cache_limits(os.environ.get("STEPWISE_MODEL_CACHE"))
+except ValueError as exc:  # ConfigError
+    raise SystemExit(f"error: {exc}") from None
 
 # the one mapping from stepwise.errors to HTTP status codes (first match wins)
 STATUS: list[tuple[type[StepwiseError], int]] = [
