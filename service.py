@@ -48,12 +48,18 @@ from stepwise.serving import (
     MAX_TEXT_CHARS,
     ModelStore,
     check_request,
+    encode_attention,
     json_bytes,
+    model_cache_limits,
     translate,
 )
 
 RELOAD_INTERVAL = float(os.environ.get("STEPWISE_RELOAD_INTERVAL", "0"))
 ADAPTIVE_BATCHING = os.environ.get("STEPWISE_ADAPTIVE_BATCHING", "1") != "0"  # off only to measure it
+try:  # checked here, at start, so a bad value is one line and not a worker's traceback
+    model_cache_limits(os.environ.get("STEPWISE_MODEL_CACHE"))
+except ValueError as exc:  # ConfigError
+    raise SystemExit(f"error: {exc}") from None
 
 # the one mapping from stepwise.errors to HTTP status codes (first match wins)
 STATUS: list[tuple[type[StepwiseError], int]] = [
@@ -87,6 +93,9 @@ class _Options(bentoml.IODescriptor):
     layers: list[int] | None = Field(default=None, description="only these layers (0-based)")
     heads: list[int] | None = Field(default=None, description="only these heads (0-based)")
     model: str | None = Field(default=None, description="a registry tag or version id (default: production)")
+    attention_format: Literal["json", "float16", "uint10"] = Field(
+        default="json", description="json: nested lists; float16 / uint10: compact base64 arrays "
+                                    "(stepwise.attention_codec)")
 
     @field_validator("layers", "heads")
     @classmethod
@@ -128,8 +137,8 @@ class TranslationResult(BaseModel):
     translation: str
     source_tokens: list[str]
     target_tokens: list[str]
-    attention: dict[str, list[list[list[list[float]]]]] = Field(
-        description="per kind asked for: [layer][head][query][key]")
+    attention: dict[str, list[list[list[list[float]]]] | dict[str, Any]] = Field(
+        description="per kind asked for: [layer][head][query][key], or a compact object (attention_format)")
     model: dict[str, Any] = Field(description="id, name, tags of the version that translated")
     score: float
     timings: dict[str, float]
@@ -232,11 +241,12 @@ def error_response(error: StepwiseError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _respond(results: list[Any], started: float, *, single: bool) -> Response:
+def _respond(results: list[Any], started: float, *, single: bool, attention_format: str = "json") -> Response:
     """The first failed request's error, or the results as JSON with the total time."""
     for result in results:
         if isinstance(result, StepwiseError):
             return error_response(result)
+    encode_attention(results, attention_format)
     total = round((time.perf_counter() - started) * 1000, 3)
     for result in results:
         result["timings"]["total_ms"] = total
@@ -263,16 +273,18 @@ class Translator:
     async def translate(self, **request: Any) -> Response:
         """Translate one sentence; attention as ``[layer][head][query][key]`` for the kinds asked."""
         started = time.perf_counter()
+        attention_format = request.pop("attention_format", "json")
         results = await _call_runner(self.runner.to_async.run, [request])
-        return _respond(results, started, single=True)
+        return _respond(results, started, single=True, attention_format=attention_format)
 
     @bentoml.api(route="/translate_batch", input_spec=TranslateBatchRequest, output_spec=TranslationResults)
     async def translate_batch(self, **request: Any) -> Response:
         """Translate several sentences with the same options; one result per text."""
         started = time.perf_counter()
         texts = request.pop("texts")
+        attention_format = request.pop("attention_format", "json")
         results = await _call_runner(self.runner.to_async.run, [{**request, "text": text} for text in texts])
-        return _respond(results, started, single=False)
+        return _respond(results, started, single=False, attention_format=attention_format)
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """What the BentoML service holds and does: loaded ONNX exports, and translation with them.
 
 ``ModelStore`` keeps the default model (``STEPWISE_MODEL_DIR``, or the registry's
-``production`` version) plus a few others asked for by tag or id (LRU), and swaps the default
+``production`` version) plus others asked for by tag or id in an LRU cache bounded by count and
+by bytes (``STEPWISE_MODEL_CACHE``, :func:`model_cache_limits`), and swaps the default
 atomically on :meth:`ModelStore.reload` when the ``production`` tag has moved. In-flight work
 keeps the translator it started with, so nothing is dropped during a swap. When the registry
 cannot be reached (at a reload, a periodic check or a lookup), the store keeps what it has and
@@ -31,8 +32,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stepwise import tracking
-from stepwise.errors import ExportError, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
+from stepwise import attention_codec, tracking
+from stepwise.errors import ConfigError, ExportError, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
 from stepwise.onnx_decoding import EXPORT_FORMAT, TOP_K, OnnxTranslator, export_format
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,40 @@ MAX_OUTPUT_TOKENS = 1024  # most target tokens a request may ask for (the model'
 MAX_BEAM_SIZE = TOP_K  # the exporter's top-K: the widest beam a decoder graph supports
 DECODE_BATCH = 64  # sentences decoded together (and most requests the runner merges into one batch)
 ATTENTION_KINDS = {"none": (), "cross": ("cross",), "all": ("encoder", "decoder", "cross")}
+ATTENTION_FORMATS = attention_codec.FORMATS  # how a response carries attention ("json": nested lists)
 
 MODEL_ID = re.compile(r"^[0-9a-f]{32}$")
+MODEL_CACHE_DEFAULT = "3,2GB"  # versions besides the default model, and their ONNX files' bytes
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def model_cache_limits(value: str | None) -> tuple[int, int]:
+    """``STEPWISE_MODEL_CACHE`` as (most versions, most bytes): ``"5"``, ``"5,2GB"``, ``"3,512MiB"``.
+
+    The count comes first; the optional size is a number with an optional unit (B, KB, MB, GB,
+    TB decimal; KiB, MiB, GiB, TiB binary). A missing size keeps the default's. Bytes are the sizes
+    of a version's ONNX files on disk (``*.onnx*`` in its export directory), not measured memory.
+
+    Raises:
+        ConfigError: the value is not of that form (the message names the variable).
+    """
+    default_count, default_bytes = 3, 2 * 10**9
+    if value is None or not value.strip():
+        return default_count, default_bytes
+    match = re.fullmatch(r"\s*(\d+)\s*(?:,\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*)?", value)
+    unit = (match.group(3) or "").upper() if match else ""
+    if match is None or unit not in _BYTE_UNITS:
+        raise ConfigError(f"STEPWISE_MODEL_CACHE={value!r}: expected COUNT or COUNT,SIZE (e.g. \"5,2GB\"; "
+                          "units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    count = int(match.group(1))
+    size = int(float(match.group(2)) * _BYTE_UNITS[unit]) if match.group(2) else default_bytes
+    return count, size
+
+
+def export_bytes(export_dir: Path) -> int:
+    """The sizes of an export's ONNX files (graphs and any external weights), what the cache counts."""
+    return sum(path.stat().st_size for path in export_dir.glob("*.onnx*") if path.is_file())
 
 
 def _utc(seconds: float) -> str:
@@ -62,6 +95,7 @@ class LoadedModel:
     tags: list[str]
     export_dir: Path
     loaded_at: float
+    size_bytes: int = 0  # its ONNX files on disk (export_bytes)
 
     def identity(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "tags": self.tags}
@@ -77,11 +111,14 @@ class ModelStore:
     """The default model and an LRU cache of others; see the module docstring."""
 
     def __init__(self, *, model_dir: str | None = None, project: str | None = None, name: str | None = None,
-                 cache_size: int = 3, export_root: str | None = None, device: str = "auto") -> None:
+                 cache_size: int | None = None, cache_bytes: int | None = None, export_root: str | None = None,
+                 device: str = "auto") -> None:
         self.model_dir = model_dir if model_dir is not None else os.environ.get("STEPWISE_MODEL_DIR") or None
         self.project = project or os.environ.get("STEPWISE_PROJECT") or None
         self.name = name or os.environ.get("STEPWISE_MODEL_NAME") or None
-        self.cache_size = cache_size
+        env_size, env_bytes = model_cache_limits(os.environ.get("STEPWISE_MODEL_CACHE"))
+        self.cache_size = env_size if cache_size is None else cache_size  # versions besides the default
+        self.cache_bytes = env_bytes if cache_bytes is None else cache_bytes  # their ONNX files' bytes
         self.device = device
         self.export_root = Path(export_root or os.environ.get("STEPWISE_EXPORT_CACHE") or
                                 Path.home() / ".cache" / "stepwise" / "exports")
@@ -109,7 +146,7 @@ class ModelStore:
         identity = identity or {"id": source.get("id") or export_dir.name, "name": translator.manifest.get("name"),
                                 "tags": source.get("tags", [])}
         return LoadedModel(translator, identity["id"], identity["name"], list(identity["tags"]), export_dir,
-                           time.time())
+                           time.time(), export_bytes(export_dir))
 
     def _load_default(self) -> LoadedModel:
         if self.model_dir:
@@ -188,11 +225,28 @@ class ModelStore:
         except (ModelNotFound, RegistryUnavailable) as exc:
             exc.field = "model"
             raise
+        self.remember(spec, loaded)
+        return loaded
+
+    def remember(self, spec: str, loaded: LoadedModel) -> None:
+        """Cache a version just loaded; evict the least recently used beyond the count or bytes.
+
+        The one just loaded stays even when it alone is over the byte limit (it is being used);
+        the default model is not in this cache and is never evicted.
+        """
         with self._lock:
             self._cache[spec] = loaded
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return loaded
+            self._cache.move_to_end(spec)
+            while len(self._cache) > self.cache_size or (len(self._cache) > 1
+                                                         and self.cached_bytes() > self.cache_bytes):
+                evicted, model = self._cache.popitem(last=False)  # a count of 0 keeps nothing besides the default
+                log.info("model cache: evicted %s (%s, %d bytes)", evicted, model.id, model.size_bytes)
+            log.info("model cache: loaded %s (%s, %d bytes); %d version(s), %d bytes cached", spec, loaded.id,
+                     loaded.size_bytes, len(self._cache), self.cached_bytes())
+
+    def cached_bytes(self) -> int:
+        """The ONNX bytes of the cached versions (the default model not counted)."""
+        return sum(model.size_bytes for model in self._cache.values())
 
     def reload(self) -> dict[str, Any]:
         """Re-resolve the default; swap it in if it changed. Returns what happened.
@@ -240,7 +294,10 @@ class ModelStore:
             "manifest": default.translator.manifest,
             "layers": default.translator.n_layers, "heads": default.translator.n_heads,
             "encoder_layers": default.layer_counts()["encoder"], "max_beam_size": default.translator.top_k,
-            "cached": [m.identity() for m in self._cache.values()],
+            "cached": [{**m.identity(), "bytes": m.size_bytes, "loaded_at": _utc(m.loaded_at)}
+                       for m in self._cache.values()],
+            "cache": {"versions": len(self._cache), "bytes": self.cached_bytes(), "max_versions": self.cache_size,
+                      "max_bytes": self.cache_bytes, "default_bytes": default.size_bytes},
         }
 
 
@@ -310,6 +367,18 @@ def select_attention(
             weights = weights[:, heads]
         result[kind] = np.round(weights, 5).astype(np.float32)
     return result
+
+
+def encode_attention(results: list[dict[str, Any]], fmt: str) -> None:
+    """The response encoding's attention step: each result's arrays in ``fmt`` (``json`` keeps them).
+
+    ``float16`` and ``uint10`` replace each kind's array with a compact base64 object
+    (:mod:`stepwise.attention_codec`); :func:`json_bytes` then writes the rest as before.
+    """
+    if fmt == "json":
+        return
+    for result in results:
+        result["attention"] = attention_codec.encode_all(result["attention"], fmt)
 
 
 def json_bytes(value: Any) -> bytes:
