@@ -76,7 +76,19 @@ def error_rate(verses: list[tuple], layer: int | str, head: int | str) -> float:
     return alignment_error_rate(hypothesis, sure_links, possible_links)
 
 
+def diagonal_error_rate() -> float:
+    """AER of the no-model baseline: target word j linked to the source word at the same relative place."""
+    hypothesis, sure_links, possible_links = set(), set(), set()
+    for n, (source, reference, sure, possible) in enumerate(VERSES):
+        src, tgt = len(source.split()), len(reference.split())
+        hypothesis |= {(n, min(int((j + 0.5) * src / tgt), src - 1), j) for j in range(tgt)}
+        sure_links |= {(n, i, j) for i, j in parse_pharaoh(sure)}
+        possible_links |= {(n, i, j) for i, j in parse_pharaoh(possible)}
+    return alignment_error_rate(hypothesis, sure_links, possible_links)
+
+
 def main(paths: list[str]) -> None:
+    print(f"diagonal baseline (no model): AER {diagonal_error_rate():.3f}")
     for path in paths:
         verses, layers, heads, step = cross_attention(path)
         print(f"\nstep {step}: AER (lower is better) over {len(verses)} verses")
