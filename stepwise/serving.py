@@ -45,8 +45,6 @@ MAX_OUTPUT_TOKENS = 1024  # most target tokens a request may ask for (the model'
 MAX_BEAM_SIZE = TOP_K  # the exporter's top-K: the widest beam a decoder graph supports
 DECODE_BATCH = 64  # sentences decoded together (and most requests the runner merges into one batch)
 ATTENTION_KINDS = {"none": (), "cross": ("cross",), "all": ("encoder", "decoder", "cross")}
-ALIGNMENTS = ("none", "soft", "hard")  # word alignments from cross-attention (stepwise.alignment)
-SPLITS = ("none", "sentences")  # "sentences": a paragraph is split, translated as one batch, joined
 
 MODEL_ID = re.compile(r"^[0-9a-f]{32}$")
 
