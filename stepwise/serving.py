@@ -8,7 +8,9 @@ cannot be reached (at a reload, a periodic check or a lookup), the store keeps w
 remembers since when the registry has been unreachable; :meth:`ModelStore.describe` says so.
 
 :func:`translate` turns validated requests (``service.py`` checks them against the model with
-:func:`check_request`) into JSON-ready results. The request limits are defined here, once.
+:func:`check_request`) into JSON-ready results: on request it splits a paragraph into sentences
+(:mod:`stepwise.sentences`) and adds word alignments (:mod:`stepwise.alignment`). The request
+limits are defined here, once.
 
 This module imports no torch: when a version has no ONNX export yet, the exporter runs in a
 subprocess (``python -m stepwise export``), which needs torch installed.
