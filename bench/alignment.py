@@ -5,7 +5,10 @@ below (the German source, the English reference) through the model, merges the c
 into words with :mod:`stepwise.alignment`, takes the argmax link per target word, and prints the
 alignment error rate (Och & Ney; lower is better) of every layer × head, of each layer's head
 average, and of the average of everything, summed over the verses (links pooled, as AER is
-usually reported). The service's default (``alignment.default_layer``) was picked with it.
+usually reported); each once with the service's rule (a target piece aligned by the attention of
+the step that predicts it) and once shifted (by the step that reads it as input, "Shift-Att",
+Chen et al. 2020), beside a no-model diagonal baseline. The service's default
+(``alignment.default_layer``) was picked with it.
 
 The verses come from the validation books (Jonah, Titus): words are the whitespace-separated
 tokens, 0-based, ``sure`` the links anyone would draw, ``possible`` the defensible extras
@@ -62,13 +65,20 @@ def cross_attention(checkpoint_path: str) -> tuple[list[tuple], int, int, int]:
     return out, layers, heads, checkpoint.step
 
 
-def error_rate(verses: list[tuple], layer: int | str, head: int | str) -> float:
-    """AER over all verses (links pooled) of one layer/head choice."""
+def error_rate(verses: list[tuple], layer: int | str, head: int | str, *, shifted: bool = False) -> float:
+    """AER over all verses (links pooled) of one layer/head choice.
+
+    ``shifted``: align target piece ``t`` with the row of the step that reads it (``t + 1``, as
+    "Shift-Att" does) instead of the row of the step that predicts it (the service's rule).
+    """
     hypothesis: set[tuple[int, ...]] = set()
     sure_links: set[tuple[int, ...]] = set()
     possible_links: set[tuple[int, ...]] = set()
     for n, (cross, src_pieces, tgt_pieces, source, reference, sure, possible) in enumerate(verses):
-        aligned = word_alignment(attention_source(cross, layer, head), src_pieces, tgt_pieces)
+        weights = attention_source(cross, layer, head)
+        if shifted:  # rows 1..T read pieces 0..T-1; the EOS piece is read by no row
+            weights, tgt_pieces = weights[1:], tgt_pieces[:-1]
+        aligned = word_alignment(weights, src_pieces, tgt_pieces)
         assert aligned.source_words == source.split() and aligned.target_words == reference.split()
         hypothesis |= {(n, i, j) for i, j in aligned.hard()}
         sure_links |= {(n, i, j) for i, j in parse_pharaoh(sure)}
@@ -94,9 +104,11 @@ def main(paths: list[str]) -> None:
         print(f"\nstep {step}: AER (lower is better) over {len(verses)} verses")
         print("| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " | head average |")
         print("| --- |" + " --- |" * (heads + 1))
-        for layer in [*range(layers), AVERAGE]:
-            cells = [error_rate(verses, layer, head) for head in [*range(heads), AVERAGE]]
-            print(f"| {layer} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        for shifted in (False, True):
+            for layer in [*range(layers), AVERAGE]:
+                cells = [error_rate(verses, layer, head, shifted=shifted) for head in [*range(heads), AVERAGE]]
+                name = f"{layer}, shifted" if shifted else str(layer)
+                print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":
