@@ -90,7 +90,7 @@ class _Options(bentoml.IODescriptor):
     alignment: Literal["none", "soft", "hard"] = Field(
         default="none", description="word alignment from cross-attention: soft = word matrix, hard = Pharaoh i-j")
     alignment_layer: int | Literal["average"] | None = Field(
-        default=None, description="cross-attention layer to align with, or average (default: the penultimate)")
+        default=None, description="cross-attention layer to align with, or average (the default)")
     alignment_head: int | Literal["average"] | None = Field(
         default=None, description="head to align with, or average (the default)")
     split: Literal["none", "sentences"] = Field(

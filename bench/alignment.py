@@ -8,7 +8,7 @@ average, and of the average of everything, summed over the verses (links pooled,
 usually reported); each once with the service's rule (a target piece aligned by the attention of
 the step that predicts it) and once shifted (by the step that reads it as input, "Shift-Att",
 Chen et al. 2020), beside a no-model diagonal baseline. The service's default
-(``alignment.default_layer``) was picked with it.
+(``alignment.DEFAULT_LAYER``) was picked with it.
 
 The verses come from the validation books (Jonah, Titus): words are the whitespace-separated
 tokens, 0-based, ``sure`` the links anyone would draw, ``possible`` the defensible extras

@@ -358,7 +358,7 @@ def word_alignment(loaded: LoadedModel, request: dict[str, Any], out: Translatio
     renormalised; see :mod:`stepwise.alignment`); ``hard`` is a Pharaoh line ``"i-j ..."``.
     """
     layer = request.get("alignment_layer")
-    layer = alignment.default_layer(loaded.translator.n_layers) if layer is None else layer
+    layer = alignment.DEFAULT_LAYER if layer is None else layer
     head = request.get("alignment_head")
     head = alignment.DEFAULT_HEAD if head is None else head
     eos = loaded.translator.tokenizer.pieces([loaded.translator.tokenizer.eos_id])[0]
