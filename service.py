@@ -96,12 +96,27 @@ class _Options(bentoml.IODescriptor):
     attention_format: Literal["json", "float16", "uint10"] = Field(
         default="json", description="json: nested lists; float16 / uint10: compact base64 arrays "
                                     "(stepwise.attention_codec)")
+    alignment: Literal["none", "soft", "hard"] = Field(
+        default="none", description="word alignment from cross-attention: soft = word matrix, hard = Pharaoh i-j")
+    alignment_layer: int | Literal["average"] | None = Field(
+        default=None, description="cross-attention layer to align with, or average (the default)")
+    alignment_head: int | Literal["average"] | None = Field(
+        default=None, description="head to align with, or average (the default)")
+    split: Literal["none", "sentences"] = Field(
+        default="none", description="sentences: split a paragraph, translate the sentences as one batch, join")
 
     @field_validator("layers", "heads")
     @classmethod
     def _indices(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and (not value or any(i < 0 for i in value)):
             raise ValueError("must be a non-empty list of indices >= 0")
+        return value
+
+    @field_validator("alignment_layer", "alignment_head")
+    @classmethod
+    def _index_or_average(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError('must be an index >= 0 or "average"')
         return value
 
 
@@ -131,6 +146,29 @@ class TranslateBatchRequest(_Options):
         return value
 
 
+class WordAlignmentResult(BaseModel):
+    """``alignment`` (when asked for): the words, which cross-attention aligned them, and the links."""
+
+    source_words: list[str]
+    target_words: list[str]
+    layer: int | Literal["average"]
+    head: int | Literal["average"]
+    soft: list[list[float]] | None = Field(default=None, description="[target word][source word], rows sum to 1")
+    hard: str | None = Field(default=None, description='Pharaoh "i-j" pairs: source word i, target word j, 0-based')
+
+
+class SentenceResult(BaseModel):
+    """One sentence of a split paragraph."""
+
+    source: str
+    translation: str
+    source_tokens: list[str]
+    target_tokens: list[str]
+    attention: dict[str, list[list[list[list[float]]]]]
+    alignment: WordAlignmentResult | None = None
+    score: float
+
+
 class TranslationResult(BaseModel):
     """One translation (what ``/translate`` answers, and each item of ``/translate_batch``)."""
 
@@ -138,10 +176,14 @@ class TranslationResult(BaseModel):
     source_tokens: list[str]
     target_tokens: list[str]
     attention: dict[str, list[list[list[list[float]]]] | dict[str, Any]] = Field(
-        description="per kind asked for: [layer][head][query][key], or a compact object (attention_format)")
+        description="per kind asked for: [layer][head][query][key], or a compact object (attention_format); "
+                    "{} when split into sentences")
+    alignment: WordAlignmentResult | None = Field(default=None, description="only when asked for")
     model: dict[str, Any] = Field(description="id, name, tags of the version that translated")
     score: float
     timings: dict[str, float]
+    sentences: list[SentenceResult] | None = Field(
+        default=None, description='with split "sentences" and more than one sentence: each one, in order')
 
 
 class TranslationResults(RootModel[list[TranslationResult]]):

@@ -9,7 +9,9 @@ cannot be reached (at a reload, a periodic check or a lookup), the store keeps w
 remembers since when the registry has been unreachable; :meth:`ModelStore.describe` says so.
 
 :func:`translate` turns validated requests (``service.py`` checks them against the model with
-:func:`check_request`) into JSON-ready results. The request limits are defined here, once.
+:func:`check_request`) into JSON-ready results: on request it splits a paragraph into sentences
+(:mod:`stepwise.sentences`) and adds word alignments (:mod:`stepwise.alignment`). The request
+limits are defined here, once.
 
 This module imports no torch: when a version has no ONNX export yet, the exporter runs in a
 subprocess (``python -m stepwise export``), which needs torch installed.
@@ -32,9 +34,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stepwise import attention_codec, tracking
+from stepwise import alignment, attention_codec, tracking
 from stepwise.errors import ConfigError, ExportError, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
-from stepwise.onnx_decoding import EXPORT_FORMAT, TOP_K, OnnxTranslator, export_format
+from stepwise.onnx_decoding import EXPORT_FORMAT, TOP_K, OnnxTranslator, Translation, export_format
+from stepwise.sentences import DEFAULT_LANGUAGE, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,11 @@ class LoadedModel:
         model = self.translator.manifest.get("config", {}).get("model", {})
         decoder = self.translator.n_layers
         return {"encoder": int(model.get("n_encoder_layers", decoder)), "decoder": decoder, "cross": decoder}
+
+    def source_language(self) -> str:
+        """The source side of the export's language pair (``de`` of ``de-en``): the splitter's rules."""
+        pair = self.translator.manifest.get("config", {}).get("data", {}).get("language_pair") or ""
+        return pair.split("-")[0] or DEFAULT_LANGUAGE
 
 
 class ModelStore:
@@ -322,28 +330,105 @@ def check_request(request: dict[str, Any], loaded: LoadedModel) -> None:
     if bad_heads:
         raise InvalidRequest(f"index {bad_heads[0]} out of range (the model has {translator.n_heads} heads)",
                              field="heads")
+    _check_alignment(request, counts["cross"], translator.n_heads)
+
+
+def _check_alignment(request: dict[str, Any], layers: int, heads: int) -> None:
+    """``alignment_layer``/``alignment_head``: in range, and only with an alignment asked for."""
+    for field, count, what in (("alignment_layer", layers, "cross-attention layers"),
+                               ("alignment_head", heads, "heads")):
+        value = request.get(field)
+        if value is None:
+            continue
+        if request.get("alignment", "none") == "none":
+            raise InvalidRequest('only with alignment "soft" or "hard"', field=field)
+        if value != alignment.AVERAGE and value >= count:
+            raise InvalidRequest(f"index {value} out of range (the model has {count} {what})", field=field)
 
 
 def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Translate checked requests with one model; those that share search settings decode together."""
+    """Translate checked requests with one model; those that share search settings decode together.
+
+    With ``split: "sentences"`` a request's text is cut into sentences first; all the sentences
+    of a group go to the translator in one call (one batch up to ``DECODE_BATCH``). A text that
+    is one sentence is translated as it came, so its answer is the unsplit one.
+    """
     results: list[dict[str, Any]] = [{} for _ in requests]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, request in enumerate(requests):
-        groups[(request["beam_size"], request.get("max_length"), request["attention"] != "none")].append(i)
+        need_attention = request["attention"] != "none" or request.get("alignment", "none") != "none"
+        groups[(request["beam_size"], request.get("max_length"), need_attention)].append(i)
     for (beam_size, max_length, need_attention), members in groups.items():
-        outputs = loaded.translator.translate([requests[i]["text"] for i in members], beam_size=beam_size,
+        texts = {i: _sentences(loaded, requests[i]) for i in members}
+        flat = [(i, text) for i in members for text in texts[i]]
+        outputs = loaded.translator.translate([text for _, text in flat], beam_size=beam_size,
                                               max_length=max_length, return_attention=need_attention,
                                               batch_size=DECODE_BATCH)
-        for i, out in zip(members, outputs, strict=True):
-            request = requests[i]
+        by_request: dict[int, list[Translation]] = defaultdict(list)
+        for (i, _), out in zip(flat, outputs, strict=True):
+            by_request[i].append(out)
+        for i in members:
+            request, outs = requests[i], by_request[i]
+            if len(outs) == 1:
+                results[i] = {**_sentence_result(loaded, request, outs[0]), "model": loaded.identity(),
+                              "score": outs[0].score, "timings": dict(outs[0].timings)}
+                continue
+            sentences = [{"source": text, **_sentence_result(loaded, request, out), "score": out.score}
+                         for text, out in zip(texts[i], outs, strict=True)]
             results[i] = {
-                "translation": out.translation, "source_tokens": out.source_tokens,
-                "target_tokens": out.target_tokens,
-                "attention": select_attention(out.attention, request["attention"], request.get("layers"),
-                                              request.get("heads")),
-                "model": loaded.identity(), "score": out.score, "timings": dict(out.timings),
+                "translation": " ".join(out.translation for out in outs),
+                "source_tokens": [t for out in outs for t in out.source_tokens],
+                "target_tokens": [t for out in outs for t in out.target_tokens],
+                "attention": {},  # per sentence: attention crosses no sentence boundary
+                "model": loaded.identity(), "score": sum(out.score for out in outs),
+                "timings": {"decode_ms": max(out.timings["decode_ms"] for out in outs),
+                            "batch_size": max(out.timings["batch_size"] for out in outs)},
+                "sentences": sentences,
             }
     return results
+
+
+def _sentences(loaded: LoadedModel, request: dict[str, Any]) -> list[str]:
+    """The texts to translate for one request: its sentences, or the text itself."""
+    if request.get("split", "none") == "none":
+        return [request["text"]]
+    sentences = split_sentences(request["text"], loaded.source_language())
+    return sentences if len(sentences) > 1 else [request["text"]]
+
+
+def _sentence_result(loaded: LoadedModel, request: dict[str, Any], out: Translation) -> dict[str, Any]:
+    """One translated sentence: text, tokens, the attention asked for, and its word alignment if asked."""
+    result: dict[str, Any] = {
+        "translation": out.translation, "source_tokens": out.source_tokens, "target_tokens": out.target_tokens,
+        "attention": select_attention(out.attention, request["attention"], request.get("layers"),
+                                      request.get("heads")),
+    }
+    if request.get("alignment", "none") != "none":
+        result["alignment"] = word_alignment(loaded, request, out)
+    return result
+
+
+def word_alignment(loaded: LoadedModel, request: dict[str, Any], out: Translation) -> dict[str, Any]:
+    """``alignment``: the words of both sides, which layer/head aligned, and ``soft`` or ``hard``.
+
+    ``soft`` is ``[target word][source word]`` with rows summing to 1 (EOS dropped, rows
+    renormalised; see :mod:`stepwise.alignment`); ``hard`` is a Pharaoh line ``"i-j ..."``.
+    """
+    layer = request.get("alignment_layer")
+    layer = alignment.DEFAULT_LAYER if layer is None else layer
+    head = request.get("alignment_head")
+    head = alignment.DEFAULT_HEAD if head is None else head
+    eos = loaded.translator.tokenizer.pieces([loaded.translator.tokenizer.eos_id])[0]
+    assert out.attention is not None  # decoded with attention whenever an alignment is asked for
+    words = alignment.word_alignment(alignment.attention_source(out.attention["cross"], layer, head),
+                                     out.source_tokens, out.target_tokens, eos=eos)
+    result: dict[str, Any] = {"source_words": words.source_words, "target_words": words.target_words,
+                              "layer": layer, "head": head}
+    if request["alignment"] == "soft":
+        result["soft"] = np.round(words.soft, 5).astype(np.float32)
+    else:
+        result["hard"] = words.pharaoh()
+    return result
 
 
 def select_attention(
@@ -378,7 +463,8 @@ def encode_attention(results: list[dict[str, Any]], fmt: str) -> None:
     if fmt == "json":
         return
     for result in results:
-        result["attention"] = attention_codec.encode_all(result["attention"], fmt)
+        for part in (result, *result.get("sentences", ())):  # a split paragraph carries attention per sentence
+            part["attention"] = attention_codec.encode_all(part["attention"], fmt)
 
 
 def json_bytes(value: Any) -> bytes:
