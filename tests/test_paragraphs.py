@@ -87,3 +87,17 @@ def test_batch_endpoint_splits_each_text(service: BentoProcess) -> None:
     assert second["translation"] == service.post("/translate", {"text": texts[1]}).json()["translation"]
     bad = service.post("/translate", {"text": PARAGRAPH, "split": "paragraphs"})
     assert bad.status_code == 400 and any("split" in d["loc"] for d in bad.json()["detail"])
+
+
+def test_split_sentences_carry_their_attention_in_the_compact_format(service: BentoProcess) -> None:
+    from stepwise.attention_codec import decode_all
+
+    plain = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "all"}).json()
+    compact = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "all",
+                                          "attention_format": "uint10"}).json()
+    assert len(compact["sentences"]) == len(plain["sentences"]) == 3
+    for json_part, compact_part in zip(plain["sentences"], compact["sentences"], strict=True):
+        decoded = decode_all(compact_part["attention"])
+        assert set(decoded) == set(json_part["attention"]) == {"encoder", "decoder", "cross"}
+        for kind, weights in json_part["attention"].items():
+            assert np.abs(decoded[kind] - np.asarray(weights)).max() <= 1e-3
