@@ -160,7 +160,8 @@ class MultiHeadAttention(nn.Module):
                 fused kernel can build the mask itself (``bias`` is then ignored there).
             need_weights: take the explicit path and return ``[B, H, T_q, T_k]`` weights.
             head_mask: ``[H]`` factors for each head's output before ``W^O`` (0 switches a head
-                off); the returned weights are unaffected.
+                off), or already shaped to broadcast over ``[B, H, T_q, d_k]`` (``[1, H, 1, 1]``);
+                the returned weights are unaffected.
 
         Returns:
             ``(output [B, T_q, d_model], weights or None)``.
@@ -176,8 +177,10 @@ class MultiHeadAttention(nn.Module):
                 mask = None if bias is None else bias.to(q.dtype)
                 heads = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout_p)
             weights = None
-        if head_mask is not None:  # [H] -> [H, 1, 1]: scale each head's output (ablation)
-            heads = heads * head_mask.to(heads.dtype)[:, None, None]
+        if head_mask is not None:  # scale each head's output (ablation)
+            if head_mask.dim() == 1:  # [H] -> [H, 1, 1]
+                head_mask = head_mask[:, None, None]
+            heads = heads * head_mask.to(heads.dtype)
         # [B, H, T_q, d_k] -> [B, T_q, d_model]: concatenate the heads, then W^O
         batch, _, length, _ = heads.shape
         merged = heads.transpose(1, 2).reshape(batch, length, self.d_model)

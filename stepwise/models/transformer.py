@@ -32,11 +32,16 @@ HeadMask = dict[str, Tensor]  # kind -> [layers, heads] factors for each head's 
 HEAD_MASK_KINDS = ("encoder", "decoder", "cross")
 
 
-def _layer_mask(head_mask: HeadMask | None, kind: str, layer: int) -> Tensor | None:
-    """Row ``layer`` of ``head_mask[kind]``, or None when that kind is not masked."""
+def _layer_masks(head_mask: HeadMask | None, kind: str, layers: int) -> list[Tensor | None]:
+    """Each layer's rows of ``head_mask[kind]`` as ``[1, H, 1, 1]`` (broadcast over the heads' outputs),
+    or None per layer when that kind is not masked.
+
+    Shaped once and split in one operation, so an exported graph has one Split per kind and one Mul
+    per attention sub-layer (what ``python -m bench headmask`` measures).
+    """
     if head_mask is None or head_mask.get(kind) is None:
-        return None
-    return head_mask[kind][layer]
+        return [None] * layers
+    return list(head_mask[kind][:, :, None, None].split(1, dim=0))
 
 
 class Transformer(nn.Module):
@@ -94,8 +99,9 @@ class Transformer(nn.Module):
         bias = attention_bias(key_padding_mask=src_pad_mask, dtype=self.src_embed.weight.dtype)
         x = self._embed(self.src_embed, src_ids)
         weights = []
-        for i, layer in enumerate(self.encoder_layers):
-            x, w = layer(x, bias=bias, need_weights=need_weights, head_mask=_layer_mask(head_mask, "encoder", i))
+        masks = _layer_masks(head_mask, "encoder", len(self.encoder_layers))
+        for layer, mask in zip(self.encoder_layers, masks, strict=True):
+            x, w = layer(x, bias=bias, need_weights=need_weights, head_mask=mask)
             if need_weights:
                 weights.append(w)
         return self.encoder_norm(x), weights
@@ -141,11 +147,13 @@ class Transformer(nn.Module):
                                        key_length=past_length + length, dtype=dtype, device=tgt_ids.device)
         x = self._embed(self.tgt_embed, tgt_ids, offset=past_length)
         present, self_weights, cross_weights = [], [], []
+        self_masks = _layer_masks(head_mask, "decoder", len(self.decoder_layers))
+        cross_masks = _layer_masks(head_mask, "cross", len(self.decoder_layers))
         for i, layer in enumerate(self.decoder_layers):
             x, kv, sw, cw = layer(x, cross_kv[i], self_bias=self_bias, cross_bias=cross_bias,
                                   past=None if past is None else past[i], is_causal=is_causal,
-                                  need_weights=need_weights, self_head_mask=_layer_mask(head_mask, "decoder", i),
-                                  cross_head_mask=_layer_mask(head_mask, "cross", i))
+                                  need_weights=need_weights, self_head_mask=self_masks[i],
+                                  cross_head_mask=cross_masks[i])
             present.append(kv)
             if need_weights:
                 self_weights.append(sw)

@@ -58,7 +58,8 @@ class EncoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """``x [B, S, d]`` with source-padding ``bias`` -> ``(x, weights [B, H, S, S] or None)``.
 
-        ``head_mask [H]`` scales each self-attention head's output (ablation; see ``attend``).
+        ``head_mask`` (``[H]`` or ``[1, H, 1, 1]``) scales each self-attention head's output (ablation;
+        see ``MultiHeadAttention.attend``).
         """
         weights: list[Tensor | None] = [None]
 
@@ -115,8 +116,9 @@ class DecoderLayer(nn.Module):
             past: self-attention keys/values of earlier positions ``[B, H, t, d_k]``.
             is_causal: ``self_bias`` is purely causal and square (lets the fused kernel mask).
             need_weights: return attention weights.
-            self_head_mask: ``[H]`` factors for the self-attention heads' outputs (ablation).
-            cross_head_mask: ``[H]`` factors for the cross-attention heads' outputs.
+            self_head_mask: ``[H]`` (or ``[1, H, 1, 1]``) factors for the self-attention heads' outputs
+                (ablation).
+            cross_head_mask: the same for the cross-attention heads.
 
         Returns:
             ``(x, present_kv, self_weights [B,H,T,t+T], cross_weights [B,H,T,S])``.
