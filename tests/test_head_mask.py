@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from stepwise.decoding import decode
 from stepwise.export import _export_graphs, export_checkpoint
 from stepwise.onnx_decoding import OnnxTranslator, cache_names, head_mask_from_pairs, session_options
 
-from conftest import SAMPLE_PAIRS, make_checkpoint, make_model
+from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint, make_model, register_files, run_python
 
 
 def _capture_w_o_input(module: torch.nn.Linear) -> tuple[list[torch.Tensor], object]:
@@ -153,3 +155,35 @@ def test_all_ones_mask_graph_equals_the_graph_without_mask_inputs(exported: tupl
     out_masked = masked.run(None, {**feed, "decoder_head_mask": ones_dec, "cross_head_mask": ones_dec})
     out_plain = plain.run(None, feed)
     assert all(np.array_equal(a, b) for a, b in zip(out_masked, out_plain, strict=True))
+
+
+STORE_GET = """
+import json, sys
+from stepwise.serving import ModelStore, translate
+model_dir, export_root, model_id = sys.argv[1:]
+store = ModelStore(model_dir=model_dir, export_root=export_root, device="cpu")
+loaded = store.get(model_id)
+request = {"text": "Und Gott sprach.", "beam_size": 1, "attention": "none", "mask_heads": {"cross": [[0, 1]]}}
+(result,) = translate(loaded, [request])
+print("RESULT", json.dumps({"export_dir": str(loaded.export_dir), "translation": result["translation"]}))
+"""
+
+
+def test_service_re_exports_a_version_whose_export_is_format_2(exported: tuple[object, Path], tmp_path: Path,
+                                                                clearml_server: ClearMLServerProcess) -> None:
+    """A registered version whose kept export predates the head masks is exported again on first use."""
+    _, folder = exported
+    (model_id,) = register_files(clearml_server.env, [make_checkpoint(tmp_path / "model.pt", seed=8)],
+                                 project="stepwise-head-mask")
+    old = tmp_path / "exports" / model_id
+    shutil.copytree(folder, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
+    code = STORE_GET.replace("sys.argv[1:]", repr([str(folder), str(tmp_path / "exports"), model_id]))
+    out = run_python(code, {**clearml_server.env, "STEPWISE_ORT_THREADS": "1"}, timeout=300)
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
+    assert result["export_dir"] == str(old)
+    assert json.loads((old / "manifest.json").read_text())["format"] == 3  # exported again
+    masks = head_mask_from_pairs({"cross": [[0, 1]]}, OnnxTranslator(old, device="cpu").layers, 4)
+    (expected,) = OnnxTranslator(folder, device="cpu").translate(["Und Gott sprach."], head_mask=masks)
+    assert result["translation"] == expected.translation
