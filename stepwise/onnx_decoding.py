@@ -10,8 +10,11 @@ the exporter's parity check all share it.
 Cache layout: one keys and one values tensor per layer, ``[B, H, T, d_k]``; attention outputs
 stacked over layers, ``[L, B, H, T_q, T_k]``. The decoder graph ends in top-K, so each step
 hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution, and gathers the cache
-rows named by ``past_order`` itself. Sessions share one global thread pool, so the encoder's and
-the decoder's pools do not fight over the cores.
+rows named by ``past_order`` itself. The graphs take ``{encoder,decoder,cross}_head_mask [L, H]``
+(head ablation, :mod:`stepwise.export`): fed all ones unless a ``head_mask`` is given.
+
+Sessions share one global thread pool, so the encoder's and the decoder's pools do not fight
+over the cores.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
 EXPORT_FORMAT = 3  # 3: head-mask inputs; 2: per-layer caches, top-K output; 1: stacked caches, full log-probs
-HEAD_MASK_KINDS = ("encoder", "decoder", "cross")  # graph inputs ``{kind}_head_mask [L, H]``
 TOP_K = 16  # candidates the decoder graph returns per row: the widest beam it supports
 
 _THREAD_POOL_LOCK = threading.Lock()

@@ -29,7 +29,6 @@ from stepwise.models.transformer_layers import DecoderLayer, EncoderLayer, KeyVa
 
 Attention = dict[str, list[Tensor]]
 HeadMask = dict[str, Tensor]  # kind -> [layers, heads] factors for each head's output (0 = head off)
-HEAD_MASK_KINDS = ("encoder", "decoder", "cross")
 
 
 def _layer_masks(head_mask: HeadMask | None, kind: str, layers: int) -> list[Tensor | None]:
@@ -184,7 +183,7 @@ class Transformer(nn.Module):
             logits ``[B, T, V]``, or ``(logits, attention)`` when ``return_attention``.
         """
         memory, enc_weights = self.encode(src_ids, src_pad_mask, need_weights=return_attention,
-                                                 head_mask=head_mask)
+                                          head_mask=head_mask)
         logits, _, dec_weights, cross_weights = self.decode(
             tgt_ids, self.cross_key_values(memory), src_pad_mask=src_pad_mask, tgt_pad_mask=tgt_pad_mask,
             need_weights=return_attention, head_mask=head_mask)
