@@ -157,8 +157,11 @@ class DecoderSteps:
             self.inputs = dict(zip(self.cross_names, cross, strict=True))
             empty = np.zeros(empty_shape, dtype=np.float32)
         self.inputs.update({name: empty for name in self.past_names})
-        # the same (small, host-side) head masks every step
-        self.inputs.update({"decoder_head_mask": masks["decoder"], "cross_head_mask": masks["cross"]})
+        # the same head masks every step (on CUDA placed on the device once, like the memory)
+        for kind in ("decoder", "cross"):
+            value = masks[kind]
+            self.inputs[f"{kind}_head_mask"] = (ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) if self.on_device
+                                                else value)
         # on the CPU finished sentences leave the batch (as CTranslate2 does); on CUDA the
         # device-resident inputs keep every row
         self.can_drop_rows = not self.on_device
@@ -186,10 +189,7 @@ class DecoderSteps:
         binding.bind_cpu_input("src_pad_mask", self.src_mask)
         binding.bind_cpu_input("past_order", past_order)
         for name, value in self.inputs.items():
-            if isinstance(value, np.ndarray):  # the head masks
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
             on_host = name.startswith("top_") or (need_attention and name.endswith("_attention"))
             binding.bind_output(name, "cpu" if on_host else "cuda", 0)
