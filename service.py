@@ -93,6 +93,8 @@ class _Options(bentoml.IODescriptor):
     layers: list[int] | None = Field(default=None, description="only these layers (0-based)")
     heads: list[int] | None = Field(default=None, description="only these heads (0-based)")
     model: str | None = Field(default=None, description="a registry tag or version id (default: production)")
+    mask_heads: dict[Literal["encoder", "decoder", "cross"], list[list[int]]] | None = Field(
+        default=None, description="heads to switch off (ablation): per kind [[layer, head], ...], 0-based")
     attention_format: Literal["json", "float16", "uint10"] = Field(
         default="json", description="json: nested lists; float16 / uint10: compact base64 arrays "
                                     "(stepwise.attention_codec)")
@@ -117,6 +119,15 @@ class _Options(bentoml.IODescriptor):
     def _index_or_average(cls, value: int | str | None) -> int | str | None:
         if isinstance(value, int) and value < 0:
             raise ValueError('must be an index >= 0 or "average"')
+        return value
+
+    @field_validator("mask_heads")
+    @classmethod
+    def _pairs(cls, value: dict[str, list[list[int]]] | None) -> dict[str, list[list[int]]] | None:
+        for kind, pairs in (value or {}).items():
+            for pair in pairs:
+                if len(pair) != 2 or any(i < 0 for i in pair):
+                    raise ValueError(f"{kind}: each item must be [layer, head], indices >= 0 (got {pair})")
         return value
 
 

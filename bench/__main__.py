@@ -1,4 +1,4 @@
-"""``python -m bench {all,train,translate,serve,export} [--checkpoint PATH] [--sentences N]``.
+"""``python -m bench {all,train,translate,serve,export,headmask} [--checkpoint PATH] [--sentences N]``.
 
 Every table prints ratios against a baseline measured in the same invocation; each system runs
 in its own process. Results go to ``bench/results/NAME-DEVICE.md`` (date, commit, machine).
@@ -319,7 +319,7 @@ def bench_load(checkpoint: Path, work: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("what", choices=["all", "train", "translate", "serve", "export"])
+    parser.add_argument("what", choices=["all", "train", "translate", "serve", "export", "headmask"])
     parser.add_argument("--checkpoint", default=None, help="checkpoint to measure (default: production, or fresh)")
     parser.add_argument("--sentences", type=int, default=None,
                         help=f"held-out sentences (default 500; {UNTRAINED_SENTENCES} for an untrained model)")
@@ -329,7 +329,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per serving row (default 128; 64 for an untrained model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--steps", type=int, default=200, help="headmask: decoder steps per graph and round")
     args = parser.parse_args(argv)
+    if args.what == "headmask":  # needs no corpus: an untrained default-size model unless --checkpoint
+        from bench.headmask import bench_headmask
+
+        rounds = max(args.rounds, 6)
+        section = bench_headmask(Path(args.checkpoint) if args.checkpoint else None, steps=args.steps, rounds=rounds)
+        write_results("headmask", [section], "cpu", Path(args.out) if args.out else None)
+        return 0
     checkpoint = find_checkpoint(args.checkpoint)
     untrained = checkpoint.name == UNTRAINED
     args.requests = args.requests or (64 if untrained else 128)

@@ -4,7 +4,8 @@ Views (``gradio_app/views.py``): one layer/head heatmap (weight on hover), a gri
 layer × head (click one to open it), the head average per layer, token-to-token lines, and two
 model versions side by side, a layer × head divergence between two versions, one run's attention
 over its training checkpoints, and the registry (with promotion for an explorer started as an
-admin: ``--admin``). The current view exports as PNG and as a standalone HTML file.
+admin: ``--admin``), and head ablation (``gradio_app/ablation.py``: switch heads off, translate
+again, see which tokens changed). The current view exports as PNG and as a standalone HTML file.
 Layers, heads and tokens are numbered from 1 everywhere on the page (the service's JSON counts
 from 0). Every failure (service down, bad input) is shown as a sentence in the status line,
 never a traceback.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from gradio_app.ablation import AblationView
 from gradio_app.client import TranslationClient
 from gradio_app.versions import DiffView, RegistryView, TrainingView
 from gradio_app.views import CompareView, GridView, HeatmapView, LinesView, Selection, TranslationView
@@ -54,6 +56,8 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
                 training = TrainingView.build(client, translation.text)
             with gr.Tab("Registry", id="registry"):
                 registry = RegistryView.build(client, admin=admin, name=model_name, runs=training.run)
+            with gr.Tab("Head ablation", id="ablation"):
+                ablation = AblationView.build(client, translation)
 
         redraw = selection.wire(translation.wire())
         for view in (heatmap, grid, lines):
@@ -62,4 +66,5 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
         diff.wire()
         training.wire()
         registry.wire(demo)
+        ablation.wire()
     return demo

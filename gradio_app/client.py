@@ -52,12 +52,17 @@ class TranslationClient:
             raise ServiceError("The service answered with something that is not JSON.") from None
 
     def translate(self, text: str, *, beam_size: int = 1, model: str | None = None,
-                  attention: str = "all") -> dict[str, Any]:
-        """One translation with the attention kinds asked for, decoded to float32 arrays."""
+                  attention: str = "all", mask_heads: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
+        """One translation with the attention kinds asked for, decoded to float32 arrays.
+
+        ``mask_heads``: heads to switch off, per kind ``[[layer, head], ...]`` (0-based).
+        """
         body: dict[str, Any] = {"text": text, "beam_size": int(beam_size), "attention": attention,
                                 "attention_format": self.attention_format}
         if model:
             body["model"] = model
+        if mask_heads:
+            body["mask_heads"] = mask_heads
         result = self._post("/translate", body)
         try:
             result["attention"] = decode_all(result.get("attention") or {})

@@ -8,6 +8,7 @@ heads from 0; everything a person reads (menus, titles, captions, file names) nu
 
 from __future__ import annotations
 
+import difflib
 import html
 import io
 from typing import Any
@@ -161,3 +162,30 @@ def standalone_html(result: dict[str, Any], svg: str, *, title: str) -> str:
             f"({html.escape(str(result['model'].get('id')))}). Attention weights show where the model looked, "
             "not why it translated as it did.</i></p>"
             "</body></html>")
+
+
+def token_diff(before: list[str], after: list[str]) -> list[tuple[str, str]]:
+    """A token diff of two target sequences: ``(op, token)`` with op ``same``, ``added`` or ``removed``.
+
+    ``difflib.SequenceMatcher`` (longest matching blocks, no junk heuristic): a replaced span is
+    its old tokens removed, then its new ones added.
+    """
+    ops: list[tuple[str, str]] = []
+    matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            ops += [("same", t) for t in after[j1:j2]]
+            continue
+        ops += [("removed", t) for t in before[i1:i2]]
+        ops += [("added", t) for t in after[j1:j2]]
+    return ops
+
+
+def token_diff_html(before: list[str], after: list[str]) -> str:
+    """The diff as tokens: added ones highlighted (``mark``), removed ones struck through (``del``)."""
+    tags = {"same": "span", "added": "mark", "removed": "del"}
+    cells = [f"<{tags[op]} class='token-{op}'>{html.escape(token)}</{tags[op]}>" for op, token in
+             token_diff(before, after)]
+    changed = sum(op == "added" for op, _ in token_diff(before, after))
+    return (f"<p class='token-diff-summary'>{changed} of {len(after)} target tokens differ from the translation "
+            f"with every head on.</p><p class='token-diff' style='line-height:2'>{' '.join(cells)}</p>")

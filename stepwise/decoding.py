@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepwise.models.transformer import Transformer
+from stepwise.models.transformer import HeadMask, Transformer
 from stepwise.search import Hypothesis, length_limits, search
 
 __all__ = ["Hypothesis", "TorchSteps", "beam_search", "decode", "greedy_decode", "length_limits"]
@@ -33,12 +33,14 @@ class TorchSteps:
     can_drop_rows = True
 
     def __init__(self, model: Transformer, src_ids: Tensor, src_pad_mask: Tensor | None, beam_size: int,
-                 need_attention: bool) -> None:
+                 need_attention: bool, head_mask: HeadMask | None = None) -> None:
         cfg = model.config
         self.model = model
+        self.head_mask = head_mask  # every step runs the same ablated model
         self.top_k = beam_size
         self.device = src_ids.device
-        memory, enc_weights = model.encode(src_ids, src_pad_mask, need_weights=need_attention)
+        memory, enc_weights = model.encode(src_ids, src_pad_mask, need_weights=need_attention,
+                                           head_mask=head_mask)
         self.encoder_attention = _to_numpy(enc_weights) if need_attention else None
         # every hypothesis of a sentence shares its memory: repeat each sentence k times
         self.cross_kv = [(key.repeat_interleave(beam_size, 0), value.repeat_interleave(beam_size, 0))
@@ -67,7 +69,7 @@ class TorchSteps:
             past = [(key.index_select(0, index), value.index_select(0, index)) for key, value in past]
         logits, self.past, self_w, cross_w = self.model.decode(
             torch.from_numpy(tokens).to(self.device), self.cross_kv, src_pad_mask=self.src_pad_mask, past=past,
-            need_weights=need_attention)
+            need_weights=need_attention, head_mask=self.head_mask)
         log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1) + self.never
         top_log_probs, top_ids = log_probs.topk(self.top_k, dim=-1)
         if not need_attention:
@@ -88,6 +90,7 @@ def greedy_decode(
     *,
     max_length: int | None = None,
     return_attention: bool = False,
+    head_mask: HeadMask | None = None,
 ) -> list[Hypothesis]:
     """Pick the most probable token at every step.
 
@@ -97,12 +100,13 @@ def greedy_decode(
         src_pad_mask: ``[B, S]`` True at padding.
         max_length: most tokens to generate; default :func:`length_limits`.
         return_attention: record attention maps for every step.
+        head_mask: per kind ``[layers, heads]`` head-output factors (ablation; see ``Transformer``).
 
     Returns:
         One :class:`Hypothesis` per source sentence.
     """
     return _search(model, src_ids, src_pad_mask, beam_size=1, length_penalty=0.0, max_length=max_length,
-                   return_attention=return_attention)
+                   return_attention=return_attention, head_mask=head_mask)
 
 
 @torch.no_grad()
@@ -115,6 +119,7 @@ def beam_search(
     length_penalty: float = 0.6,
     max_length: int | None = None,
     return_attention: bool = False,
+    head_mask: HeadMask | None = None,
 ) -> list[Hypothesis]:
     """Keep the ``beam_size`` best hypotheses per sentence; see :mod:`stepwise.search`.
 
@@ -126,12 +131,13 @@ def beam_search(
         length_penalty: GNMT alpha; 0 ranks by raw log-probability.
         max_length: most tokens to generate.
         return_attention: record attention maps of the returned hypotheses.
+        head_mask: per kind ``[layers, heads]`` head-output factors (ablation).
 
     Returns:
         The best :class:`Hypothesis` per source sentence.
     """
     return _search(model, src_ids, src_pad_mask, beam_size=beam_size, length_penalty=length_penalty,
-                   max_length=max_length, return_attention=return_attention)
+                   max_length=max_length, return_attention=return_attention, head_mask=head_mask)
 
 
 def decode(
@@ -154,13 +160,14 @@ def _search(
     length_penalty: float,
     max_length: int | None,
     return_attention: bool,
+    head_mask: HeadMask | None = None,
 ) -> list[Hypothesis]:
     cfg = model.config
     if not 1 <= beam_size <= cfg.vocab_size:
         raise ValueError(f"beam_size must be between 1 and the vocabulary size {cfg.vocab_size}")
     batch, src_len = src_ids.shape
     lengths = [src_len] * batch if src_pad_mask is None else (~src_pad_mask).sum(1).tolist()
-    step = TorchSteps(model, src_ids, src_pad_mask, beam_size, return_attention)
+    step = TorchSteps(model, src_ids, src_pad_mask, beam_size, return_attention, head_mask)
     return search(step, lengths, beam_size=beam_size, length_penalty=length_penalty, max_length=max_length,
                   max_positions=cfg.max_positions, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
                   return_attention=return_attention)

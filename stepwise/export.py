@@ -1,19 +1,25 @@
 """Compile a checkpoint to ONNX: an encoder graph and a one-step decoder graph with a KV cache.
 
 ``encoder.onnx``
-    in: ``src_ids [B, S]`` (int64), ``src_pad_mask [B, S]`` (bool, True at padding)
+    in: ``src_ids [B, S]`` (int64), ``src_pad_mask [B, S]`` (bool, True at padding),
+    ``encoder_head_mask [L_enc, H]`` (float32: each self-attention head's output is scaled by it
+    before ``W^O``; all ones = no ablation)
     out: ``cross_keys_{i}``/``cross_values_{i} [B, H, S, d_k]`` for each decoder layer ``i``
     (its cross-attention keys and values, projected once), ``encoder_attention [L, B, H, S, S]``
 ``decoder.onnx`` (one step)
     in: ``tokens [B, 1]``, ``src_pad_mask``, ``past_order [B]`` (which cache row each row
     continues: beam search reorders hypotheses and finished sentences leave the batch, and doing
-    it inside the graph keeps the cache on the device), and per layer ``cross_keys_{i}``,
+    it inside the graph keeps the cache on the device), ``decoder_head_mask``/``cross_head_mask
+    [L_dec, H]`` (head ablation of the self- and cross-attention heads), and per layer ``cross_keys_{i}``,
     ``cross_values_{i}``, ``past_keys_{i}``/``past_values_{i} [B, H, T, d_k]`` (T may be 0; the
     position is T)
     out: ``top_log_probs``/``top_ids [B, K]`` (the K best next tokens, best first, PAD and BOS
     excluded: beam search of width k <= K needs no more, so the V-sized distribution never leaves
     the graph), ``present_keys_{i}``/``present_values_{i} [B, H, T+1, d_k]``,
     ``self_attention [L, B, H, 1, T+1]``, ``cross_attention [L, B, H, 1, S]``
+
+The head masks (format 3) cost one multiply per attention sub-layer; ``python -m bench headmask``
+times the decoder step against a graph without them.
 
 Per-layer cache tensors (not one stacked tensor) let ONNX Runtime read each layer's keys and
 values where they are: stacking and unstacking copied the whole cache and memory every step.
@@ -72,38 +78,47 @@ FALLBACK_SENTENCES = [  # used when the checkpoint's corpus is not installed
 
 
 class EncoderGraph(nn.Module):
-    """What ``encoder.onnx`` computes."""
+    """What ``encoder.onnx`` computes (``head_mask_input=False``: the format-2 graph, for ``bench``)."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, head_mask_input: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.head_mask_input = head_mask_input
 
-    def forward(self, src_ids: Tensor, src_pad_mask: Tensor) -> tuple[Tensor, ...]:
-        memory, weights = self.model.encode(src_ids, src_pad_mask, need_weights=True)
+    def forward(self, src_ids: Tensor, src_pad_mask: Tensor, *head_mask: Tensor) -> tuple[Tensor, ...]:
+        masks = {"encoder": head_mask[0]} if self.head_mask_input else None
+        memory, weights = self.model.encode(src_ids, src_pad_mask, need_weights=True, head_mask=masks)
         kv = self.model.cross_key_values(memory)
         return (*[k for k, _ in kv], *[v for _, v in kv], torch.stack(weights))
 
 
 class DecoderStepGraph(nn.Module):
-    """What ``decoder.onnx`` computes: one step of incremental decoding, ending in top-K."""
+    """What ``decoder.onnx`` computes: one step of incremental decoding, ending in top-K.
 
-    def __init__(self, model: Transformer, top_k: int = TOP_K) -> None:
+    With ``head_mask_input`` (the default) the inputs after ``past_order`` start with
+    ``decoder_head_mask`` and ``cross_head_mask``; without, it is the format-2 graph (``bench``).
+    """
+
+    def __init__(self, model: Transformer, top_k: int = TOP_K, head_mask_input: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.head_mask_input = head_mask_input
         self.top_k = min(top_k, model.config.vocab_size)
         # added to the log-probabilities: PAD and BOS are never generated (as in decoding.decode)
         never = torch.zeros(model.config.vocab_size)
         never[[model.config.pad_id, model.config.bos_id]] = float("-inf")
         self.register_buffer("never", never, persistent=False)
 
-    def forward(self, tokens: Tensor, src_pad_mask: Tensor, past_order: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, tokens: Tensor, src_pad_mask: Tensor, past_order: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        masks, caches = ({"decoder": inputs[0], "cross": inputs[1]}, inputs[2:]) if self.head_mask_input else (
+            None, inputs)
         layers = len(self.model.decoder_layers)
         cross_k, cross_v, past_k, past_v = (caches[i * layers : (i + 1) * layers] for i in range(4))
         cross = list(zip(cross_k, cross_v, strict=True))
         past = [(k.index_select(0, past_order), v.index_select(0, past_order)) for k, v in zip(past_k, past_v,
                                                                                                strict=True)]
         logits, present, self_w, cross_w = self.model.decode(tokens, cross, src_pad_mask=src_pad_mask, past=past,
-                                                             need_weights=True)
+                                                             need_weights=True, head_mask=masks)
         log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1) + self.never
         top_log_probs, top_ids = torch.topk(log_probs, self.top_k, dim=-1)
         return (top_log_probs, top_ids, *[k for k, _ in present], *[v for _, v in present], torch.stack(self_w),
@@ -171,7 +186,8 @@ def fuse_shared_input_projections(model: onnx.ModelProto) -> int:
     return fused
 
 
-def _export_graphs(model: Transformer, folder: Path, opset: int) -> None:
+def _export_graphs(model: Transformer, folder: Path, opset: int, *, head_mask_inputs: bool = True) -> None:
+    """Write ``encoder.onnx`` and ``decoder.onnx`` (with the head-mask inputs unless told not to)."""
     cfg = model.config
     heads, d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
     names = cache_names(cfg.n_decoder_layers)
@@ -179,11 +195,15 @@ def _export_graphs(model: Transformer, folder: Path, opset: int) -> None:
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[1, 3:] = True
     batch_source = {0: "batch", 2: "source"}
+    encoder_mask = [torch.ones(cfg.n_encoder_layers, heads)] if head_mask_inputs else []
+    decoder_masks = [torch.ones(cfg.n_decoder_layers, heads)] * 2 if head_mask_inputs else []
+    encoder_mask_names = ["encoder_head_mask"] if head_mask_inputs else []
+    decoder_mask_names = ["decoder_head_mask", "cross_head_mask"] if head_mask_inputs else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python ints from shapes
         torch.onnx.export(
-            EncoderGraph(model), (src, mask), str(folder / ENCODER_FILE), dynamo=False, opset_version=opset,
-            input_names=["src_ids", "src_pad_mask"],
+            EncoderGraph(model, head_mask_inputs), (src, mask, *encoder_mask), str(folder / ENCODER_FILE),
+            dynamo=False, opset_version=opset, input_names=["src_ids", "src_pad_mask", *encoder_mask_names],
             output_names=[*names["cross_keys"], *names["cross_values"], "encoder_attention"],
             dynamic_axes={"src_ids": {0: "batch", 1: "source"}, "src_pad_mask": {0: "batch", 1: "source"},
                           **{n: batch_source for n in names["cross_keys"] + names["cross_values"]},
@@ -193,9 +213,10 @@ def _export_graphs(model: Transformer, folder: Path, opset: int) -> None:
         cache_in = names["cross_keys"] + names["cross_values"] + names["past_keys"] + names["past_values"]
         cache_out = names["present_keys"] + names["present_values"]
         torch.onnx.export(
-            DecoderStepGraph(model), (torch.full((2, 1), cfg.bos_id), mask, torch.tensor([1, 0]), *cross, *past),
+            DecoderStepGraph(model, head_mask_input=head_mask_inputs),
+            (torch.full((2, 1), cfg.bos_id), mask, torch.tensor([1, 0]), *decoder_masks, *cross, *past),
             str(folder / DECODER_FILE), dynamo=False, opset_version=opset,
-            input_names=["tokens", "src_pad_mask", "past_order", *cache_in],
+            input_names=["tokens", "src_pad_mask", "past_order", *decoder_mask_names, *cache_in],
             output_names=["top_log_probs", "top_ids", *cache_out, "self_attention", "cross_attention"],
             dynamic_axes={"tokens": {0: "batch"}, "src_pad_mask": {0: "batch", 1: "source"}, "past_order": {0: "batch"},
                           **{n: batch_source for n in names["cross_keys"] + names["cross_values"]},
@@ -222,8 +243,20 @@ def parity_sentences(checkpoint: Checkpoint, count: int = PARITY_SENTENCES) -> l
         return FALLBACK_SENTENCES[:count]
 
 
+def parity_head_mask(model: Transformer) -> dict[str, np.ndarray]:
+    """The ablation the parity check also compares: head 0 of the last layer off in every kind."""
+    cfg = model.config
+    masks = {"encoder": np.ones((cfg.n_encoder_layers, cfg.n_heads), dtype=np.float32),
+             "decoder": np.ones((cfg.n_decoder_layers, cfg.n_heads), dtype=np.float32),
+             "cross": np.ones((cfg.n_decoder_layers, cfg.n_heads), dtype=np.float32)}
+    for mask in masks.values():
+        mask[-1, 0] = 0.0
+    return masks
+
+
 def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict[str, Any]:
-    """Compare the ONNX export in ``folder`` with ``model`` on ``sentences``.
+    """Compare the ONNX export in ``folder`` with ``model`` on ``sentences``, as exported and with
+    one head of each kind masked (:func:`parity_head_mask`).
 
     Returns the figures; raises ExportError when tokens differ or a tolerance is exceeded.
     """
@@ -234,34 +267,38 @@ def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict
     max_length = min(48, model.config.max_positions - 1)
     figures: dict[str, Any] = {"sentences": len(sentences), "max_length": max_length,
                                "log_prob_tolerance": LOG_PROB_TOLERANCE, "attention_tolerance": ATTENTION_TOLERANCE}
-    worst_attention = 0.0
-    for beam in (1, 4):
-        ours = translator.decode_ids(sources, beam_size=beam, max_length=max_length, return_attention=True)
-        theirs = []
-        for src in sources:  # one at a time: PyTorch with no padding as the reference
-            theirs += decode(model, torch.tensor([src]), beam_size=beam, max_length=max_length, return_attention=True)
-        same = sum(a.tokens == b.tokens for a, b in zip(ours, theirs, strict=True))
-        figures[f"tokens_equal_beam{beam}"] = f"{same}/{len(sources)}"
-        if same != len(sources):
-            raise ExportError(f"parity: beam {beam} tokens differ from PyTorch on {len(sources) - same} of "
-                              f"{len(sources)} sentences")
-        for a, b in zip(ours, theirs, strict=True):
-            for kind in ("encoder", "decoder", "cross"):
-                worst_attention = max(worst_attention, float(np.abs(a.attention[kind] - b.attention[kind]).max()))
-    # the top-K log-probabilities along PyTorch's greedy path, step by step through the ONNX decoder
-    worst_log_prob = 0.0
-    greedy = decode(model, torch.tensor([sources[0]]), max_length=max_length)[0]
-    path = [tok.bos_id, *greedy.tokens]
-    with torch.no_grad():
-        reference = torch.log_softmax(model(torch.tensor([sources[0]]), torch.tensor([path])).float(), -1)[0]
-        reference[:, [tok.pad_id, tok.bos_id]] = float("-inf")
-        reference = reference.topk(translator.top_k, dim=-1).values.numpy()
-    src = np.array([sources[0]], dtype=np.int64)
-    mask = np.zeros_like(src, dtype=bool)
-    step = translator.start(src, mask, beam_size=1)
-    for t, token in enumerate(path):
-        top_log_probs, _, _, _ = step(np.array([[token]], dtype=np.int64), np.zeros(1, dtype=np.int64), False)
-        worst_log_prob = max(worst_log_prob, float(np.abs(top_log_probs[0] - reference[t]).max()))
+    worst_attention = worst_log_prob = 0.0
+    for label, head_mask in (("", None), ("_masked", parity_head_mask(model))):
+        torch_mask = None if head_mask is None else {kind: torch.from_numpy(m) for kind, m in head_mask.items()}
+        for beam in (1, 4):
+            ours = translator.decode_ids(sources, beam_size=beam, max_length=max_length, return_attention=True,
+                                         head_mask=head_mask)
+            theirs = []
+            for src in sources:  # one at a time: PyTorch with no padding as the reference
+                theirs += decode(model, torch.tensor([src]), beam_size=beam, max_length=max_length,
+                                 return_attention=True, head_mask=torch_mask)
+            same = sum(a.tokens == b.tokens for a, b in zip(ours, theirs, strict=True))
+            figures[f"tokens_equal_beam{beam}{label}"] = f"{same}/{len(sources)}"
+            if same != len(sources):
+                raise ExportError(f"parity: beam {beam} tokens differ from PyTorch on {len(sources) - same} of "
+                                  f"{len(sources)} sentences" + (" with heads masked" if label else ""))
+            for a, b in zip(ours, theirs, strict=True):
+                for kind in ("encoder", "decoder", "cross"):
+                    worst_attention = max(worst_attention, float(np.abs(a.attention[kind] - b.attention[kind]).max()))
+        # the top-K log-probabilities along PyTorch's greedy path, step by step through the ONNX decoder
+        greedy = decode(model, torch.tensor([sources[0]]), max_length=max_length, head_mask=torch_mask)[0]
+        path = [tok.bos_id, *greedy.tokens]
+        with torch.no_grad():
+            logits = model(torch.tensor([sources[0]]), torch.tensor([path]), head_mask=torch_mask)
+            reference = torch.log_softmax(logits.float(), -1)[0]
+            reference[:, [tok.pad_id, tok.bos_id]] = float("-inf")
+            reference = reference.topk(translator.top_k, dim=-1).values.numpy()
+        src = np.array([sources[0]], dtype=np.int64)
+        mask = np.zeros_like(src, dtype=bool)
+        step = translator.start(src, mask, beam_size=1, head_mask=head_mask)
+        for t, token in enumerate(path):
+            top_log_probs, _, _, _ = step(np.array([[token]], dtype=np.int64), np.zeros(1, dtype=np.int64), False)
+            worst_log_prob = max(worst_log_prob, float(np.abs(top_log_probs[0] - reference[t]).max()))
     figures["max_abs_log_prob_diff"] = worst_log_prob
     figures["max_abs_attention_diff"] = worst_attention
     if worst_log_prob > LOG_PROB_TOLERANCE:

@@ -10,8 +10,11 @@ the exporter's parity check all share it.
 Cache layout: one keys and one values tensor per layer, ``[B, H, T, d_k]``; attention outputs
 stacked over layers, ``[L, B, H, T_q, T_k]``. The decoder graph ends in top-K, so each step
 hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution, and gathers the cache
-rows named by ``past_order`` itself. Sessions share one global thread pool, so the encoder's and
-the decoder's pools do not fight over the cores.
+rows named by ``past_order`` itself. The graphs take ``{encoder,decoder,cross}_head_mask [L, H]``
+(head ablation, :mod:`stepwise.export`): fed all ones unless a ``head_mask`` is given.
+
+Sessions share one global thread pool, so the encoder's and the decoder's pools do not fight
+over the cores.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
-EXPORT_FORMAT = 2  # 2: per-layer caches, top-K output (1: stacked caches, full log-probs)
+EXPORT_FORMAT = 3  # 3: head-mask inputs; 2: per-layer caches, top-K output; 1: stacked caches, full log-probs
 TOP_K = 16  # candidates the decoder graph returns per row: the widest beam it supports
 
 _THREAD_POOL_LOCK = threading.Lock()
@@ -70,6 +73,20 @@ def cache_names(layers: int) -> dict[str, list[str]]:
     """Names of the per-layer cache tensors of the graphs, by kind."""
     kinds = ("cross_keys", "cross_values", "past_keys", "past_values", "present_keys", "present_values")
     return {kind: [f"{kind}_{i}" for i in range(layers)] for kind in kinds}
+
+
+def head_mask_from_pairs(pairs: dict[str, list[list[int]]], layers: dict[str, int], heads: int
+                         ) -> dict[str, np.ndarray]:
+    """Heads to switch off, ``{kind: [[layer, head], ...]}`` (0-based), as ``[L, H]`` masks of ones
+    with zeros at those heads, for every kind in ``layers`` (a kind not named stays all ones).
+
+    The indices are taken as checked (``serving.check_request`` does it against the model).
+    """
+    masks = {kind: np.ones((count, heads), dtype=np.float32) for kind, count in layers.items()}
+    for kind, listed in pairs.items():
+        for layer, head in listed:
+            masks[kind][layer, head] = 0.0
+    return masks
 
 
 def export_format(export_dir: str | Path) -> int | None:
@@ -112,15 +129,18 @@ class DecoderSteps:
     in place; only the top-K candidates and attention cross to the host.
     """
 
-    def __init__(self, translator: OnnxTranslator, src: np.ndarray, src_mask: np.ndarray, beam_size: int) -> None:
+    def __init__(self, translator: OnnxTranslator, src: np.ndarray, src_mask: np.ndarray, beam_size: int,
+                 head_mask: dict[str, np.ndarray] | None = None) -> None:
         self.session = translator.decoder
+        masks = translator.full_head_mask(head_mask)
         names = cache_names(translator.n_layers)
         self.cross_names = names["cross_keys"] + names["cross_values"]
         self.past_names = names["past_keys"] + names["past_values"]
         self.outputs = ["top_log_probs", "top_ids", *names["present_keys"], *names["present_values"],
                         "self_attention", "cross_attention"]
         *cross, self.encoder_attention = translator.encoder.run(
-            [*self.cross_names, "encoder_attention"], {"src_ids": src, "src_pad_mask": src_mask})
+            [*self.cross_names, "encoder_attention"], {"src_ids": src, "src_pad_mask": src_mask,
+                                                         "encoder_head_mask": masks["encoder"]})
         # every hypothesis of a sentence shares its memory: repeat each sentence k times (axis 0 = batch)
         if beam_size > 1:
             cross = [np.repeat(x, beam_size, axis=0) for x in cross]
@@ -137,6 +157,11 @@ class DecoderSteps:
             self.inputs = dict(zip(self.cross_names, cross, strict=True))
             empty = np.zeros(empty_shape, dtype=np.float32)
         self.inputs.update({name: empty for name in self.past_names})
+        # the same head masks every step (on CUDA placed on the device once, like the memory)
+        for kind in ("decoder", "cross"):
+            value = masks[kind]
+            self.inputs[f"{kind}_head_mask"] = (ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) if self.on_device
+                                                else value)
         # on the CPU finished sentences leave the batch (as CTranslate2 does); on CUDA the
         # device-resident inputs keep every row
         self.can_drop_rows = not self.on_device
@@ -146,7 +171,7 @@ class DecoderSteps:
 
         The cache needs no copy here: ``past_order`` gathers it inside the graph.
         """
-        for name in self.cross_names:
+        for name in self.cross_names:  # the head masks are per model, not per row
             self.inputs[name] = self.inputs[name][positions]
         self.src_mask = self.src_mask[positions]
 
@@ -197,18 +222,41 @@ class OnnxTranslator:
         self.provider = self.decoder.get_providers()[0]
         past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_keys_")]  # [B, H, T, d_k] each
         self.n_layers, self.n_heads, self.d_k = len(past), int(past[0].shape[1]), int(past[0].shape[3])
+        encoder_mask = next(i for i in self.encoder.get_inputs() if i.name == "encoder_head_mask")
+        self.layers = {"encoder": int(encoder_mask.shape[0]), "decoder": self.n_layers, "cross": self.n_layers}
         self.top_k = int(next(o.shape[1] for o in self.decoder.get_outputs() if o.name == "top_ids"))
         log.info("loaded %s on %s", self.export_dir, self.provider)
 
-    def start(self, src: np.ndarray, src_mask: np.ndarray, *, beam_size: int = 1) -> DecoderSteps:
+    def full_head_mask(self, head_mask: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Every kind's ``[L, H]`` float32 mask: the ones given, all ones for the rest (no ablation)."""
+        given = head_mask or {}
+        masks = {}
+        for kind, layers in self.layers.items():
+            mask = given.get(kind)
+            if mask is None:
+                masks[kind] = np.ones((layers, self.n_heads), dtype=np.float32)
+            else:
+                masks[kind] = np.ascontiguousarray(mask, dtype=np.float32)
+                if masks[kind].shape != (layers, self.n_heads):
+                    raise ValueError(f"{kind} head mask has shape {masks[kind].shape}, "
+                                     f"the model needs {(layers, self.n_heads)}")
+        return masks
+
+    def start(self, src: np.ndarray, src_mask: np.ndarray, *, beam_size: int = 1,
+              head_mask: dict[str, np.ndarray] | None = None) -> DecoderSteps:
         """Encode a batch and return the step function over its KV cache (on the session's device)."""
-        return DecoderSteps(self, src, src_mask, beam_size)
+        return DecoderSteps(self, src, src_mask, beam_size, head_mask)
 
     def decode_ids(
         self, sources: list[list[int]], *, beam_size: int = 1, length_penalty: float = 0.6,
         max_length: int | None = None, return_attention: bool = False,
+        head_mask: dict[str, np.ndarray] | None = None,
     ) -> list[Hypothesis]:
-        """Greedy (``beam_size == 1``) or beam search over encoded sources (each ending with EOS)."""
+        """Greedy (``beam_size == 1``) or beam search over encoded sources (each ending with EOS).
+
+        ``head_mask``: per kind (``encoder``, ``decoder``, ``cross``) an ``[L, H]`` array scaling
+        each head's output (0 = head switched off); kinds left out are all ones.
+        """
         if not 1 <= beam_size <= self.top_k:
             raise ValueError(f"beam_size must be between 1 and {self.top_k} (the export's top-K)")
         tok = self.tokenizer
@@ -216,7 +264,7 @@ class OnnxTranslator:
         src = np.full((len(sources), src_len), tok.pad_id, dtype=np.int64)
         for i, ids in enumerate(sources):
             src[i, : len(ids)] = ids
-        step = self.start(src, src == tok.pad_id, beam_size=beam_size)
+        step = self.start(src, src == tok.pad_id, beam_size=beam_size, head_mask=head_mask)
         return search(step, [len(s) for s in sources], beam_size=beam_size, length_penalty=length_penalty,
                       max_length=max_length, max_positions=self.max_positions, bos_id=tok.bos_id,
                       eos_id=tok.eos_id, pad_id=tok.pad_id, return_attention=return_attention)
@@ -228,9 +276,9 @@ class OnnxTranslator:
 
     def translate(
         self, texts: list[str], *, beam_size: int = 1, max_length: int | None = None,
-        return_attention: bool = False, batch_size: int = 32,
+        return_attention: bool = False, batch_size: int = 32, head_mask: dict[str, np.ndarray] | None = None,
     ) -> list[Translation]:
-        """Translate texts, batching by length; keeps the input order."""
+        """Translate texts, batching by length; keeps the input order (``head_mask``: see :meth:`decode_ids`)."""
         sources = [self.encode_text(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(sources[i]))
         results: list[Translation | None] = [None] * len(texts)
@@ -238,7 +286,7 @@ class OnnxTranslator:
             chunk = order[start : start + batch_size]
             began = time.perf_counter()
             hyps = self.decode_ids([sources[i] for i in chunk], beam_size=beam_size, max_length=max_length,
-                                   return_attention=return_attention)
+                                   return_attention=return_attention, head_mask=head_mask)
             elapsed_ms = (time.perf_counter() - began) * 1000
             for i, hyp in zip(chunk, hyps, strict=True):
                 emitted = hyp.tokens + ([self.tokenizer.eos_id] if hyp.finished else [])

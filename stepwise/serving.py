@@ -36,7 +36,14 @@ import orjson
 
 from stepwise import alignment, attention_codec, tracking
 from stepwise.errors import ConfigError, ExportError, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
-from stepwise.onnx_decoding import EXPORT_FORMAT, TOP_K, OnnxTranslator, Translation, export_format
+from stepwise.onnx_decoding import (
+    EXPORT_FORMAT,
+    TOP_K,
+    OnnxTranslator,
+    Translation,
+    export_format,
+    head_mask_from_pairs,
+)
 from stepwise.sentences import DEFAULT_LANGUAGE, split_sentences
 
 log = logging.getLogger(__name__)
@@ -314,7 +321,8 @@ def check_request(request: dict[str, Any], loaded: LoadedModel) -> None:
     """The request's options against the model that will run it (the schema checked the rest).
 
     Raises:
-        InvalidRequest: a beam wider than the export's top-K, or a layer or head the model lacks.
+        InvalidRequest: a beam wider than the export's top-K, or a layer or head the model lacks
+            (``layers``, ``heads``, or a ``mask_heads`` pair).
     """
     translator = loaded.translator
     if request["beam_size"] > translator.top_k:
@@ -330,6 +338,11 @@ def check_request(request: dict[str, Any], loaded: LoadedModel) -> None:
     if bad_heads:
         raise InvalidRequest(f"index {bad_heads[0]} out of range (the model has {translator.n_heads} heads)",
                              field="heads")
+    for kind, pairs in (request.get("mask_heads") or {}).items():
+        for layer, head in pairs:
+            if layer >= counts[kind] or head >= translator.n_heads:
+                raise InvalidRequest(f"{kind} [{layer}, {head}] out of range ({kind} attention has {counts[kind]} "
+                                     f"layers of {translator.n_heads} heads)", field="mask_heads")
     _check_alignment(request, counts["cross"], translator.n_heads)
 
 
@@ -346,24 +359,36 @@ def _check_alignment(request: dict[str, Any], layers: int, heads: int) -> None:
             raise InvalidRequest(f"index {value} out of range (the model has {count} {what})", field=field)
 
 
+def mask_key(request: dict[str, Any]) -> tuple | None:
+    """The heads a request switches off, as a hashable key (None: none off, the plain model)."""
+    pairs = request.get("mask_heads") or {}
+    key = tuple(sorted((kind, tuple(sorted({(int(layer), int(head)) for layer, head in listed})))
+                       for kind, listed in pairs.items() if listed))
+    return key or None
+
+
 def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Translate checked requests with one model; those that share search settings decode together.
 
     With ``split: "sentences"`` a request's text is cut into sentences first; all the sentences
     of a group go to the translator in one call (one batch up to ``DECODE_BATCH``). A text that
     is one sentence is translated as it came, so its answer is the unsplit one.
+    The head mask is part of the settings: requests switching off different heads (``mask_heads``)
+    run as separate batches, each graph run with its own ``[L, H]`` masks.
     """
     results: list[dict[str, Any]] = [{} for _ in requests]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, request in enumerate(requests):
         need_attention = request["attention"] != "none" or request.get("alignment", "none") != "none"
-        groups[(request["beam_size"], request.get("max_length"), need_attention)].append(i)
-    for (beam_size, max_length, need_attention), members in groups.items():
+        groups[(request["beam_size"], request.get("max_length"), need_attention, mask_key(request))].append(i)
+    translator = loaded.translator
+    for (beam_size, max_length, need_attention, masked), members in groups.items():
+        head_mask = None if masked is None else head_mask_from_pairs(
+            {kind: [list(pair) for pair in pairs] for kind, pairs in masked}, translator.layers, translator.n_heads)
         texts = {i: _sentences(loaded, requests[i]) for i in members}
         flat = [(i, text) for i in members for text in texts[i]]
-        outputs = loaded.translator.translate([text for _, text in flat], beam_size=beam_size,
-                                              max_length=max_length, return_attention=need_attention,
-                                              batch_size=DECODE_BATCH)
+        outputs = translator.translate([text for _, text in flat], beam_size=beam_size, max_length=max_length,
+                                       return_attention=need_attention, batch_size=DECODE_BATCH, head_mask=head_mask)
         by_request: dict[int, list[Translation]] = defaultdict(list)
         for (i, _), out in zip(flat, outputs, strict=True):
             by_request[i].append(out)

@@ -15,6 +15,13 @@ per-head weights ``[B, H, T_q, T_k]``; the fast path calls
 no weights are asked for. Masks are additive biases built once per batch by
 :func:`attention_bias`: 0 where a key may be attended to, the dtype's finite minimum where not,
 so a row whose keys are all masked becomes a uniform distribution instead of NaN.
+
+Head ablation (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"): an optional
+per-head mask ``[H]`` scales each head's output ``head_i`` before the concatenation and ``W^O``,
+so a head masked with 0 contributes nothing to the layer output (its slice of ``W^O`` sees
+zeros; the output bias stays). The attention *weights* returned are still that head's softmax
+probabilities: the mask acts on what the head passes on, not on where it looks. No mask (None)
+adds no operation; a mask of ones computes the same numbers as none.
 """
 
 from __future__ import annotations
@@ -140,6 +147,7 @@ class MultiHeadAttention(nn.Module):
         bias: Tensor | None = None,
         is_causal: bool = False,
         need_weights: bool = False,
+        head_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query [B, T_q, d_model]`` to already projected heads ``key``/``value``.
 
@@ -151,6 +159,9 @@ class MultiHeadAttention(nn.Module):
             is_causal: hint for the fast path that ``bias`` is purely causal and square, so the
                 fused kernel can build the mask itself (``bias`` is then ignored there).
             need_weights: take the explicit path and return ``[B, H, T_q, T_k]`` weights.
+            head_mask: ``[H]`` factors for each head's output before ``W^O`` (0 switches a head
+                off), or already shaped to broadcast over ``[B, H, T_q, d_k]`` (``[1, H, 1, 1]``);
+                the returned weights are unaffected.
 
         Returns:
             ``(output [B, T_q, d_model], weights or None)``.
@@ -166,6 +177,10 @@ class MultiHeadAttention(nn.Module):
                 mask = None if bias is None else bias.to(q.dtype)
                 heads = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout_p)
             weights = None
+        if head_mask is not None:  # scale each head's output (ablation)
+            if head_mask.dim() == 1:  # [H] -> [H, 1, 1]
+                head_mask = head_mask[:, None, None]
+            heads = heads * head_mask.to(heads.dtype)
         # [B, H, T_q, d_k] -> [B, T_q, d_model]: concatenate the heads, then W^O
         batch, _, length, _ = heads.shape
         merged = heads.transpose(1, 2).reshape(batch, length, self.d_model)
@@ -179,6 +194,7 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         causal: bool = False,
         need_weights: bool = False,
+        head_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query [B, T_q, d]`` to ``key_value [B, T_k, d]``.
 
@@ -189,6 +205,7 @@ class MultiHeadAttention(nn.Module):
             key_padding_mask: ``[B, T_k]`` bool, True at padding.
             causal: mask later positions (decoder self-attention).
             need_weights: return per-head weights ``[B, H, T_q, T_k]``.
+            head_mask: ``[H]`` per-head output factors (see :meth:`attend`).
 
         Returns:
             ``(output [B, T_q, d_model], weights or None)``.
@@ -203,4 +220,5 @@ class MultiHeadAttention(nn.Module):
             device=query.device,
         )
         pure_causal = causal and key_padding_mask is None and query.shape[1] == key_value.shape[1]
-        return self.attend(query, key, value, bias=bias, is_causal=pure_causal, need_weights=need_weights)
+        return self.attend(query, key, value, bias=bias, is_causal=pure_causal, need_weights=need_weights,
+                           head_mask=head_mask)

@@ -9,6 +9,10 @@ vocabulary), and the output projection may reuse it too (weight tying, as in the
 Attention, when asked for, is returned in one layout everywhere (PyTorch, ONNX, HTTP)::
 
     {"encoder": [L x (B, H, S, S)], "decoder": [L x (B, H, T, T)], "cross": [L x (B, H, T, S)]}
+
+Head ablation takes the same keys: ``head_mask = {"encoder": [L_enc, H], "decoder": [L_dec, H],
+"cross": [L_dec, H]}`` (any kind may be left out), each row scaling that layer's heads' outputs
+before ``W^O`` (Michel et al. 2019; see :mod:`stepwise.components.attention`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,19 @@ from stepwise.config import ModelConfig
 from stepwise.models.transformer_layers import DecoderLayer, EncoderLayer, KeyValue
 
 Attention = dict[str, list[Tensor]]
+HeadMask = dict[str, Tensor]  # kind -> [layers, heads] factors for each head's output (0 = head off)
+
+
+def _layer_masks(head_mask: HeadMask | None, kind: str, layers: int) -> list[Tensor | None]:
+    """Each layer's rows of ``head_mask[kind]`` as ``[1, H, 1, 1]`` (broadcast over the heads' outputs),
+    or None per layer when that kind is not masked.
+
+    Shaped once and split in one operation, so an exported graph has one Split per kind and one Mul
+    per attention sub-layer (what ``python -m bench headmask`` measures).
+    """
+    if head_mask is None or head_mask.get(kind) is None:
+        return [None] * layers
+    return list(head_mask[kind][:, :, None, None].split(1, dim=0))
 
 
 class Transformer(nn.Module):
@@ -68,9 +85,12 @@ class Transformer(nn.Module):
         return self.dropout(self.positional(x, offset))
 
     def encode(
-        self, src_ids: Tensor, src_pad_mask: Tensor | None = None, *, need_weights: bool = False
+        self, src_ids: Tensor, src_pad_mask: Tensor | None = None, *, need_weights: bool = False,
+        head_mask: HeadMask | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Encode ``src_ids [B, S]`` into memory ``[B, S, d]``.
+
+        ``head_mask["encoder"]`` (``[L_enc, H]``), when given, scales the self-attention heads' outputs.
 
         Returns:
             ``(memory, encoder self-attention per layer)`` (the list is empty unless asked).
@@ -78,8 +98,9 @@ class Transformer(nn.Module):
         bias = attention_bias(key_padding_mask=src_pad_mask, dtype=self.src_embed.weight.dtype)
         x = self._embed(self.src_embed, src_ids)
         weights = []
-        for layer in self.encoder_layers:
-            x, w = layer(x, bias=bias, need_weights=need_weights)
+        masks = _layer_masks(head_mask, "encoder", len(self.encoder_layers))
+        for layer, mask in zip(self.encoder_layers, masks, strict=True):
+            x, w = layer(x, bias=bias, need_weights=need_weights, head_mask=mask)
             if need_weights:
                 weights.append(w)
         return self.encoder_norm(x), weights
@@ -97,6 +118,7 @@ class Transformer(nn.Module):
         tgt_pad_mask: Tensor | None = None,
         past: list[KeyValue] | None = None,
         need_weights: bool = False,
+        head_mask: HeadMask | None = None,
     ) -> tuple[Tensor, list[KeyValue], list[Tensor], list[Tensor]]:
         """Run the decoder on ``tgt_ids [B, T]`` (all positions, or new ones after ``past``).
 
@@ -107,6 +129,7 @@ class Transformer(nn.Module):
             tgt_pad_mask: ``[B, t+T]`` True at target padding (keys, including cached ones).
             past: per-layer self-attention keys/values ``[B, H, t, d_k]`` of earlier positions.
             need_weights: also return attention weights.
+            head_mask: ``"decoder"`` and ``"cross"`` ``[L_dec, H]`` head-output factors (ablation).
 
         Returns:
             ``(logits [B, T, V], present keys/values, self-attention, cross-attention)``.
@@ -123,10 +146,13 @@ class Transformer(nn.Module):
                                        key_length=past_length + length, dtype=dtype, device=tgt_ids.device)
         x = self._embed(self.tgt_embed, tgt_ids, offset=past_length)
         present, self_weights, cross_weights = [], [], []
+        self_masks = _layer_masks(head_mask, "decoder", len(self.decoder_layers))
+        cross_masks = _layer_masks(head_mask, "cross", len(self.decoder_layers))
         for i, layer in enumerate(self.decoder_layers):
             x, kv, sw, cw = layer(x, cross_kv[i], self_bias=self_bias, cross_bias=cross_bias,
                                   past=None if past is None else past[i], is_causal=is_causal,
-                                  need_weights=need_weights)
+                                  need_weights=need_weights, self_head_mask=self_masks[i],
+                                  cross_head_mask=cross_masks[i])
             present.append(kv)
             if need_weights:
                 self_weights.append(sw)
@@ -141,6 +167,7 @@ class Transformer(nn.Module):
         src_pad_mask: Tensor | None = None,
         tgt_pad_mask: Tensor | None = None,
         return_attention: bool = False,
+        head_mask: HeadMask | None = None,
     ) -> Tensor | tuple[Tensor, Attention]:
         """Teacher-forced forward pass.
 
@@ -150,14 +177,16 @@ class Transformer(nn.Module):
             src_pad_mask: ``[B, S]`` bool, True at padding.
             tgt_pad_mask: ``[B, T]`` bool, True at padding.
             return_attention: also return the attention weights of every layer and head.
+            head_mask: per kind ``[layers, heads]`` factors for each head's output (module docstring).
 
         Returns:
             logits ``[B, T, V]``, or ``(logits, attention)`` when ``return_attention``.
         """
-        memory, enc_weights = self.encode(src_ids, src_pad_mask, need_weights=return_attention)
+        memory, enc_weights = self.encode(src_ids, src_pad_mask, need_weights=return_attention,
+                                          head_mask=head_mask)
         logits, _, dec_weights, cross_weights = self.decode(
             tgt_ids, self.cross_key_values(memory), src_pad_mask=src_pad_mask, tgt_pad_mask=tgt_pad_mask,
-            need_weights=return_attention)
+            need_weights=return_attention, head_mask=head_mask)
         if not return_attention:
             return logits
         return logits, {"encoder": enc_weights, "decoder": dec_weights, "cross": cross_weights}

@@ -54,14 +54,18 @@ class EncoderLayer(nn.Module):
         self.ff_block = _Residual(d_model, dropout, pre_norm)
 
     def forward(
-        self, x: Tensor, *, bias: Tensor | None = None, need_weights: bool = False
+        self, x: Tensor, *, bias: Tensor | None = None, need_weights: bool = False, head_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """``x [B, S, d]`` with source-padding ``bias`` -> ``(x, weights [B, H, S, S] or None)``."""
+        """``x [B, S, d]`` with source-padding ``bias`` -> ``(x, weights [B, H, S, S] or None)``.
+
+        ``head_mask`` (``[H]`` or ``[1, H, 1, 1]``) scales each self-attention head's output (ablation;
+        see ``MultiHeadAttention.attend``).
+        """
         weights: list[Tensor | None] = [None]
 
         def self_attention(h: Tensor) -> Tensor:
             out, weights[0] = self.self_attn.attend(h, *self.self_attn.project_key_value(h), bias=bias,
-                                                    need_weights=need_weights)
+                                                    need_weights=need_weights, head_mask=head_mask)
             return out
 
         x = self.attn_block(x, self_attention)
@@ -99,6 +103,8 @@ class DecoderLayer(nn.Module):
         past: KeyValue | None = None,
         is_causal: bool = False,
         need_weights: bool = False,
+        self_head_mask: Tensor | None = None,
+        cross_head_mask: Tensor | None = None,
     ) -> tuple[Tensor, KeyValue, Tensor | None, Tensor | None]:
         """Run the layer on ``x [B, T, d]``.
 
@@ -110,6 +116,9 @@ class DecoderLayer(nn.Module):
             past: self-attention keys/values of earlier positions ``[B, H, t, d_k]``.
             is_causal: ``self_bias`` is purely causal and square (lets the fused kernel mask).
             need_weights: return attention weights.
+            self_head_mask: ``[H]`` (or ``[1, H, 1, 1]``) factors for the self-attention heads' outputs
+                (ablation).
+            cross_head_mask: the same for the cross-attention heads.
 
         Returns:
             ``(x, present_kv, self_weights [B,H,T,t+T], cross_weights [B,H,T,S])``.
@@ -124,11 +133,12 @@ class DecoderLayer(nn.Module):
                 value = _cat_time(past[1], value)
             present.append((key, value))
             out, weights[0] = self.self_attn.attend(h, key, value, bias=self_bias, is_causal=is_causal,
-                                                    need_weights=need_weights)
+                                                    need_weights=need_weights, head_mask=self_head_mask)
             return out
 
         def cross_attention(h: Tensor) -> Tensor:
-            out, weights[1] = self.cross_attn.attend(h, *cross_kv, bias=cross_bias, need_weights=need_weights)
+            out, weights[1] = self.cross_attn.attend(h, *cross_kv, bias=cross_bias, need_weights=need_weights,
+                                                     head_mask=cross_head_mask)
             return out
 
         x = self.self_block(x, self_attention)
