@@ -119,8 +119,9 @@ def lines_svg(weights: np.ndarray, rows: list[str], cols: list[str], selected: i
     """Token-to-token lines: queries on the left, keys on the right, line opacity = weight.
 
     With ``selected`` set only that query's lines are drawn (and its row is highlighted). With
-    ``top_k`` set each query draws at most its ``top_k`` heaviest lines (a long sentence's
-    picture stays readable); weights under 0.02 are never drawn.
+    ``top_k`` set each query draws its ``top_k`` heaviest lines, however light (over 200 keys
+    even a clear preference may be under 0.02), and no more: a long sentence stays readable.
+    Without it every line of weight 0.02 or more is drawn.
     """
     step, width = 24, 520
     height = 30 + step * max(len(rows), len(cols))
@@ -132,7 +133,7 @@ def lines_svg(weights: np.ndarray, rows: list[str], cols: list[str], selected: i
         keys = np.argsort(-weights[i], kind="stable")[:top_k] if top_k else range(len(cols))
         for j in sorted(int(k) for k in keys):
             w = float(weights[i, j])
-            if w < 0.02:
+            if w < 0.02 and not top_k:
                 continue
             parts.append(f'<line data-query="{i}" x1="150" y1="{24 + i * step}" x2="370" y2="{24 + j * step}" '
                          f'stroke="rgb(8,69,148)" stroke-width="{1 + 6 * w:.2f}" stroke-opacity="{w:.3f}"><title>'

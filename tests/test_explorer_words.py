@@ -187,9 +187,9 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
 
     # the lines view draws at most k lines per query token
     page.get_by_role("tab", name="Token lines").click()
-    page.wait_for_selector("#lines svg.attention-lines line")
+    page.wait_for_selector("#lines svg.attention-lines line", state="attached")
     queries = page.locator("#lines line").evaluate_all("ls => ls.map(l => l.getAttribute('data-query'))")
-    assert 0 < len(queries) <= TOP_K and set(queries) == {"0"}
+    assert len(queries) == TOP_K and set(queries) == {"0"}
 
     # export of the long map: a PNG of the same picture and a page with every cell
     page.get_by_role("tab", name="Heatmap").click()
@@ -206,7 +206,7 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
 
 
 def test_lines_keep_the_strongest_k_per_query() -> None:
-    """Every query's lines are its k heaviest keys (ties broken by position), none under 0.02."""
+    """Every query's lines are its k heaviest keys (ties broken by position), however light."""
     rng = np.random.default_rng(3)
     weights = rng.dirichlet(np.full(2 * LONG, 0.3), size=2 * LONG)
     tokens = [f"t{i}" for i in range(2 * LONG)]
@@ -215,7 +215,7 @@ def test_lines_keep_the_strongest_k_per_query() -> None:
     for query, y2 in re.findall(r'data-query="(\d+)" x1="150" y1="\d+" x2="370" y2="(\d+)"', svg):
         drawn.setdefault(int(query), set()).add((int(y2) - 24) // 24)
     for i in range(2 * LONG):
-        strongest = {int(j) for j in np.argsort(-weights[i], kind="stable")[:3] if weights[i, j] >= 0.02}
+        strongest = {int(j) for j in np.argsort(-weights[i], kind="stable")[:3]}
         assert drawn.get(i, set()) == strongest, i
     assert 'class="lines-scroll"' in svg  # 80 rows do not fit: the view scrolls
     small = lines_svg(weights[:5, :5], tokens[:5], tokens[:5], None)
