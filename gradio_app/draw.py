@@ -83,9 +83,10 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
                 marked: set[tuple[int, int]] | None = None) -> str:
     """An SVG heatmap: rows are queries, columns keys; hovering a cell shows both tokens and the weight.
 
-    Maps with more than ``LONG`` rows or columns get smaller cells (``LONG_CELL``) and a scroll
-    container (:func:`scrolling`). Cells in ``marked`` (``(row, column)`` pairs, e.g. hard word
-    links) are outlined and get the class ``linked``.
+    Maps with more than ``LONG`` rows or columns get smaller cells (``LONG_CELL``); one too big
+    for the page scrolls, its token labels kept in view (:func:`_scrolling_heatmap`). Cells in
+    ``marked`` (``(row, column)`` pairs, e.g. hard word links) are outlined and get the class
+    ``linked``.
     """
     if max(len(rows), len(cols)) > LONG:
         cell = min(cell, LONG_CELL)
@@ -94,24 +95,48 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
     top = 24 + 7 * max((len(c) for c in cols), default=1)
     width = max(left + cell * len(cols) + 10, 8 * len(title) + 10)
     height = top + cell * len(rows) + 10
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="attention-heatmap" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="monospace" font-size="12">',
-             f'<text x="4" y="14" font-weight="bold">{html.escape(title)}</text>']
-    for j, label in enumerate(cols):
-        x = left + j * cell + cell / 2
-        parts.append(f'<text class="col-label" x="{x}" y="{top - 6}" transform="rotate(-60 {x} {top - 6})">'
-                     f'{html.escape(label)}</text>')
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" ' \
+          'font-family="monospace" font-size="12"{extra}>'
+    heading = f'<text x="4" y="14" font-weight="bold">{html.escape(title)}</text>'
+    col_labels = [f'<text class="col-label" x="{x}" y="{top - 6}" transform="rotate(-60 {x} {top - 6})">'
+                  f'{html.escape(label)}</text>' for label, x in ((c, j * cell + cell / 2) for j, c in enumerate(cols))]
+    row_labels = [f'<text class="row-label" x="{left - 6}" y="{i * cell + cell / 2 + 4}" text-anchor="end">'
+                  f'{html.escape(label)}</text>' for i, label in enumerate(rows)]
+    cells = []
     for i, label in enumerate(rows):
-        y = top + i * cell + cell / 2 + 4
-        parts.append(f'<text class="row-label" x="{left - 6}" y="{y}" text-anchor="end">{html.escape(label)}</text>')
         for j, col in enumerate(cols):
             w = float(weights[i, j])
             link = ' linked" stroke="#d95f02" stroke-width="2' if (i, j) in marked else ""
-            parts.append(f'<rect class="cell{link}" x="{left + j * cell}" y="{top + i * cell}" width="{cell - 1}" '
+            cells.append(f'<rect class="cell{link}" x="{j * cell}" y="{i * cell}" width="{cell - 1}" '
                          f'height="{cell - 1}" fill="{_color(w)}" data-weight="{w:.4f}"><title>'
                          f'{html.escape(label)} → {html.escape(col)}: {w:.3f}</title></rect>')
-    parts.append("</svg>")
-    return scrolling("".join(parts), width, height, name="heatmap-scroll")
+    if width <= MAX_VIEW[0] and height <= MAX_VIEW[1]:
+        return "".join([svg.format(w=width, h=height, extra=' class="attention-heatmap"'), heading,
+                        f'<g transform="translate({left} 0)">', *col_labels, "</g>",
+                        f'<g transform="translate(0 {top})">', *row_labels, "</g>",
+                        f'<g transform="translate({left} {top})">', *cells, "</g></svg>"])
+    return _scrolling_heatmap(svg, heading, col_labels, row_labels, cells, left=left, top=top,
+                              width=cell * len(cols) + 10, height=cell * len(rows) + 10, title_width=8 * len(title))
+
+
+def _scrolling_heatmap(svg: str, heading: str, col_labels: list[str], row_labels: list[str], cells: list[str], *,
+                       left: int, top: int, width: int, height: int, title_width: int) -> str:
+    """A big heatmap in a container that scrolls both ways; the token labels stick to its edges.
+
+    Four SVGs in a CSS grid: the title (class ``attention-heatmap``) above, the column labels
+    (sticky at the top), the row labels (sticky at the left) and the cells.
+    """
+    sticky = "position:sticky;background:#fff;"
+    return "".join([
+        svg.format(w=max(title_width, 200), h=20, extra=' class="attention-heatmap"'), heading, "</svg>",
+        f'<div class="heatmap-scroll" style="overflow:auto;max-width:100%;max-height:{MAX_VIEW[1]}px;'
+        f'border:1px solid #ddd"><div style="display:grid;width:max-content;grid-template-columns:{left}px {width}px;'
+        f'grid-template-rows:{top}px {height}px">',
+        f'<div style="{sticky}left:0;top:0;z-index:3"></div>',
+        f'<div style="{sticky}top:0;z-index:2">', svg.format(w=width, h=top, extra=""), *col_labels, "</svg></div>",
+        f'<div style="{sticky}left:0;z-index:2">', svg.format(w=left, h=height, extra=""), *row_labels,
+        "</svg></div>",
+        "<div>", svg.format(w=width, h=height, extra=""), *cells, "</svg></div></div></div>"])
 
 
 def lines_svg(weights: np.ndarray, rows: list[str], cols: list[str], selected: int | None,

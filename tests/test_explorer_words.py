@@ -181,7 +181,14 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
     assert scroll is not None and scroll["overflow"] == "auto" and scroll["tall"] and scroll["wide"], scroll
     assert scroll["cells"] == n * n and scroll["cell"] >= 12
     assert _labels(page, "#heatmap text.col-label") == expected["source_tokens"]
-    page.locator("#heatmap div.heatmap-scroll").evaluate("d => d.scrollTo(d.scrollWidth, d.scrollHeight)")
+    # scrolled to the far corner, the token labels stay at the container's top and left edges
+    stuck = page.locator("#heatmap div.heatmap-scroll").evaluate("""d => {
+        d.scrollTo(d.scrollWidth, d.scrollHeight); const box = d.getBoundingClientRect();
+        const cols = d.querySelector('text.col-label').ownerSVGElement.getBoundingClientRect();
+        const rows = d.querySelector('text.row-label').ownerSVGElement.getBoundingClientRect();
+        const r = {scrolled: d.scrollTop > 0 && d.scrollLeft > 0, top: cols.top - box.top, left: rows.left - box.left};
+        d.scrollTo(d.scrollWidth / 3, d.scrollHeight / 3); return r; }""")
+    assert stuck["scrolled"] and abs(stuck["top"]) <= 2 and abs(stuck["left"]) <= 2, stuck
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explorer-long-sentence.png"), full_page=True)
 
