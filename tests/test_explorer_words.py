@@ -25,6 +25,7 @@ from test_explorer import (
     _wait_translated,
 )
 
+from gradio_app.client import TranslationClient
 from gradio_app.draw import LONG, heatmap_png, lines_svg
 from gradio_app.views import TOP_K
 from stepwise.alignment import attention_source, parse_pharaoh, word_alignment, words
@@ -49,6 +50,19 @@ def explorer(service: BentoProcess, tmp_path_factory: pytest.TempPathFactory) ->
     app = Explorer(service.url, tmp_path_factory.mktemp("explorer-words-log") / "explorer.log")
     yield app
     app.stop()
+
+
+def test_client_decodes_each_sentences_attention(service: BentoProcess) -> None:
+    """A split paragraph's per-sentence attention comes out of the explorer's client as float32 arrays."""
+    decoded = TranslationClient(service.url).translate(PARAGRAPH, split="sentences")
+    plain = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "all"}).json()
+    assert decoded["translation"] == plain["translation"] and decoded["attention"] == {}
+    assert len(decoded["sentences"]) == len(plain["sentences"]) == 3
+    for got, want in zip(decoded["sentences"], plain["sentences"], strict=True):
+        assert got["source_tokens"] == want["source_tokens"]
+        for kind, weights in want["attention"].items():
+            assert isinstance(got["attention"][kind], np.ndarray)
+            np.testing.assert_allclose(got["attention"][kind], np.array(weights), atol=1e-3)
 
 
 def _matrix(page: object) -> dict:
