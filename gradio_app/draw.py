@@ -8,6 +8,7 @@ heads from 0; everything a person reads (menus, titles, captions, file names) nu
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 from typing import Any
@@ -102,15 +103,9 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
                   f'{html.escape(label)}</text>' for label, x in ((c, j * cell + cell / 2) for j, c in enumerate(cols))]
     row_labels = [f'<text class="row-label" x="{left - 6}" y="{i * cell + cell / 2 + 4}" text-anchor="end">'
                   f'{html.escape(label)}</text>' for i, label in enumerate(rows)]
-    cells = []
-    for i, label in enumerate(rows):
-        for j, col in enumerate(cols):
-            w = float(weights[i, j])
-            link = ' linked" stroke="#d95f02" stroke-width="2' if (i, j) in marked else ""
-            cells.append(f'<rect class="cell{link}" x="{j * cell}" y="{i * cell}" width="{cell - 1}" '
-                         f'height="{cell - 1}" fill="{_color(w)}" data-weight="{w:.4f}"><title>'
-                         f'{html.escape(label)} → {html.escape(col)}: {w:.3f}</title></rect>')
-    if width <= MAX_VIEW[0] and height <= MAX_VIEW[1]:
+    fits = width <= MAX_VIEW[0] and height <= MAX_VIEW[1]
+    cells = _cell_rects(weights, rows, cols, cell, marked) if fits else _cell_image(weights, rows, cols, cell, marked)
+    if fits:
         return "".join([svg.format(w=width, h=height, extra=' class="attention-heatmap"'), heading,
                         f'<g transform="translate({left} 0)">', *col_labels, "</g>",
                         f'<g transform="translate(0 {top})">', *row_labels, "</g>",
@@ -119,12 +114,58 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
                               width=cell * len(cols) + 10, height=cell * len(rows) + 10, title_width=8 * len(title))
 
 
+def _cell_rects(weights: np.ndarray, rows: list[str], cols: list[str], cell: int,
+                marked: set[tuple[int, int]]) -> list[str]:
+    """One ``rect.cell`` a weight, its tokens and weight on hover (``data-weight`` holds it too)."""
+    cells = []
+    for i, label in enumerate(rows):
+        for j, col in enumerate(cols):
+            w = float(weights[i, j])
+            link = ' linked" stroke="#d95f02" stroke-width="2' if (i, j) in marked else ""
+            cells.append(f'<rect class="cell{link}" x="{j * cell}" y="{i * cell}" width="{cell - 1}" '
+                         f'height="{cell - 1}" fill="{_color(w)}" data-weight="{w:.4f}"><title>'
+                         f'{html.escape(label)} → {html.escape(col)}: {w:.3f}</title></rect>')
+    return cells
+
+
+def cell_colors(weights: np.ndarray) -> np.ndarray:
+    """``[rows, cols, 3]`` uint8: each weight's colour, exactly as :func:`_color` writes it."""
+    w = np.asarray(weights, dtype=np.float64)[..., None]
+    return (255 - w * (255 - np.array([8, 69, 148], dtype=np.float64))).astype(np.uint8)
+
+
+def _cell_image(weights: np.ndarray, rows: list[str], cols: list[str], cell: int,
+                marked: set[tuple[int, int]], strongest: int = 5) -> list[str]:
+    """A long map's cells as one image (a pixel a weight, scaled up unsmoothed) and a hover strip a row.
+
+    Tens of thousands of SVG cells take the browser seconds to lay out; one PNG takes nothing.
+    Hovering a row names its query token and its ``strongest`` keys with their weights; marked
+    cells are outlined as in the short map.
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(cell_colors(weights), mode="RGB").save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    parts = [f'<image class="cells" width="{cell * len(cols)}" height="{cell * len(rows)}" preserveAspectRatio="none" '
+             f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>']
+    for i, label in enumerate(rows):
+        top = np.argsort(-weights[i], kind="stable")[:strongest]
+        keys = ", ".join(f"{html.escape(cols[int(j)])} {float(weights[i, j]):.3f}" for j in top)
+        parts.append(f'<rect class="row-hover" x="0" y="{i * cell}" width="{cell * len(cols)}" height="{cell}" '
+                     f'fill="transparent"><title>{html.escape(label)} → strongest: {keys}</title></rect>')
+    for i, j in sorted(marked):
+        parts.append(f'<rect class="linked" x="{j * cell}" y="{i * cell}" width="{cell - 1}" height="{cell - 1}" '
+                     f'fill="none" stroke="#d95f02" stroke-width="2"/>')
+    return parts
+
+
 def _scrolling_heatmap(svg: str, heading: str, col_labels: list[str], row_labels: list[str], cells: list[str], *,
                        left: int, top: int, width: int, height: int, title_width: int) -> str:
     """A big heatmap in a container that scrolls both ways; the token labels stick to its edges.
 
     Four SVGs in a CSS grid: the title (class ``attention-heatmap``) above, the column labels
-    (sticky at the top), the row labels (sticky at the left) and the cells.
+    (sticky at the top), the row labels (sticky at the left) and the cells (:func:`_cell_image`).
     """
     sticky = "position:sticky;background:#fff;"
     return "".join([

@@ -4,6 +4,7 @@ real `bentoml serve` (a small untrained model with room for 256 positions).
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from test_explorer import (
 )
 
 from gradio_app.client import TranslationClient
-from gradio_app.draw import LONG, heatmap_png, lines_svg
+from gradio_app.draw import LONG, cell_colors, heatmap_png, heatmap_svg, lines_svg
 from gradio_app.views import TOP_K
 from stepwise.alignment import attention_source, parse_pharaoh, word_alignment, words
 
@@ -186,15 +187,23 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
     _wait_translated(page)
     page.locator("#kind label", has_text="encoder").click()
     _wait_title(page, "encoder self-attention · layer 2")
-    # readable: full-size cells in a container that scrolls both ways, every token labelled
+    # readable: 16-pixel cells in a container that scrolls both ways, every token labelled; the cells
+    # are one image of a pixel per weight (its colours the weights'), each row naming its strongest keys on hover
     scroll = page.evaluate("""() => { const d = document.querySelector('#heatmap div.heatmap-scroll');
-        if (!d) return null; const s = getComputedStyle(d);
+        if (!d) return null; const s = getComputedStyle(d); const image = d.querySelector('svg image.cells');
         return {overflow: s.overflow, tall: d.scrollHeight > d.clientHeight, wide: d.scrollWidth > d.clientWidth,
-                cells: d.querySelectorAll('svg rect.cell').length,
-                cell: +d.querySelector('svg rect.cell').getAttribute('width')}; }""")
+                image: image.getAttribute('href'), width: +image.getAttribute('width'),
+                hover: [...d.querySelectorAll('rect.row-hover title')].map(t => t.textContent)}; }""")
     assert scroll is not None and scroll["overflow"] == "auto" and scroll["tall"] and scroll["wide"], scroll
-    assert scroll["cells"] == n * n and scroll["cell"] >= 12
-    assert _labels(page, "#heatmap text.col-label") == expected["source_tokens"]
+    assert scroll["width"] == 16 * n
+    weights = np.asarray(expected["attention"]["encoder"][1]).mean(axis=0)
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(scroll["image"].split(",", 1)[1]))), dtype=np.int16)
+    assert pixels.shape == (n, n, 3) and int(np.abs(pixels - cell_colors(weights)).max()) <= 2
+    tokens = expected["source_tokens"]
+    assert len(scroll["hover"]) == n
+    strongest = tokens[int(np.argmax(weights[5]))]
+    assert scroll["hover"][5].startswith(f"{tokens[5]} → strongest: {strongest} ")
+    assert _labels(page, "#heatmap text.col-label") == tokens
     # scrolled to the far corner, the token labels stay at the container's top and left edges
     stuck = page.locator("#heatmap div.heatmap-scroll").evaluate("""d => {
         d.scrollTo(d.scrollWidth, d.scrollHeight); const box = d.getBoundingClientRect();
@@ -218,12 +227,11 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
     page.wait_for_function("document.querySelector('#status').textContent.includes('Exported')")
     assert "attention-encoder-layer2-average.png" in page.locator("#status").text_content()
     png = page.request.get(page.locator("#export-png a").first.get_attribute("href")).body()
-    tokens = expected["source_tokens"]
-    weights = np.asarray(expected["attention"]["encoder"][1]).mean(axis=0)
     assert _same_image(png, heatmap_png(weights, tokens, tokens, title="encoder self-attention · layer 2 · "
                                                                        "average of heads"))
     page_html = page.request.get(page.locator("#export-html a").first.get_attribute("href")).text()
-    assert page_html.count('class="cell"') == n * n and "heatmap-scroll" in page_html
+    assert page_html.count('class="row-hover"') == n and "heatmap-scroll" in page_html
+    assert scroll["image"] in page_html  # the same cells
 
 
 def test_lines_keep_the_strongest_k_per_query() -> None:
@@ -249,3 +257,18 @@ def test_png_of_a_long_map_has_a_bounded_size() -> None:
     tokens = [f"t{i}" for i in range(200)]
     image = Image.open(io.BytesIO(heatmap_png(weights, tokens, tokens, title="t")))
     assert 1000 <= image.size[0] <= 1950 and 1000 <= image.size[1] <= 1950, image.size
+
+
+def test_long_map_cells_are_one_image_and_short_ones_rects() -> None:
+    """Past the page's size the cells become one image (a pixel a weight) with linked cells still outlined."""
+    rng = np.random.default_rng(4)
+    weights = rng.dirichlet(np.full(100, 0.2), size=100)
+    tokens = [f"t{i}" for i in range(100)]
+    long_map = heatmap_svg(weights, tokens, tokens, title="t", marked={(0, 3), (7, 7)})
+    assert long_map.count("<image") == 1 and '<rect class="cell' not in long_map
+    assert long_map.count('class="linked"') == 2 and long_map.count('class="row-hover"') == 100
+    data = re.search(r'href="data:image/png;base64,([^"]+)"', long_map).group(1)
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+    assert np.array_equal(pixels, cell_colors(weights))
+    short = heatmap_svg(weights[:5, :5], tokens[:5], tokens[:5], title="t", marked={(1, 2)})
+    assert short.count('class="cell') == 25 and short.count("linked") == 1 and "<image" not in short
