@@ -84,8 +84,9 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
                 marked: set[tuple[int, int]] | None = None) -> str:
     """An SVG heatmap: rows are queries, columns keys; hovering a cell shows both tokens and the weight.
 
-    Maps with more than ``LONG`` rows or columns get smaller cells (``LONG_CELL``); one too big
-    for the page scrolls, its token labels kept in view (:func:`_scrolling_heatmap`). Cells in
+    Maps with more than ``LONG`` rows or columns get smaller cells (``LONG_CELL``) drawn as one
+    image (:func:`_cell_image`); a map too big for the page scrolls, its token labels kept in view
+    (:func:`_scrolling_heatmap`). Cells in
     ``marked`` (``(row, column)`` pairs, e.g. hard word links) are outlined and get the class
     ``linked``.
     """
@@ -103,9 +104,9 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
                   f'{html.escape(label)}</text>' for label, x in ((c, j * cell + cell / 2) for j, c in enumerate(cols))]
     row_labels = [f'<text class="row-label" x="{left - 6}" y="{i * cell + cell / 2 + 4}" text-anchor="end">'
                   f'{html.escape(label)}</text>' for i, label in enumerate(rows)]
-    fits = width <= MAX_VIEW[0] and height <= MAX_VIEW[1]
-    cells = _cell_rects(weights, rows, cols, cell, marked) if fits else _cell_image(weights, rows, cols, cell, marked)
-    if fits:
+    long = max(len(rows), len(cols)) > LONG
+    cells = (_cell_image if long else _cell_rects)(weights, rows, cols, cell, marked)
+    if width <= MAX_VIEW[0] and height <= MAX_VIEW[1]:
         return "".join([svg.format(w=width, h=height, extra=' class="attention-heatmap"'), heading,
                         f'<g transform="translate({left} 0)">', *col_labels, "</g>",
                         f'<g transform="translate(0 {top})">', *row_labels, "</g>",
@@ -165,7 +166,7 @@ def _scrolling_heatmap(svg: str, heading: str, col_labels: list[str], row_labels
     """A big heatmap in a container that scrolls both ways; the token labels stick to its edges.
 
     Four SVGs in a CSS grid: the title (class ``attention-heatmap``) above, the column labels
-    (sticky at the top), the row labels (sticky at the left) and the cells (:func:`_cell_image`).
+    (sticky at the top), the row labels (sticky at the left) and the cells.
     """
     sticky = "position:sticky;background:#fff;"
     return "".join([
