@@ -20,6 +20,7 @@ KINDS = {"cross": "cross-attention (target → source)", "encoder": "encoder sel
 AVERAGE = "average"
 LONG = 40  # a map with more rows or columns than this is drawn with smaller cells and scrolls
 LONG_CELL = 16  # its cell size in pixels
+IMAGE_CELLS = 64 * 64  # a map with more cells than this draws them as one image (SVG cells would take seconds)
 MAX_VIEW = (1200, 900)  # the largest SVG (width, height) shown without a scroll container
 
 
@@ -84,9 +85,9 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
                 marked: set[tuple[int, int]] | None = None) -> str:
     """An SVG heatmap: rows are queries, columns keys; hovering a cell shows both tokens and the weight.
 
-    Maps with more than ``LONG`` rows or columns get smaller cells (``LONG_CELL``) drawn as one
-    image (:func:`_cell_image`); a map too big for the page scrolls, its token labels kept in view
-    (:func:`_scrolling_heatmap`). Cells in
+    Maps with more than ``LONG`` rows or columns get smaller cells (``LONG_CELL``), and more than
+    ``IMAGE_CELLS`` cells are drawn as one image (:func:`_cell_image`); a map too big for the
+    page scrolls, its token labels kept in view (:func:`_scrolling_heatmap`). Cells in
     ``marked`` (``(row, column)`` pairs, e.g. hard word links) are outlined and get the class
     ``linked``.
     """
@@ -104,8 +105,8 @@ def heatmap_svg(weights: np.ndarray, rows: list[str], cols: list[str], *, title:
                   f'{html.escape(label)}</text>' for label, x in ((c, j * cell + cell / 2) for j, c in enumerate(cols))]
     row_labels = [f'<text class="row-label" x="{left - 6}" y="{i * cell + cell / 2 + 4}" text-anchor="end">'
                   f'{html.escape(label)}</text>' for i, label in enumerate(rows)]
-    long = max(len(rows), len(cols)) > LONG
-    cells = (_cell_image if long else _cell_rects)(weights, rows, cols, cell, marked)
+    many = len(rows) * len(cols) > IMAGE_CELLS
+    cells = (_cell_image if many else _cell_rects)(weights, rows, cols, cell, marked)
     if width <= MAX_VIEW[0] and height <= MAX_VIEW[1]:
         return "".join([svg.format(w=width, h=height, extra=' class="attention-heatmap"'), heading,
                         f'<g transform="translate({left} 0)">', *col_labels, "</g>",

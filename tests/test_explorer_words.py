@@ -132,7 +132,7 @@ def test_word_alignment_is_the_services(service: BentoProcess, explorer: Explore
 
 
 def _check_cells(page: object, weights: np.ndarray) -> None:
-    """The heatmap shows ``weights``: as hoverable cells, or (past 40 tokens a side) as one image of their colours."""
+    """The heatmap shows ``weights``: as hoverable cells, or (past 64 × 64) as one image of their colours."""
     cells = _cell_weights(page)
     if cells:
         assert np.allclose(cells, weights.ravel(), atol=1e-3)
