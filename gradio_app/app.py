@@ -1,11 +1,13 @@
 """The explorer's page: translate, then look at encoder, decoder and cross-attention.
 
 Views (``gradio_app/views.py``): one layer/head heatmap (weight on hover), a grid of every
-layer × head (click one to open it), the head average per layer, token-to-token lines, and two
-model versions side by side, a layer × head divergence between two versions, one run's attention
+layer × head (click one to open it), the head average per layer, token-to-token lines, word
+alignments (``gradio_app/words.py``), and two model versions side by side, a layer × head
+divergence between two versions, one run's attention
 over its training checkpoints, and the registry (with promotion for an explorer started as an
 admin: ``--admin``), and head ablation (``gradio_app/ablation.py``: switch heads off, translate
-again, see which tokens changed). The current view exports as PNG and as a standalone HTML file.
+again, see which tokens changed). A paragraph is split into sentences by the service and a picker
+chooses the sentence every view shows. The current view exports as PNG and as a standalone HTML file.
 Layers, heads and tokens are numbered from 1 everywhere on the page (the service's JSON counts
 from 0). Every failure (service down, bad input) is shown as a sentence in the status line,
 never a traceback.
@@ -19,6 +21,7 @@ from gradio_app.ablation import AblationView
 from gradio_app.client import TranslationClient
 from gradio_app.versions import DiffView, RegistryView, TrainingView
 from gradio_app.views import CompareView, GridView, HeatmapView, LinesView, Selection, TranslationView
+from gradio_app.words import AlignmentView, SentencePicker
 
 NOTE = ("**A word of caution:** attention weights show where each layer and head looked while producing a "
         "token. They are not an explanation of why the model translated as it did. Layers, heads and tokens "
@@ -40,7 +43,8 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
         gr.Markdown("# stepwise attention explorer")
         gr.Markdown(NOTE, elem_id="attention-note")
         translation = TranslationView.build(client, EXAMPLES[0])
-        selection = Selection.build(translation.result)
+        picker = SentencePicker.build(translation.result)  # a paragraph: every view shows the picked sentence
+        selection = Selection.build(picker.shown)
         with gr.Tabs(selected="heatmap") as tabs:
             with gr.Tab("Heatmap", id="heatmap"):
                 heatmap = HeatmapView.build(selection, translation.status)
@@ -48,6 +52,8 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
                 grid = GridView.build(selection, tabs)
             with gr.Tab("Token lines", id="lines"):
                 lines = LinesView.build(selection)
+            with gr.Tab("Word alignments", id="alignment"):
+                alignment = AlignmentView.build(client, translation, picker)
             with gr.Tab("Compare versions", id="compare"):
                 compare = CompareView.build(client, translation)
             with gr.Tab("Version diff", id="diff"):
@@ -59,7 +65,9 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
             with gr.Tab("Head ablation", id="ablation"):
                 ablation = AblationView.build(client, translation)
 
-        redraw = selection.wire(translation.wire())
+        shown, picked = picker.wire(translation.wire(), selection)
+        redraw = [*selection.wire(shown), picked]
+        alignment.wire(shown)
         for view in (heatmap, grid, lines):
             view.wire(redraw)
         compare.wire()

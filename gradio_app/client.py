@@ -51,11 +51,23 @@ class TranslationClient:
         except ValueError:
             raise ServiceError("The service answered with something that is not JSON.") from None
 
-    def translate(self, text: str, *, beam_size: int = 1, model: str | None = None,
-                  attention: str = "all", mask_heads: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
+    def translate(self, text: str, *, beam_size: int = 1, model: str | None = None, attention: str = "all",
+                  split: str = "none", alignment: str = "none", alignment_layer: int | str | None = None,
+                  alignment_head: int | str | None = None,
+                  mask_heads: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
         """One translation with the attention kinds asked for, decoded to float32 arrays.
 
-        ``mask_heads``: heads to switch off, per kind ``[[layer, head], ...]`` (0-based).
+        Args:
+            text: the sentence (or, with ``split="sentences"``, a paragraph).
+            beam_size: the beam width.
+            model: a tag or version id; None = the service's default.
+            attention: ``none``, ``cross`` or ``all``.
+            split: ``sentences`` to have a paragraph split and each sentence's attention in
+                ``sentences`` (decoded too); ``none`` translates the text as one input.
+            alignment: ``none``, ``soft`` or ``hard`` word alignments.
+            alignment_layer: the cross-attention layer to align with (0-based) or ``average``.
+            alignment_head: the head to align with (0-based) or ``average``.
+            mask_heads: heads to switch off, per kind ``[[layer, head], ...]`` (0-based).
         """
         body: dict[str, Any] = {"text": text, "beam_size": int(beam_size), "attention": attention,
                                 "attention_format": self.attention_format}
@@ -63,9 +75,17 @@ class TranslationClient:
             body["model"] = model
         if mask_heads:
             body["mask_heads"] = mask_heads
+        if split != "none":
+            body["split"] = split
+        if alignment != "none":
+            body["alignment"] = alignment
+            for field, value in (("alignment_layer", alignment_layer), ("alignment_head", alignment_head)):
+                if value is not None:
+                    body[field] = value
         result = self._post("/translate", body)
         try:
-            result["attention"] = decode_all(result.get("attention") or {})
+            for part in (result, *result.get("sentences", ())):  # a split paragraph: attention per sentence
+                part["attention"] = decode_all(part.get("attention") or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise ServiceError(f"The service's attention could not be decoded: {exc}.") from None
         return result

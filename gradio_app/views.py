@@ -46,6 +46,7 @@ from gradio_app.draw import (
 Result = dict[str, Any] | None  # one translation as the service returns it; None before the first
 Update = dict[gr.components.Component | gr.Tabs, Any]  # what a handler changes, keyed by component
 
+TOP_K = 8  # the lines view's default: the 8 strongest lines of a query token
 EMPTY = "<p id='heatmap-empty'>Translate a sentence to see its attention.</p>"
 
 
@@ -113,14 +114,16 @@ class TranslationView:
         try:
             if not text or not text.strip():
                 raise ServiceError("Type a sentence to translate first.")
-            result = self.client.translate(text, beam_size=int(beam), model=model.strip() or None)
+            result = self.client.translate(text, beam_size=int(beam), model=model.strip() or None, split="sentences")
         except ServiceError as exc:
             return {self.result: None, self.status: error(str(exc)), self.translation: "", self.tokens: ""}
+        result["request"] = {"text": text, "beam_size": int(beam), "model": model.strip() or None}  # for re-asking
         info = result["model"]
+        split = f" ({len(result['sentences'])} sentences)" if result.get("sentences") else ""
         return {
             self.result: result,
             self.status: ok(f"Translated by {info.get('name')} ({info.get('id')}) in "
-                            f"{result['timings'].get('total_ms', 0):.0f} ms"),
+                            f"{result['timings'].get('total_ms', 0):.0f} ms{split}"),
             self.translation: result["translation"],
             self.tokens: (f"**Source tokens:** {' · '.join(result['source_tokens'])}  \n"
                           f"**Target tokens:** {' · '.join(result['target_tokens'])}"),
@@ -315,13 +318,16 @@ class LinesView:
     selection: Selection
     token: gr.Dropdown
     lines: gr.HTML
+    top_k: gr.Slider  # at most this many lines per query token: a long sentence stays readable
 
     @classmethod
     def build(cls, selection: Selection) -> LinesView:
         """Lay out the query-token menu and the lines (inside their tab)."""
-        token = gr.Dropdown([], label="Query token", elem_id="target-token")
+        with gr.Row():
+            token = gr.Dropdown([], label="Query token", elem_id="target-token")
+            top_k = gr.Slider(1, 20, value=TOP_K, step=1, label="Strongest lines per query token", elem_id="top-k")
         lines = gr.HTML(elem_id="lines")
-        return cls(selection, token, lines)
+        return cls(selection, token, lines, top_k)
 
     def fit(self, result: Result, kind: str, token: int | None) -> Update:
         """The menu of ``kind``'s query tokens (target tokens, or source tokens for the encoder)."""
@@ -332,22 +338,23 @@ class LinesView:
         return {self.token: gr.update(choices=[(f"{number(i)}: {t}", i) for i, t in enumerate(rows)],
                                       value=kept if kept is not None else (0 if rows else None))}
 
-    def draw(self, result: Result, kind: str, layer: int | None, head: int | str | None, token: int | None) -> str:
-        """The lines of one query token (all of them before one is chosen)."""
+    def draw(self, result: Result, kind: str, layer: int | None, head: int | str | None, token: int | None,
+             top_k: float = TOP_K) -> str:
+        """The strongest ``top_k`` lines of one query token (of every token before one is chosen)."""
         if not result or layer is None or head is None:
             return ""
         layer, head = _drawn(result, kind, layer, head)
         rows, cols = axes(result, kind)
-        return lines_svg(matrix(result, kind, layer, head), rows, cols, _index(token, len(rows)))
+        return lines_svg(matrix(result, kind, layer, head), rows, cols, _index(token, len(rows)), top_k=int(top_k))
 
     def wire(self, redraw: list[gr.events.Dependency]) -> None:
         """Refit the token menu on a new translation or kind; redraw on any change."""
         selection = self.selection
-        inputs = [*selection.inputs, self.token]
+        inputs = [*selection.inputs, self.token, self.top_k]
         for event in redraw:
             event.then(self.fit, [selection.result, selection.kind, self.token], self.token).then(
                 self.draw, inputs, self.lines)
-        for menu in (selection.layer, selection.head, self.token):
+        for menu in (selection.layer, selection.head, self.token, self.top_k):
             menu.change(self.draw, inputs, self.lines)
 
 
