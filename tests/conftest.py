@@ -195,6 +195,23 @@ class BentoProcess:
             self.process.kill()
 
 
+
+def export_tiny_model(folder: Path, *, seed: int = 5, **overrides: object) -> tuple[Path, Path]:
+    """A tiny untrained checkpoint (:func:`make_checkpoint`) and its ONNX export, both in ``folder``."""
+    from stepwise.checkpoint import load_checkpoint
+    from stepwise.export import export_checkpoint
+
+    checkpoint = make_checkpoint(folder / "model.pt", seed=seed, **overrides)
+    export_checkpoint(load_checkpoint(checkpoint), folder / "export")
+    return checkpoint, folder / "export"
+
+
+def serve_export(export_dir: Path, log_path: Path) -> BentoProcess:
+    """A real `bentoml serve` of one export directory, with no ClearML server configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
+    env.update(STEPWISE_MODEL_DIR=str(export_dir), STEPWISE_ORT_THREADS="1")
+    return BentoProcess(log_path, env)
+
 # -- Debian's Chromium through Playwright (Playwright's own browser download fails here) ----------
 CHROMIUM = os.environ.get("STEPWISE_CHROMIUM", "/usr/bin/chromium")
 

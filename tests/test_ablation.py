@@ -6,7 +6,6 @@ of it for the Chromium test.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,9 +18,8 @@ from test_explorer import TIMEOUT_MS, Explorer
 from gradio_app.draw import token_diff
 from stepwise.checkpoint import load_checkpoint
 from stepwise.decoding import decode
-from stepwise.export import export_checkpoint
 
-from conftest import ROOT, BentoProcess, make_checkpoint
+from conftest import ROOT, BentoProcess, export_tiny_model, serve_export
 
 ARTIFACTS = ROOT / "test-artifacts"
 SENTENCE = "Und Gott sprach: Es werde Licht!"
@@ -30,17 +28,12 @@ KINDS = ("encoder", "decoder", "cross")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("ablation")
-    checkpoint = make_checkpoint(folder / "model.pt", seed=11)
-    export_checkpoint(load_checkpoint(checkpoint), folder / "export")
-    return checkpoint, folder / "export"
+    return export_tiny_model(tmp_path_factory.mktemp("ablation"), seed=11)
 
 
 @pytest.fixture(scope="module")
 def service(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
-    env.update(STEPWISE_MODEL_DIR=str(exported[1]), STEPWISE_ORT_THREADS="1")
-    server = BentoProcess(tmp_path_factory.mktemp("logs") / "bentoml.log", env)
+    server = serve_export(exported[1], tmp_path_factory.mktemp("logs") / "bentoml.log")
     yield server
     server.stop()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from stepwise.alignment import (
     words,
 )
 
-from conftest import SAMPLE_PAIRS, BentoProcess
+from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
 # "Und Gott sprach" -> "God said ." as pieces, EOS on both sides
 SOURCE = ["▁Und", "▁Got", "t", "▁sprach", "</s>"]
@@ -85,16 +84,9 @@ def test_pharaoh_and_alignment_error_rate() -> None:
 # -- over HTTP: a real `bentoml serve` ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    from stepwise.checkpoint import load_checkpoint
-    from stepwise.export import export_checkpoint
-
-    from conftest import make_checkpoint
-
     folder = tmp_path_factory.mktemp("alignment")
-    export_checkpoint(load_checkpoint(make_checkpoint(folder / "model.pt", seed=5)), folder / "export")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
-    env.update(STEPWISE_MODEL_DIR=str(folder / "export"), STEPWISE_ORT_THREADS="1")
-    server = BentoProcess(folder / "bentoml.log", env)
+    _, export = export_tiny_model(folder, seed=5)
+    server = serve_export(export, folder / "bentoml.log")
     yield server
     server.stop()
 

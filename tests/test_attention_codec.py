@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import typing
 from collections.abc import Iterator
 
@@ -11,11 +10,9 @@ import orjson
 import pytest
 
 from stepwise.attention_codec import FORMATS, MAX_ERROR, decode, decode_all, encode, encode_all
-from stepwise.checkpoint import load_checkpoint
-from stepwise.export import export_checkpoint
 from stepwise.serving import ATTENTION_FORMATS, json_bytes
 
-from conftest import SAMPLE_PAIRS, BentoProcess, make_checkpoint
+from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
 
 def _softmax_rows(shape: tuple[int, ...], sharpness: float, seed: int) -> np.ndarray:
@@ -65,10 +62,8 @@ def test_json_format_is_unchanged_and_bad_payloads_are_named() -> None:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
     folder = tmp_path_factory.mktemp("codec")
-    export_checkpoint(load_checkpoint(make_checkpoint(folder / "model.pt", seed=5)), folder / "export")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
-    env.update(STEPWISE_MODEL_DIR=str(folder / "export"), STEPWISE_ORT_THREADS="1")
-    server = BentoProcess(folder / "bentoml.log", env)
+    _, export = export_tiny_model(folder, seed=5)
+    server = serve_export(export, folder / "bentoml.log")
     yield server
     server.stop()
 

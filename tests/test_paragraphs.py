@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from bench.sentence_split import GOLD, paragraphs, score
 from stepwise.sentences import split_sentences
 
-from conftest import SAMPLE_PAIRS, BentoProcess, make_checkpoint
+from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
 PARAGRAPH = " ".join(source for source, _ in SAMPLE_PAIRS[:3])  # three sentences, one with a colon inside
 
@@ -27,14 +26,9 @@ def test_splitter_on_the_german_gold_set() -> None:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    from stepwise.checkpoint import load_checkpoint
-    from stepwise.export import export_checkpoint
-
     folder = tmp_path_factory.mktemp("paragraphs")
-    export_checkpoint(load_checkpoint(make_checkpoint(folder / "model.pt", seed=5)), folder / "export")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
-    env.update(STEPWISE_MODEL_DIR=str(folder / "export"), STEPWISE_ORT_THREADS="1")
-    server = BentoProcess(folder / "bentoml.log", env)
+    _, export = export_tiny_model(folder, seed=5)
+    server = serve_export(export, folder / "bentoml.log")
     yield server
     server.stop()
 

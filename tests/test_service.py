@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,24 +24,27 @@ from stepwise.onnx_decoding import available_providers
 from stepwise.serving import MAX_BEAM_SIZE, ModelStore, check_request, translate
 from stepwise.translate import translate_ids
 
-from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint, register_files
+from conftest import (
+    SAMPLE_PAIRS,
+    BentoProcess,
+    ClearMLServerProcess,
+    export_tiny_model,
+    make_checkpoint,
+    register_files,
+    serve_export,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("service")
-    checkpoint = make_checkpoint(folder / "model.pt", seed=5)
-    export_checkpoint(load_checkpoint(checkpoint), folder / "export")
-    return checkpoint, folder / "export"
+    return export_tiny_model(tmp_path_factory.mktemp("service"), seed=5)
 
 
 @pytest.fixture(scope="module")
 def service(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
-    env.update(STEPWISE_MODEL_DIR=str(exported[1]), STEPWISE_ORT_THREADS="1")
-    server = BentoProcess(tmp_path_factory.mktemp("logs") / "bentoml.log", env)
+    server = serve_export(exported[1], tmp_path_factory.mktemp("logs") / "bentoml.log")
     yield server
     server.stop()
 
