@@ -78,11 +78,15 @@ class AblationView:
                 "cross": (int(info.get("layers", 0)), heads)}
 
     def refresh(self, result: Result) -> Update:
-        """Offer the heads of the model that made the latest translation."""
-        if result is None or not result.get("attention"):
-            return {}
+        """Offer the heads of the model that made the latest translation (a paragraph's: its first sentence's).
+
+        Every box gets an update (a no-op where nothing is known): Gradio rejects an empty dict.
+        """
+        if result is not None and not result.get("attention") and result.get("sentences"):
+            result = result["sentences"][0]
+        attention = (result or {}).get("attention") or {}
         return {box: gr.update(choices=head_choices(layer_count(result, kind), head_count(result, kind)))
-                for kind, box in self.boxes.items() if kind in result["attention"]}
+                if kind in attention else gr.update() for kind, box in self.boxes.items()}
 
     def ablate(self, text: str, beam: float, model: str, *picked: list[str]) -> Update:
         """Translate with every head on and with the picked ones off; show both scores and the token diff."""

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from test_explorer import ARTIFACTS, _choose, _open
+from test_explorer import ARTIFACTS, _choose, _open, _options, _translate, _wait_title, _wait_translated
+from test_explorer_words import PARAGRAPH, _check_alignment, _check_cells
 
 from stepwise.net import wait_until_ready
 
@@ -310,6 +311,58 @@ def test_diff_grid_matches_the_two_responses(setup: Setup, browser: object) -> N
                                                         strict=False)) if x != y)
         rows = min(prefix + 1, len(a["target_tokens"]), len(b["target_tokens"]))
         assert f"the first {rows} target positions compared" in note
+
+
+def _single_head_that_changes(setup: Setup, sentence: str) -> tuple[str, int, int]:
+    """One head (kind, layer, head) whose removal changes production's translation of ``sentence``."""
+    plain = setup.service.post("/translate", {"text": sentence, "attention": "none"}).json()["target_tokens"]
+    for kind in ("cross", "decoder", "encoder"):
+        for layer in range(2):
+            for head in range(4):
+                answer = setup.service.post("/translate", {"text": sentence, "attention": "none",
+                                                           "mask_heads": {kind: [[layer, head]]}})
+                if answer.json()["target_tokens"] != plain:
+                    return kind, layer, head
+    pytest.fail("no single head changes the translation: pick another sentence")
+
+
+def test_paragraph_alignment_and_ablation_on_the_registry_backed_service(setup: Setup, browser: object) -> None:
+    """The sentence picker, word alignments and head ablation of the read-only explorer, against production."""
+    request = {"text": PARAGRAPH, "split": "sentences"}
+    sentences = setup.service.post("/translate", {**request, "attention": "all"}).json()["sentences"]
+    soft, hard = (setup.service.post("/translate", {**request, "attention": "none", "alignment": kind})
+                  .json()["sentences"][1]["alignment"] for kind in ("soft", "hard"))
+    assert len(sentences) == 3
+    page = _open(browser, setup.read_only.url)
+    _translate(page, PARAGRAPH)
+    _wait_translated(page)
+    assert _options(page, "sentence-picker") == [f"{i + 1}: {s['source']}" for i, s in enumerate(sentences)]
+    _choose(page, "sentence-picker", f"2: {sentences[1]['source']}")
+    page.wait_for_function("([n]) => document.querySelectorAll('#heatmap text.col-label').length === n",
+                           arg=[len(sentences[1]["source_tokens"])])
+    _wait_title(page, "layer 2 · average of heads")
+    assert page.locator("#heatmap text.col-label").all_text_contents() == sentences[1]["source_tokens"]
+    _check_cells(page, np.asarray(sentences[1]["attention"]["cross"][1]).mean(axis=0))
+
+    page.get_by_role("tab", name="Word alignments").click()  # the picked sentence's alignment, as the service's
+    page.wait_for_function("([w]) => [...document.querySelectorAll('#alignment-matrix text.col-label')]"
+                           ".map(e => e.textContent).join(' ') === w", arg=[" ".join(soft["source_words"])])
+    _check_alignment(page, soft, hard)
+
+    # head ablation of one sentence: one head off gives the service's translation with that mask_heads
+    sentence = sentences[1]["source"]
+    kind, layer, head = _single_head_that_changes(setup, sentence)
+    expected = setup.service.post("/translate", {"text": sentence, "attention": "none",
+                                                 "mask_heads": {kind: [[layer, head]]}}).json()
+    page.locator("#sentence textarea").fill(sentence)
+    page.get_by_role("tab", name="Head ablation").click()
+    page.locator(f"#ablation-{kind} label").filter(has_text=f"L{layer + 1} H{head + 1}").click()
+    page.locator("#ablation-button").click()
+    page.wait_for_selector("#ablation-ok")
+    assert setup.ids[0] in page.locator("#ablation-ok").text_content()  # production's version answered
+    assert page.locator("#ablation-translation textarea").input_value() == expected["translation"]
+    assert float(page.locator("#ablation-score").text_content()) == pytest.approx(expected["score"], abs=1e-4)
+    page.screenshot(path=str(_artifacts() / "explorer-registry-backed-views.png"), full_page=True)
 
 
 def _artifacts() -> Path:
