@@ -156,7 +156,8 @@ def test_a_real_run_with_a_time_budget_ends_at_the_minimum_and_resumes_the_budge
              "model.vocab_size=300", "--set", "data.max_train_pairs=300", "--set", "data.max_length=64", "--set",
              "train.eval_sentences=4", "--set", "train.batch_tokens=600", "--set", "train.log_every=5", "--set",
              "train.eval_every=100000", "--set", "train.save_every=100000", "--set", "train.heatmap_sentences=0",
-             "--set", "train.lr_schedule=linear", "--set", "train.warmup_steps=3", "--set", "train.min_lr_ratio=0.1",
+             "--set", "train.lr_schedule=linear", "--set", "train.warmup_minutes=0", "--set", "train.warmup_steps=3",
+             "--set", "train.min_lr_ratio=0.1",
              "--no-register", "--output-dir", str(out), "--project-name", "stepwise-test", "--task-name", "deadline"]
 
     def train(*extra: str) -> None:
