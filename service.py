@@ -39,6 +39,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
+import anyio
 import bentoml
 from bentoml.validators import ContentType
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
@@ -285,6 +286,7 @@ class TranslationRunner:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[bytes | None] = asyncio.Queue()
         closed = threading.Event()
+        tokens_sent = 0
 
         def put(item: bytes | None) -> None:
             try:
@@ -293,8 +295,10 @@ class TranslationRunner:
                 closed.set()
 
         def emit(event: str, data: dict[str, Any]) -> None:
+            nonlocal tokens_sent
             if closed.is_set():
                 raise StreamClosed
+            tokens_sent += event == "token"
             put(server_sent_event(event, data))
 
         def decode() -> None:
@@ -306,7 +310,7 @@ class TranslationRunner:
                 result["timings"]["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
                 emit("done", result)
             except StreamClosed:
-                log.info("stream closed by its client; decoding stopped")
+                log.info("stream closed by its client after %d token event(s); decoding stopped", tokens_sent)
             except StepwiseError as exc:
                 put(server_sent_event("error", {"error": str(exc)}))
             except Exception:  # noqa: BLE001 - the stream reports it; the log has the traceback
@@ -368,8 +372,9 @@ async def _relay(events: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
     except Exception as exc:  # noqa: BLE001 - the headers are sent: the stream itself says what happened
         log.warning("stream from the runner broke: %s", exc)
         yield server_sent_event("error", {"error": f"the translation stream broke ({type(exc).__name__})"})
-    finally:
-        await events.aclose()
+    finally:  # shielded: a cancelled task's next await would be cancelled again before the close
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
 
 
 def error_response(error: StepwiseError) -> JSONResponse:

@@ -5,6 +5,7 @@ event, a client that leaves mid-stream)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import zlib
@@ -87,7 +88,8 @@ def test_each_steps_best_hypothesis_and_its_attention(beam_size: int, can_drop_r
 # -- serving.translate_stream, in process ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return export_tiny_model(tmp_path_factory.mktemp("stream"), seed=5)
+    # a long positional table: a long text decodes for seconds (the budget is 2 x source + 10 tokens)
+    return export_tiny_model(tmp_path_factory.mktemp("stream"), seed=5, max_positions=1024)
 
 
 def request_of(text: str, **options: Any) -> dict[str, Any]:
@@ -205,24 +207,27 @@ def test_bad_requests_are_4xx_before_any_event(service: BentoProcess) -> None:
 
 
 def test_a_client_leaving_mid_stream_leaves_the_service_answering(service: BentoProcess) -> None:
-    body = {"text": PARAGRAPH, "beam_size": 8, "split": "sentences", "attention": "all"}
-    for _ in range(3):  # read one event, then drop the connection
-        with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
-            payload = json.dumps(body).encode()
-            sock.sendall(b"POST /translate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-            received = b""
-            while b"event:" not in received:
-                chunk = sock.recv(4096)
-                assert chunk, "the service closed the stream before its first event"
-                received += chunk
-            assert received.startswith(b"HTTP/1.1 200")
+    """Read until the first token, drop the connection: the search stops soon after (not at its ~1000
+    tokens' budget), and the service answers the next requests."""
+    body = json.dumps({"text": PARAGRAPH * 11, "beam_size": 16, "attention": "all"}).encode()  # seconds to decode
+    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
+        sock.sendall(b"POST /translate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received = b""
+        while b"event: token" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, "the service closed the stream before its first token"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200")
     began = time.perf_counter()
     answer = service.post("/translate", {"text": SAMPLE_PAIRS[0][0]}, timeout=30)
     assert answer.status_code == 200, answer.text
-    events = stream(service, {"text": SAMPLE_PAIRS[2][0], "beam_size": 4})
-    assert events[-1][0] == "done"
-    assert time.perf_counter() - began < 30
+    assert stream(service, {"text": SAMPLE_PAIRS[2][0], "beam_size": 4})[-1][0] == "done"
+    stopped = re.compile(r"stream closed by its client after (\d+) token event\(s\); decoding stopped")
+    while not (found := stopped.search(service.log_path.read_text(errors="replace"))):
+        assert time.perf_counter() - began < 60, "the search did not stop after its client left"
+        time.sleep(0.2)
+    assert int(found.group(1)) < 500  # stopped midway: the whole translation is ~1000 tokens
 
 
 def test_the_explorers_client_reads_the_stream(service: BentoProcess) -> None:
