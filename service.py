@@ -444,7 +444,8 @@ class Translator:
         problem = await _call_runner(self.runner.to_async.check, request)
         if problem is not None:
             return error_response(problem)  # type: ignore[return-value]
-        return StreamingResponse(  # type: ignore[return-value]_relay(self.runner.to_async.stream(request)), media_type="text/event-stream",
+        events = _relay(self.runner.to_async.stream(request))
+        return StreamingResponse(events, media_type="text/event-stream",  # type: ignore[return-value]
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @bentoml.api(route="/model")
