@@ -364,17 +364,38 @@ def server_sent_event(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def _relay(events: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
-    """Pass the runner's events on; close its stream when the client leaves (this generator is
-    cancelled or closed), and end with an ``error`` event if the runner's connection breaks."""
-    try:
-        async for chunk in events:
-            yield chunk
-    except Exception as exc:  # noqa: BLE001 - the headers are sent: the stream itself says what happened
-        log.warning("stream from the runner broke: %s", exc)
-        yield server_sent_event("error", {"error": f"the translation stream broke ({type(exc).__name__})"})
-    finally:  # shielded: a cancelled task's next await would be cancelled again before the close
-        with anyio.CancelScope(shield=True):
+    """Pass the runner's events on; end with an ``error`` event if the runner's connection breaks.
+
+    A task of its own reads the runner. When the client leaves, Starlette cancels this generator
+    inside an anyio cancel scope, which cancels every later await in it too: closing the runner's
+    connection from here was cut short, and the runner was left writing into a connection nobody
+    read. The reader task is cancelled once, plainly, so its close of the runner's stream runs to
+    the end; the runner then sees its client gone and the search stops.
+    """
+    chunks: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(maxsize=16)
+
+    async def read() -> None:
+        try:
+            async for chunk in events:
+                await chunks.put(chunk)
+            await chunks.put(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the relay, which reports it in the stream
+            await chunks.put(exc)
+        finally:
             await events.aclose()
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await chunks.get()) is not None:
+            if isinstance(item, Exception):
+                log.warning("stream from the runner broke: %s", item)
+                yield server_sent_event("error", {"error": f"the translation stream broke ({type(item).__name__})"})
+                return
+            yield item
+    finally:
+        reader.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([reader])
 
 
 def error_response(error: StepwiseError) -> JSONResponse:
