@@ -19,7 +19,8 @@ defines them), then one ``event: done`` whose data is what ``/translate`` answer
 request (only the ``timings`` differ), or ``event: error`` with ``{"error": message}`` if decoding
 fails midway. A request that fails its checks is a normal JSON 4xx before any event. The stream
 decodes alone (no adaptive batching) in a thread of its own; when the client disconnects, the
-relay closes the runner's stream and the search stops at its next step.
+relay is meant to close the runner's stream so the search stops at its next step (known gap: the
+entry service was seen not to notice the disconnect; see the README).
 
 Which model: ``STEPWISE_MODEL_DIR`` (an export directory from ``stepwise export``) or, when it is
 unset, the registry's ``production`` version resolved through ClearML at start-up (its ONNX
