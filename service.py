@@ -3,18 +3,24 @@
 Two BentoML services in one ``bentoml serve``:
 
 * ``Translator`` (the entry point, port 3000 by default) validates flat JSON bodies against
-  the schemas below and answers ``POST /translate``, ``POST /translate_batch``, ``POST /model``
-  (also ``GET /info/model``) and ``POST /reload``, plus BentoML's ``/readyz``, ``/livez`` and
-  ``/metrics``.
+  the schemas below and answers ``POST /translate``, ``POST /translate_batch``,
+  ``POST /translate_stream``, ``POST /model`` (also ``GET /info/model``) and ``POST /reload``,
+  plus BentoML's ``/readyz``, ``/livez`` and ``/metrics``.
 * ``TranslationRunner`` owns the models (``stepwise.serving.ModelStore``). Its ``run`` method is
   batchable, so BentoML's adaptive batching merges concurrent requests into one decoding batch;
   there each request is checked once against the model that will run it
   (``serving.check_request``), then translated (``serving.translate``).
 
-This file is the HTTP surface only: schemas, that one check, and one mapping from
-``stepwise.errors`` to status codes (``STATUS``). Bad input is a 400 whose body names the field
-(``detail[].loc``, as pydantic's); an unknown model tag or id a 404; a registry that cannot be
-reached a 503 with a sentence. Errors cross from the runner as the exceptions themselves.
+``POST /translate_stream`` takes ``/translate``'s body and answers server-sent events
+(``text/event-stream``) as the search decodes: ``event: start`` (the sentences and their source
+tokens), ``event: token`` per target token (with its cross-attention row when asked),
+``event: replace`` when a beam's best hypothesis changes its mind (``serving.translate_stream``
+defines them), then one ``event: done`` whose data is what ``/translate`` answers for the same
+request (only the ``timings`` differ), or ``event: error`` with ``{"error": message}`` if decoding
+fails midway. A request that fails its checks is a normal JSON 4xx before any event. The stream
+decodes alone (no adaptive batching) in a thread of its own; when the client disconnects, the
+relay is meant to close the runner's stream so the search stops at its next step (known gap: the
+entry service was seen not to notice the disconnect; see the README).
 
 Which model: ``STEPWISE_MODEL_DIR`` (an export directory from ``stepwise export``) or, when it is
 unset, the registry's ``production`` version resolved through ClearML at start-up (its ONNX
@@ -26,17 +32,21 @@ threads come from ``STEPWISE_ORT_THREADS`` (default: all cores). No torch is imp
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any, Literal
 
+import anyio
 import bentoml
+from bentoml.validators import ContentType
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from stepwise.errors import DeviceUnavailable, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
@@ -47,11 +57,13 @@ from stepwise.serving import (
     MAX_OUTPUT_TOKENS,
     MAX_TEXT_CHARS,
     ModelStore,
+    StreamClosed,
     check_request,
     encode_attention,
     json_bytes,
     model_cache_limits,
     translate,
+    translate_stream,
 )
 
 RELOAD_INTERVAL = float(os.environ.get("STEPWISE_RELOAD_INTERVAL", "0"))
@@ -201,6 +213,10 @@ class TranslationResults(RootModel[list[TranslationResult]]):
     """``/translate_batch``: one result per text, in order."""
 
 
+# ``/translate_stream``'s answer as its schema shows it (the method answers the Response itself)
+EventStream = Annotated[str, ContentType("text/event-stream")]
+
+
 # -- the model side --------------------------------------------------------------------------------
 # runner_connection: BentoML's client to this service replaces its connection pool every 100
 # requests (and 5 minutes) by default, closing it under requests still in flight: under load that
@@ -251,6 +267,67 @@ class TranslationRunner:
         return results
 
     @bentoml.api
+    def check(self, request: dict[str, Any]) -> Any:
+        """``/translate_stream``'s check before it streams: None, or the error to answer with."""
+        try:
+            check_request(request, self.store.get(request.get("model")))
+        except StepwiseError as exc:
+            return exc
+        return None
+
+    @bentoml.api
+    async def stream(self, request: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        """One request's server-sent events, decoded in a thread (see the module docstring).
+
+        Bytes, not str: BentoML's client decodes each chunk it receives on its own, and a chunk
+        may end inside a UTF-8 character. Closing this generator (the entry service's relay does
+        when its client leaves) makes the thread's next ``emit`` raise ``StreamClosed``.
+        """
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[bytes | None] = asyncio.Queue()
+        closed = threading.Event()
+        tokens_sent = 0
+
+        def put(item: bytes | None) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody to tell
+                closed.set()
+
+        def emit(event: str, data: dict[str, Any]) -> None:
+            nonlocal tokens_sent
+            if closed.is_set():
+                raise StreamClosed
+            tokens_sent += event == "token"
+            put(server_sent_event(event, data))
+
+        def decode() -> None:
+            try:
+                loaded = self.store.get(request.get("model"))
+                check_request(request, loaded)  # again: the default model may have been swapped since
+                result = translate_stream(loaded, request, emit)
+                encode_attention([result], request.get("attention_format", "json"))
+                result["timings"]["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
+                emit("done", result)
+            except StreamClosed:
+                log.info("stream closed by its client after %d token event(s); decoding stopped", tokens_sent)
+            except StepwiseError as exc:
+                put(server_sent_event("error", {"error": str(exc)}))
+            except Exception:  # noqa: BLE001 - the stream reports it; the log has the traceback
+                log.exception("stream failed")
+                put(server_sent_event("error", {"error": "translation failed; see the server log"}))
+            finally:
+                put(None)
+
+        threading.Thread(target=decode, daemon=True, name="stream-decode").start()
+        try:
+            while (item := await events.get()) is not None:
+                yield item
+        finally:  # finished, or closed/cancelled because the reader left
+            closed.set()
+
+    @bentoml.api
     def describe(self) -> dict[str, Any]:
         return self.store.describe()
 
@@ -280,6 +357,46 @@ async def _call_runner(method: Any, *args: Any) -> Any:
                 raise
             log.info("runner connection dropped (%s); retrying", type(exc).__name__)
     raise AssertionError("unreachable")
+
+
+def server_sent_event(event: str, data: dict[str, Any]) -> bytes:
+    """One server-sent event: its name and its data as one line of JSON."""
+    return b"event: " + event.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
+
+
+async def _relay(events: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """Pass the runner's events on; end with an ``error`` event if the runner's connection breaks.
+
+    A task of its own reads the runner. When the client leaves, Starlette cancels this generator
+    inside an anyio cancel scope, which cancels every later await in it too: closing the runner's
+    connection from here was cut short, and the runner was left writing into a connection nobody
+    read. The reader task is cancelled once, plainly, so its close of the runner's stream runs to
+    the end; the runner then sees its client gone and the search stops.
+    """
+    chunks: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(maxsize=16)
+
+    async def read() -> None:
+        try:
+            async for chunk in events:
+                await chunks.put(chunk)
+            await chunks.put(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the relay, which reports it in the stream
+            await chunks.put(exc)
+        finally:
+            await events.aclose()
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await chunks.get()) is not None:
+            if isinstance(item, Exception):
+                log.warning("stream from the runner broke: %s", item)
+                yield server_sent_event("error", {"error": f"the translation stream broke ({type(item).__name__})"})
+                return
+            yield item
+    finally:
+        reader.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([reader])
 
 
 def error_response(error: StepwiseError) -> JSONResponse:
@@ -338,6 +455,20 @@ class Translator:
         attention_format = request.pop("attention_format", "json")
         results = await _call_runner(self.runner.to_async.run, [{**request, "text": text} for text in texts])
         return _respond(results, started, single=False, attention_format=attention_format)
+
+    @bentoml.api(route="/translate_stream", input_spec=TranslateRequest)
+    async def translate_stream(self, **request: Any) -> EventStream:
+        """Translate one sentence as server-sent events: ``token`` (and ``replace``) events, then ``done``.
+
+        The body is ``/translate``'s; ``done`` carries ``/translate``'s answer. A request that
+        fails the check against its model is a JSON 4xx before any event is sent.
+        """
+        problem = await _call_runner(self.runner.to_async.check, request)
+        if problem is not None:
+            return error_response(problem)  # type: ignore[return-value]
+        events = _relay(self.runner.to_async.stream(request))
+        return StreamingResponse(events, media_type="text/event-stream",  # type: ignore[return-value]
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:

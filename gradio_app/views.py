@@ -1,6 +1,8 @@
 """The explorer's views, each a small class that builds its components and answers their events.
 
 * ``TranslationView``: the sentence, beam and model; Translate; the status line, translation and tokens.
+  It reads the service's stream, so the target tokens and their cross-attention appear as they
+  are decoded; once done, everything shows the final answer.
 * ``Selection``: which attention kind, layer and head every attention view shows.
 * ``HeatmapView``: one layer and head (or the head average) as a heatmap, and its PNG/HTML export.
 * ``GridView``: every layer × head as thumbnails; clicking one opens it in the heatmap.
@@ -19,14 +21,17 @@ import html
 import io
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from PIL import Image
 
-from gradio_app.client import ServiceError, TranslationClient
+from gradio_app.client import Decoding, ServiceError, TranslationClient
 from gradio_app.draw import (
     AVERAGE,
     KINDS,
@@ -47,6 +52,7 @@ Result = dict[str, Any] | None  # one translation as the service returns it; Non
 Update = dict[gr.components.Component | gr.Tabs, Any]  # what a handler changes, keyed by component
 
 TOP_K = 8  # the lines view's default: the 8 strongest lines of a query token
+LIVE_INTERVAL_S = 0.1  # while a translation streams, redraw its tokens and attention at most this often
 EMPTY = "<p id='heatmap-empty'>Translate a sentence to see its attention.</p>"
 
 
@@ -92,6 +98,7 @@ class TranslationView:
     status: gr.HTML
     translation: gr.Textbox
     tokens: gr.Markdown
+    live: gr.HTML  # while decoding: the tokens so far and their cross-attention (empty once done)
 
     @classmethod
     def build(cls, client: TranslationClient, example: str) -> TranslationView:
@@ -105,34 +112,60 @@ class TranslationView:
                                    elem_id="model")
         button = gr.Button("Translate", variant="primary", elem_id="translate")
         status = gr.HTML(elem_id="status")
+        live = gr.HTML(elem_id="live")
         translation = gr.Textbox(label="Translation", interactive=False, elem_id="translation")
         tokens = gr.Markdown(elem_id="tokens")
-        return cls(client, result, text, beam, model, button, status, translation, tokens)
+        return cls(client, result, text, beam, model, button, status, translation, tokens, live)
 
-    def translate(self, text: str, beam: float, model: str) -> Update:
-        """Ask the service for a translation with every attention kind."""
+    def translate(self, text: str, beam: float, model: str) -> Iterator[Update]:
+        """Stream a translation with every attention kind: live tokens and attention, then the result."""
+        shown = 0.0
         try:
             if not text or not text.strip():
                 raise ServiceError("Type a sentence to translate first.")
-            result = self.client.translate(text, beam_size=int(beam), model=model.strip() or None, split="sentences")
+            for update in self.client.translate_stream(text, beam_size=int(beam), model=model.strip() or None,
+                                                       split="sentences"):
+                if isinstance(update, Decoding):
+                    if time.monotonic() - shown >= LIVE_INTERVAL_S:  # Gradio sends every yield to the page
+                        shown = time.monotonic()
+                        yield {self.status: "<div id='status-live'>Translating…</div>", self.live: live_html(update)}
+                    continue
+                result = update
         except ServiceError as exc:
-            return {self.result: None, self.status: error(str(exc)), self.translation: "", self.tokens: ""}
+            yield {self.result: None, self.status: error(str(exc)), self.translation: "", self.tokens: "",
+                   self.live: ""}
+            return
         result["request"] = {"text": text, "beam_size": int(beam), "model": model.strip() or None}  # for re-asking
         info = result["model"]
         split = f" ({len(result['sentences'])} sentences)" if result.get("sentences") else ""
-        return {
+        yield {
             self.result: result,
             self.status: ok(f"Translated by {info.get('name')} ({info.get('id')}) in "
                             f"{result['timings'].get('total_ms', 0):.0f} ms{split}"),
             self.translation: result["translation"],
             self.tokens: (f"**Source tokens:** {' · '.join(result['source_tokens'])}  \n"
                           f"**Target tokens:** {' · '.join(result['target_tokens'])}"),
+            self.live: "",
         }
 
     def wire(self) -> gr.events.Dependency:
         """Translate on the button or Enter; the returned event is for views to follow with ``.then``."""
         return gr.on([self.button.click, self.text.submit], self.translate, [self.text, self.beam, self.model],
-                     [self.result, self.status, self.translation, self.tokens])
+                     [self.result, self.status, self.translation, self.tokens, self.live])
+
+
+def live_html(decoding: Decoding) -> str:
+    """A translation being decoded: its tokens so far, and the sentence's cross-attention rows so far
+    (last layer, average of heads) as a heatmap that grows a row per token."""
+    tokens = html.escape(" · ".join(decoding.tokens))
+    if not decoding.cross or not decoding.sources:
+        return f"<div id='live-tokens'>{tokens}</div>"
+    sentence = decoding.sentence[-1]
+    rows = [i for i, s in enumerate(decoding.sentence) if s == sentence]
+    weights = np.stack([decoding.cross[i][-1].mean(axis=0) for i in rows])  # [tokens, source]
+    svg = heatmap_svg(weights, [decoding.tokens[i] for i in rows], decoding.sources[sentence],
+                      title=f"{title('cross', len(decoding.cross[-1]) - 1, AVERAGE)} · decoding")
+    return f"<div id='live-tokens'>{tokens}</div>{svg}"
 
 
 # -- which kind, layer and head ----------------------------------------------------------------------

@@ -24,7 +24,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from stepwise.errors import DeviceUnavailable, ExportFormatError
-from stepwise.search import Hypothesis, search
+from stepwise.search import Hypothesis, Progress, search
 from stepwise.tokenizer import Tokenizer, truncate
 
 log = logging.getLogger(__name__)
@@ -250,12 +252,13 @@ class OnnxTranslator:
     def decode_ids(
         self, sources: list[list[int]], *, beam_size: int = 1, length_penalty: float = 0.6,
         max_length: int | None = None, return_attention: bool = False,
-        head_mask: dict[str, np.ndarray] | None = None,
+        head_mask: dict[str, np.ndarray] | None = None, on_step: Callable[[Progress], None] | None = None,
     ) -> list[Hypothesis]:
         """Greedy (``beam_size == 1``) or beam search over encoded sources (each ending with EOS).
 
         ``head_mask``: per kind (``encoder``, ``decoder``, ``cross``) an ``[L, H]`` array scaling
-        each head's output (0 = head switched off); kinds left out are all ones.
+        each head's output (0 = head switched off); kinds left out are all ones. ``on_step``: see
+        :func:`stepwise.search.search`.
         """
         if not 1 <= beam_size <= self.top_k:
             raise ValueError(f"beam_size must be between 1 and {self.top_k} (the export's top-K)")
@@ -267,7 +270,7 @@ class OnnxTranslator:
         step = self.start(src, src == tok.pad_id, beam_size=beam_size, head_mask=head_mask)
         return search(step, [len(s) for s in sources], beam_size=beam_size, length_penalty=length_penalty,
                       max_length=max_length, max_positions=self.max_positions, bos_id=tok.bos_id,
-                      eos_id=tok.eos_id, pad_id=tok.pad_id, return_attention=return_attention)
+                      eos_id=tok.eos_id, pad_id=tok.pad_id, return_attention=return_attention, on_step=on_step)
 
     # -- text in, text out ----------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -277,16 +280,22 @@ class OnnxTranslator:
     def translate(
         self, texts: list[str], *, beam_size: int = 1, max_length: int | None = None,
         return_attention: bool = False, batch_size: int = 32, head_mask: dict[str, np.ndarray] | None = None,
+        on_step: Callable[[list[int], Progress], None] | None = None,
     ) -> list[Translation]:
-        """Translate texts, batching by length; keeps the input order (``head_mask``: see :meth:`decode_ids`)."""
+        """Translate texts, batching by length; keeps the input order (``head_mask``: see :meth:`decode_ids`).
+
+        ``on_step(texts, progress)`` follows each batch's search (streaming): ``texts`` are the
+        indices into ``texts`` of the batch's sentences, in the order ``progress`` numbers them.
+        """
         sources = [self.encode_text(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(sources[i]))
         results: list[Translation | None] = [None] * len(texts)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             began = time.perf_counter()
+            follow = None if on_step is None else partial(on_step, chunk)
             hyps = self.decode_ids([sources[i] for i in chunk], beam_size=beam_size, max_length=max_length,
-                                   return_attention=return_attention, head_mask=head_mask)
+                                   return_attention=return_attention, head_mask=head_mask, on_step=follow)
             elapsed_ms = (time.perf_counter() - began) * 1000
             for i, hyp in zip(chunk, hyps, strict=True):
                 emitted = hyp.tokens + ([self.tokenizer.eos_id] if hyp.finished else [])

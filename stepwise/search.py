@@ -21,12 +21,16 @@ so each result carries its own maps in the shared layout: per kind (``encoder``,
 ``cross``) an array ``[L, H, T_q, T_k]`` cut to the real lengths, where the target length counts
 the generated tokens including the final EOS.
 
+A caller can follow the search as it runs (``on_step``, the service's streaming): after every
+step it gets a :class:`Progress`, each sentence's best hypothesis so far, ranked as the end of
+the search ranks them, so the last step's best is the hypothesis returned.
+
 This module imports numpy only: the ONNX Runtime path must not need torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,6 +81,50 @@ class Step(Protocol):
         ...
 
 
+class Progress:
+    """The search after one step, for a caller following it (``search(on_step=...)``).
+
+    Each sentence's *best hypothesis so far* is the one of its ``k`` (finished or not) that the
+    search would return if it stopped now: the highest score, length-penalised as at the end. With
+    greedy search it only grows; with beam search a later step may prefer a hypothesis that parts
+    from it earlier. Valid only during the call (it reads the loop's arrays).
+    """
+
+    def __init__(self, step: int, tokens: np.ndarray, scores: np.ndarray, sentence_done: np.ndarray, k: int,
+                 length_penalty: float, eos_id: int, pad_id: int, trace: list[_Trace],
+                 source_lengths: np.ndarray) -> None:
+        self.step = step
+        self._generated = tokens[:, 1 : step + 2]
+        self._best, self._lengths, _ = _rank(self._generated, scores, k, length_penalty, eos_id, pad_id)
+        self._done = sentence_done
+        self._trace = trace
+        self._source_lengths = source_lengths
+
+    def best(self, sentence: int) -> list[int]:
+        """The best hypothesis's tokens so far, EOS included when it has ended."""
+        row = int(self._best[sentence])
+        return self._generated[row, : int(self._lengths[row])].tolist()
+
+    def done(self, sentence: int) -> bool:
+        """Whether the sentence is finished: its best hypothesis is final."""
+        return bool(self._done[sentence])
+
+    def cross_attention(self, sentence: int, start: int = 0) -> np.ndarray:
+        """The best hypothesis's cross-attention rows from target position ``start`` on,
+        ``[L, H, n, S]`` with ``S`` the sentence's real source length (needs ``return_attention``)."""
+        if not self._trace:
+            raise ValueError("cross-attention is recorded only with return_attention=True")
+        row = int(self._best[sentence])
+        length, real = int(self._lengths[row]), int(self._source_lengths[sentence])
+        layers, _, heads, _ = self._trace[0][3].shape
+        rows = np.zeros((layers, heads, max(length - start, 0), real), dtype=np.float32)
+        if length > start:
+            positions = _trace_back(self._trace, [row], start)[:, 0]
+            for t in range(start, length):
+                rows[:, :, t - start] = self._trace[t][3][:, positions[t - start], :, :real]
+        return rows
+
+
 def length_limits(source_lengths: np.ndarray | Sequence[int], max_length: int | None, max_positions: int) -> np.ndarray:
     """Per-sentence output budget: ``max_length`` if given, else ``2 * S + 10`` for each sentence's
     own length ``S`` (so a sentence decodes the same alone or in any batch), within the positional
@@ -98,6 +146,7 @@ def search(
     eos_id: int,
     pad_id: int,
     return_attention: bool = False,
+    on_step: Callable[[Progress], None] | None = None,
 ) -> list[Hypothesis]:
     """Greedy (``beam_size == 1``) or beam search; see the module docstring.
 
@@ -113,6 +162,8 @@ def search(
         eos_id: id that ends a hypothesis.
         pad_id: id a finished hypothesis grows by.
         return_attention: record attention maps of the returned hypotheses.
+        on_step: called after every step with the :class:`Progress` so far (streaming); an
+            exception it raises stops the search and propagates.
 
     Returns:
         The best :class:`Hypothesis` per sentence, in input order.
@@ -171,6 +222,9 @@ def search(
         tokens[active, t + 1] = next_tokens
         finished[active] |= (next_tokens == eos_id) | (t + 1 >= row_limit[active])
         sentence_done = finished.reshape(batch, k).all(axis=1)
+        if on_step is not None:
+            on_step(Progress(t, tokens, scores, sentence_done, k, length_penalty, eos_id, pad_id, trace,
+                             source_lengths))
         if sentence_done.all():
             break
         if step.can_drop_rows:
@@ -181,11 +235,8 @@ def search(
                 active = still
 
     generated = tokens[:, 1:]
-    lengths = hypothesis_lengths(generated, eos_id, pad_id)
-    final = scores.copy()
-    if k > 1 and length_penalty > 0:
-        final = final / ((5.0 + lengths) / 6.0) ** length_penalty
-    best = np.arange(batch) * k + final.reshape(batch, k).argmax(axis=-1)
+    best, lengths, final = _rank(generated, scores, k, length_penalty, eos_id, pad_id)
+    computed_at = _trace_back(trace, best) if return_attention else None
 
     results = []
     for b in range(batch):
@@ -196,7 +247,7 @@ def search(
         if return_attention:
             real = int(source_lengths[b])
             encoder = step.encoder_attention[:, b, :, :real, :real]  # type: ignore[index]
-            attention = _collect_attention(trace, row, len(ids), real, encoder)
+            attention = _collect_attention(trace, computed_at[:, b], len(ids), real, encoder)  # type: ignore[index]
         results.append(Hypothesis(tokens=ids[:-1] if ended else ids, score=float(final[row]), finished=ended,
                                   attention=attention))
     return results
@@ -208,16 +259,44 @@ def hypothesis_lengths(generated: np.ndarray, eos_id: int, pad_id: int) -> np.nd
     return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, (generated != pad_id).sum(axis=1))
 
 
-def _collect_attention(trace: list[_Trace], row: int, length: int, src_real: int,
+def _rank(generated: np.ndarray, scores: np.ndarray, k: int, length_penalty: float, eos_id: int,
+          pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each sentence's best row, every row's length and final score (GNMT-penalised for beams)."""
+    lengths = hypothesis_lengths(generated, eos_id, pad_id)
+    final = scores.copy()
+    if k > 1 and length_penalty > 0:
+        final = final / ((5.0 + lengths) / 6.0) ** length_penalty
+    best = np.arange(len(scores) // k) * k + final.reshape(-1, k).argmax(axis=-1)
+    return best, lengths, final
+
+
+def _trace_back(trace: list[_Trace], rows: np.ndarray | Sequence[int], start: int = 0) -> np.ndarray:
+    """Where the hypotheses now in ``rows`` were computed at steps ``start`` to the last one.
+
+    Follows the beam's back-pointers from the last step down (a hypothesis, finished or not, may
+    move to another row at any later step; the rows of a sentence that left the batch no longer
+    move). Returns ``[steps, len(rows)]`` positions into each step's active rows (meaningless at
+    steps after a hypothesis ended).
+    """
+    rows = np.array(rows, dtype=np.int64)
+    positions = np.zeros((len(trace) - start, len(rows)), dtype=np.int64)
+    for t in range(len(trace) - 1, start - 1, -1):
+        active, origins = trace[t][0], trace[t][1]
+        at = np.minimum(np.searchsorted(active, rows), len(active) - 1)
+        rows = np.where(active[at] == rows, origins[at], rows)  # the row that computed step t
+        positions[t - start] = np.searchsorted(active, rows)
+    return positions
+
+
+def _collect_attention(trace: list[_Trace], positions: np.ndarray, length: int, src_real: int,
                        encoder: np.ndarray) -> dict[str, np.ndarray]:
-    """Follow the beam back-pointers from ``row`` and stack that hypothesis's attention."""
+    """Stack one hypothesis's attention, computed at ``positions`` (:func:`_trace_back`) of each step."""
     layers, _, heads, _ = trace[0][3].shape
     decoder = np.zeros((layers, heads, length, length), dtype=np.float32)
     cross = np.zeros((layers, heads, length, src_real), dtype=np.float32)
-    for t in range(length - 1, -1, -1):
-        active, origins, self_w, cross_w = trace[t]
-        row = int(origins[np.searchsorted(active, row)])  # the row that computed step t
-        at = int(np.searchsorted(active, row))
+    for t in range(length):
+        _, _, self_w, cross_w = trace[t]
+        at = int(positions[t])
         decoder[:, :, t, : t + 1] = self_w[:, at]
         cross[:, :, t] = cross_w[:, at, :, :src_real]
     return {"encoder": np.ascontiguousarray(encoder, dtype=np.float32), "decoder": decoder, "cross": cross}

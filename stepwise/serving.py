@@ -10,8 +10,9 @@ remembers since when the registry has been unreachable; :meth:`ModelStore.descri
 
 :func:`translate` turns validated requests (``service.py`` checks them against the model with
 :func:`check_request`) into JSON-ready results: on request it splits a paragraph into sentences
-(:mod:`stepwise.sentences`) and adds word alignments (:mod:`stepwise.alignment`). The request
-limits are defined here, once.
+(:mod:`stepwise.sentences`) and adds word alignments (:mod:`stepwise.alignment`).
+:func:`translate_stream` does the same for one request while emitting each target token (and its
+cross-attention row) as the search decodes it. The request limits are defined here, once.
 
 This module imports no torch: when a version has no ONNX export yet, the exporter runs in a
 subprocess (``python -m stepwise export``), which needs torch installed.
@@ -27,6 +28,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from stepwise.onnx_decoding import (
     export_format,
     head_mask_from_pairs,
 )
+from stepwise.search import Progress
 from stepwise.sentences import DEFAULT_LANGUAGE, split_sentences
 
 log = logging.getLogger(__name__)
@@ -379,12 +382,11 @@ def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[
     results: list[dict[str, Any]] = [{} for _ in requests]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, request in enumerate(requests):
-        need_attention = request["attention"] != "none" or request.get("alignment", "none") != "none"
-        groups[(request["beam_size"], request.get("max_length"), need_attention, mask_key(request))].append(i)
+        settings = (request["beam_size"], request.get("max_length"), _needs_attention(request), mask_key(request))
+        groups[settings].append(i)
     translator = loaded.translator
     for (beam_size, max_length, need_attention, masked), members in groups.items():
-        head_mask = None if masked is None else head_mask_from_pairs(
-            {kind: [list(pair) for pair in pairs] for kind, pairs in masked}, translator.layers, translator.n_heads)
+        head_mask = _head_mask(loaded, masked)
         texts = {i: _sentences(loaded, requests[i]) for i in members}
         flat = [(i, text) for i in members for text in texts[i]]
         outputs = translator.translate([text for _, text in flat], beam_size=beam_size, max_length=max_length,
@@ -393,24 +395,145 @@ def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[
         for (i, _), out in zip(flat, outputs, strict=True):
             by_request[i].append(out)
         for i in members:
-            request, outs = requests[i], by_request[i]
-            if len(outs) == 1:
-                results[i] = {**_sentence_result(loaded, request, outs[0]), "model": loaded.identity(),
-                              "score": outs[0].score, "timings": dict(outs[0].timings)}
-                continue
-            sentences = [{"source": text, **_sentence_result(loaded, request, out), "score": out.score}
-                         for text, out in zip(texts[i], outs, strict=True)]
-            results[i] = {
-                "translation": " ".join(out.translation for out in outs),
-                "source_tokens": [t for out in outs for t in out.source_tokens],
-                "target_tokens": [t for out in outs for t in out.target_tokens],
-                "attention": {},  # per sentence: attention crosses no sentence boundary
-                "model": loaded.identity(), "score": sum(out.score for out in outs),
-                "timings": {"decode_ms": max(out.timings["decode_ms"] for out in outs),
-                            "batch_size": max(out.timings["batch_size"] for out in outs)},
-                "sentences": sentences,
-            }
+            results[i] = _result(loaded, requests[i], texts[i], by_request[i])
     return results
+
+
+def _needs_attention(request: dict[str, Any]) -> bool:
+    """Whether the search must record attention: some is returned, or an alignment is made of it."""
+    return request["attention"] != "none" or request.get("alignment", "none") != "none"
+
+
+def _head_mask(loaded: LoadedModel, masked: tuple | None) -> dict[str, np.ndarray] | None:
+    """A :func:`mask_key` as the translator's ``[L, H]`` masks (None: no head switched off)."""
+    if masked is None:
+        return None
+    translator = loaded.translator
+    return head_mask_from_pairs({kind: [list(pair) for pair in pairs] for kind, pairs in masked},
+                                translator.layers, translator.n_heads)
+
+
+class StreamClosed(Exception):  # noqa: N818 - control flow, not an error: the stream's reader left
+    """Raised by a stream's ``emit`` when nobody reads the stream any more; it stops the search."""
+
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def translate_stream(loaded: LoadedModel, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """Translate one checked request, emitting its tokens as they are decoded; returns the answer.
+
+    The answer is :func:`translate`'s for the same request (same search, same result builder),
+    with ``timings.requests_in_batch`` 1: a stream decodes alone, never merged with other requests.
+    Events, in order (``emit(event, data)``):
+
+    * ``start``: ``{"sentences": [{"source": text, "source_tokens": [...]}, ...]}``, before the
+      first step: what will be translated (one sentence, or a split paragraph's), so a reader
+      can label the attention rows that follow.
+    * ``token``: ``{"index": i, "token": piece, "id": id, "sentence": j, "cross_attention": row}``,
+      the target token at position ``i`` of the answer's ``target_tokens``; ``sentence`` is the
+      sentence of a split paragraph it belongs to (0 otherwise); ``cross_attention`` (only when
+      ``attention`` is ``cross`` or ``all``) is that position's row ``[layer][head][source]``
+      over the sentence's own source tokens, the ``layers``/``heads`` asked for, in
+      ``attention_format`` (nested lists, or a compact object of :mod:`stepwise.attention_codec`).
+    * ``replace``: ``{"from": i}``, beam search only: the best hypothesis so far (the one the
+      search would return if it stopped now) has parted from what was sent at position ``i``;
+      the reader drops its tokens from ``i`` on, and ``token`` events from ``i`` follow. Greedy
+      search never replaces.
+
+    A split paragraph's sentences decode together as one batch, as in :func:`translate`; they are
+    streamed in order, a sentence once the ones before it are finished.
+
+    Raises:
+        StreamClosed: ``emit`` raised it (the reader went away); the search stopped there.
+    """
+    texts = _sentences(loaded, request)
+    translator = loaded.translator
+    emit("start", {"sentences": [{"source": text, "source_tokens": translator.tokenizer.pieces(
+        translator.encode_text(text))} for text in texts]})
+    follower = _Follower(loaded, request, len(texts), emit)
+    outs = translator.translate(texts, beam_size=request["beam_size"], max_length=request.get("max_length"),
+                                return_attention=_needs_attention(request), batch_size=DECODE_BATCH,
+                                head_mask=_head_mask(loaded, mask_key(request)), on_step=follower)
+    assert follower.current == len(texts), "every sentence is streamed in full by the last step"
+    result = _result(loaded, request, texts, outs)
+    result["timings"]["requests_in_batch"] = 1
+    return result
+
+
+class _Follower:
+    """Turns each step's :class:`stepwise.search.Progress` into ``token``/``replace`` events (see above)."""
+
+    def __init__(self, loaded: LoadedModel, request: dict[str, Any], sentences: int, emit: Emit) -> None:
+        self.pieces = loaded.translator.tokenizer.pieces
+        self.request, self.emit, self.sentences = request, emit, sentences
+        self.with_rows = request["attention"] in ("cross", "all")
+        self.fmt = request.get("attention_format", "json")
+        self.sent: list[list[int]] = [[] for _ in range(sentences)]  # token ids sent, per sentence
+        self.waiting: dict[int, tuple[list[int], np.ndarray | None]] = {}  # finished before their turn
+        self.current = 0  # the sentence being streamed: the ones before it are sent in full
+        self.offset = 0  # the answer's target position of its first token
+
+    def __call__(self, texts: list[int], progress: Progress) -> None:
+        batch = {j: b for b, j in enumerate(texts)}
+        while self.current < self.sentences:
+            j = self.current
+            if j in self.waiting:
+                ids, rows = self.waiting.pop(j)
+                self._send(j, ids, lambda start, rows=rows: rows[:, :, start:])  # type: ignore[index]
+            elif j in batch:
+                b = batch[j]
+                self._send(j, progress.best(b), lambda start, b=b: progress.cross_attention(b, start))
+                if not progress.done(b):
+                    break
+            else:
+                break
+            self.offset += len(self.sent[j])
+            self.current += 1
+        for j, b in batch.items():  # later sentences that finished first wait for their turn
+            if j > self.current and j not in self.waiting and progress.done(b):
+                self.waiting[j] = (progress.best(b), progress.cross_attention(b) if self.with_rows else None)
+
+    def _send(self, sentence: int, ids: list[int], rows_from: Callable[[int], np.ndarray]) -> None:
+        """Bring what was sent of ``sentence`` to ``ids``: a ``replace`` if they part, then new tokens."""
+        sent = self.sent[sentence]
+        keep = 0
+        while keep < min(len(sent), len(ids)) and sent[keep] == ids[keep]:
+            keep += 1
+        if keep < len(sent):
+            self.emit("replace", {"from": self.offset + keep, "sentence": sentence})
+            del sent[keep:]
+        if len(ids) == keep:
+            return
+        rows = rows_from(keep) if self.with_rows else None
+        for n, (token_id, piece) in enumerate(zip(ids[keep:], self.pieces(ids[keep:]), strict=True)):
+            data: dict[str, Any] = {"index": self.offset + keep + n, "token": piece, "id": token_id,
+                                    "sentence": sentence}
+            if rows is not None:
+                row = select_attention({"cross": rows[:, :, n]}, "cross", self.request.get("layers"),
+                                       self.request.get("heads"))["cross"]
+                data["cross_attention"] = row if self.fmt == "json" else attention_codec.encode(row, self.fmt)
+            self.emit("token", data)
+            sent.append(token_id)
+
+
+def _result(loaded: LoadedModel, request: dict[str, Any], texts: list[str], outs: list[Translation]) -> dict[str, Any]:
+    """One request's answer from its translated sentences (one, or a split paragraph's)."""
+    if len(outs) == 1:
+        return {**_sentence_result(loaded, request, outs[0]), "model": loaded.identity(),
+                "score": outs[0].score, "timings": dict(outs[0].timings)}
+    sentences = [{"source": text, **_sentence_result(loaded, request, out), "score": out.score}
+                 for text, out in zip(texts, outs, strict=True)]
+    return {
+        "translation": " ".join(out.translation for out in outs),
+        "source_tokens": [t for out in outs for t in out.source_tokens],
+        "target_tokens": [t for out in outs for t in out.target_tokens],
+        "attention": {},  # per sentence: attention crosses no sentence boundary
+        "model": loaded.identity(), "score": sum(out.score for out in outs),
+        "timings": {"decode_ms": max(out.timings["decode_ms"] for out in outs),
+                    "batch_size": max(out.timings["batch_size"] for out in outs)},
+        "sentences": sentences,
+    }
 
 
 def _sentences(loaded: LoadedModel, request: dict[str, Any]) -> list[str]:
