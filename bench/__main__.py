@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from typing import Any
 
 import requests
 
-from bench.common import ROOT, PeakRss, run_worker, table, tree_rss_mib, verdict, write_results
+from bench.common import ROOT, PeakRss, process_tree, run_worker, table, tree_rss_mib, verdict, write_results
 from stepwise.net import ServerNotReady, wait_until_ready
 
 
@@ -212,18 +213,26 @@ def _serve(export: Path, batching: bool, env: dict[str, str] | None = None) -> t
     try:
         wait_until_ready(f"{url}/readyz", timeout=180, process=process, log_file=log, name="bentoml serve")
     except ServerNotReady:
-        process.kill()
+        _stop(process)
         raise
     return process, url, log
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """Stop a server and every process it started (killing only the ``bentoml serve`` CLI would
+    leave its service workers running)."""
+    tree = process_tree(process.pid)
     process.terminate()
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=30)
+    for pid in tree[1:]:  # workers the CLI did not take down with it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _load(url: str, texts: list[str], clients: int, attention: str, attention_format: str = "json") -> dict[str, float]:
