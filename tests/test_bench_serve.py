@@ -62,6 +62,26 @@ def test_tree_rss_counts_the_children_and_the_peak_outlives_a_free() -> None:
         parent.kill()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # a zombie has exited
+
+
+def test_stop_takes_down_the_children_a_terminated_parent_leaves_behind() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert parent.stdout.readline().strip() == "full"
+    child = process_tree(parent.pid)[1]
+    _stop(parent)  # SIGTERM ends the parent only; the child would live on, an orphan
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return export_tiny_model(tmp_path_factory.mktemp("bench"), seed=7)
