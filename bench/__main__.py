@@ -1,5 +1,9 @@
 """``python -m bench {all,train,translate,serve,export,headmask} [--checkpoint PATH] [--sentences N]``.
 
+``serve`` also measures the service against its engine (``OnnxTranslator`` offline on the same
+sentences), the answer's size per ``attention_format``, and the service's resident memory (idle,
+under 32 clients, and with registry versions in its model cache).
+
 Every table prints ratios against a baseline measured in the same invocation; each system runs
 in its own process. Results go to ``bench/results/NAME-DEVICE.md`` (date, commit, machine).
 """
@@ -9,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +24,7 @@ from typing import Any
 
 import requests
 
-from bench.common import ROOT, run_worker, table, write_results
+from bench.common import ROOT, PeakRss, process_tree, run_worker, table, tree_rss_mib, verdict, write_results
 from stepwise.net import ServerNotReady, wait_until_ready
 
 
@@ -196,22 +202,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve(export: Path, batching: bool) -> tuple[subprocess.Popen, str, Path]:
+def _serve(export: Path, batching: bool, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, Path]:
     port = _free_port()
     log = Path(tempfile.mkdtemp()) / "bentoml.log"
-    env = {**os.environ, "STEPWISE_MODEL_DIR": str(export), "STEPWISE_ADAPTIVE_BATCHING": "1" if batching else "0"}
+    env = {**os.environ, "STEPWISE_MODEL_DIR": str(export), "STEPWISE_ADAPTIVE_BATCHING": "1" if batching else "0",
+           **(env or {})}
     process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:Translator", "--port", str(port)],
                                cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(f"{url}/readyz", timeout=180, process=process, log_file=log, name="bentoml serve")
     except ServerNotReady:
-        process.kill()
+        _stop(process)
         raise
     return process, url, log
 
 
-def _load(url: str, texts: list[str], clients: int, attention: str) -> dict[str, float]:
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a server and every process it started (killing only the ``bentoml serve`` CLI would
+    leave its service workers running)."""
+    tree = process_tree(process.pid)
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+    for pid in tree[1:]:  # workers the CLI did not take down with it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _load(url: str, texts: list[str], clients: int, attention: str, attention_format: str = "json") -> dict[str, float]:
     """``clients`` concurrent clients, each sending its next request when the last one is answered.
 
     One asyncio event loop drives every client (aiohttp, which BentoML itself uses), so the load
@@ -221,6 +245,8 @@ def _load(url: str, texts: list[str], clients: int, attention: str) -> dict[str,
     import asyncio
 
     import aiohttp
+
+    body = {"attention": attention, "attention_format": attention_format}
 
     async def run() -> tuple[list[float], int, float]:
         latencies: list[float] = []
@@ -234,7 +260,7 @@ def _load(url: str, texts: list[str], clients: int, attention: str) -> dict[str,
                 while queue:
                     text = queue.pop()
                     began = time.perf_counter()
-                    async with session.post(f"{url}/translate", json={"text": text, "attention": attention}) as answer:
+                    async with session.post(f"{url}/translate", json={"text": text, **body}) as answer:
                         await answer.read()
                         errors += answer.status != 200
                     latencies.append(time.perf_counter() - began)
@@ -250,7 +276,111 @@ def _load(url: str, texts: list[str], clients: int, attention: str) -> dict[str,
             "errors": errors}
 
 
-def bench_serve(checkpoint: Path, work: Path, requests_per_run: int) -> list[str]:
+ENGINE_BATCHES = (1, 32)  # batch 1: what one client waits for; batch 32: what 32 clients could get
+
+
+def engine_speed(export: Path, texts: list[str], work: Path) -> dict[tuple[int, bool], dict[str, Any]]:
+    """The engine the service runs (``OnnxTranslator`` on the same export), offline, on ``texts``.
+
+    Greedy, batch 1 and 32 (length-sorted batches, as in ``bench translate``), with and without
+    cross-attention; same thread rule as the service (``STEPWISE_ORT_THREADS``, else every core).
+    Keyed by (batch size, attention).
+    """
+    (work / "serve-sentences.json").write_text(json.dumps(texts))
+    common = {"system": "onnx", "export": str(export), "tokenizer": str(export / "tokenizer.model"),
+              "sentences": str(work / "serve-sentences.json"), "beam": 1, "device": "cpu"}
+    return {(batch, attention): run_worker("bench.translate_worker", {**common, "batch_size": batch,
+                                                                      "attention": attention})
+            for batch in ENGINE_BATCHES for attention in (False, True)}
+
+
+def attention_payload(url: str, text: str) -> list[list[Any]]:
+    """Answer bytes of one request per ``attention_format``, and the error after the explorer's decoding.
+
+    Each compact answer is decoded by the explorer's client (``gradio_app.client``, which uses
+    ``stepwise.attention_codec``) and compared with the JSON answer's arrays for the same request.
+    Rows: attention kind, format, bytes, × JSON, max abs error, and the targets' verdicts.
+    """
+    import numpy as np
+
+    from gradio_app.client import TranslationClient
+    from stepwise.attention_codec import FORMATS
+
+    rows = [["none", "—", len(requests.post(f"{url}/translate", json={"text": text, "attention": "none"},
+                                            timeout=120).content), "", "", ""]]
+    for kind in ("cross", "all"):
+        sizes, decoded = {}, {}
+        for fmt in FORMATS:
+            sizes[fmt] = len(requests.post(f"{url}/translate", json={"text": text, "attention": kind,
+                                                                     "attention_format": fmt}, timeout=120).content)
+            decoded[fmt] = TranslationClient(url, attention_format=fmt).translate(text, attention=kind)["attention"]
+        for fmt in FORMATS:
+            if fmt == "json":
+                rows.append([kind, fmt, sizes[fmt], 1.0, "—", ""])
+                continue
+            error = max(float(np.abs(decoded[fmt][k] - decoded["json"][k]).max()) for k in decoded["json"])
+            ratio = sizes[fmt] / sizes["json"]
+            rows.append([kind, fmt, sizes[fmt], ratio, f"{error:.1e}",
+                         f"{verdict(ratio, 0.2, at_least=False)} / {verdict(error, 1e-3, at_least=False)}"])
+    return rows
+
+
+def memory_with_versions(checkpoint: Path, export: Path, text: str, versions: int) -> dict[str, float]:
+    """RSS of a ``bentoml serve`` idle, after one and after ``versions`` registry versions entered its cache.
+
+    The service loads a version asked for by id (``model``) from the registry and keeps it in
+    its cache (``STEPWISE_MODEL_CACHE``, here ``versions`` and no byte limit that matters). The
+    registry is a throw-away embedded ClearML server on a free port; the versions are copies of
+    ``checkpoint`` (``bench.registry_worker``), which the service exports on first use as it does
+    any version without an export. The default model is ``export`` (``STEPWISE_MODEL_DIR``).
+    The first version also brings the ClearML SDK into the runner, so the cost of one more
+    version is the difference between the last two figures.
+    Returns MiB: ``idle``, ``first`` (one version cached) and ``cached`` (all of them).
+    """
+    from stepwise.clearml_server import sdk_environment
+
+    folder = Path(tempfile.mkdtemp(prefix="stepwise-bench-registry-"))
+    port = _free_port()
+    log = folder / "clearml-server.log"
+    server = subprocess.Popen([sys.executable, "-m", "stepwise", "clearml-server", "--port", str(port), "--data",
+                               str(folder / "data")], cwd=ROOT, stdout=open(log, "wb"),  # noqa: SIM115
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    env = {**sdk_environment(url), "CLEARML_CACHE_DIR": str(folder / "clearml-cache"),
+           "STEPWISE_EXPORT_CACHE": str(folder / "exports"), "STEPWISE_MODEL_CACHE": f"{versions},1TB"}
+    try:
+        wait_until_ready(f"{url}/debug.ping", timeout=60, process=server, log_file=log,
+                         name="stepwise clearml-server")
+        ids = run_worker("bench.registry_worker", {"checkpoint": str(checkpoint), "copies": versions,
+                                                   "project": "stepwise-bench", "folder": str(folder / "copies")},
+                         env=env)["ids"]
+        process, service, service_log = _serve(export, True, env)
+        try:
+            memory = {"idle": tree_rss_mib(process.pid)}
+            for model_id in ids:  # the first request for a version exports and loads it
+                answer = requests.post(f"{service}/translate", json={"text": text, "model": model_id,
+                                                                     "attention": "none"}, timeout=1800)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"loading version {model_id}: {answer.status_code} {answer.text[:300]}\n"
+                                       f"{service_log.read_text()[-3000:]}")
+                memory.setdefault("first", tree_rss_mib(process.pid))
+            cached = requests.post(f"{service}/model", json={}, timeout=60).json()["cache"]["versions"]
+            if cached != versions:
+                raise RuntimeError(f"the service cached {cached} versions, expected {versions}")
+            memory["cached"] = tree_rss_mib(process.pid)
+            return memory
+        finally:
+            _stop(process)
+    finally:
+        _stop(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SERVE_CLIENTS = (1, 8, 32)
+
+
+def bench_serve(checkpoint: Path, work: Path, requests_per_run: int, cache_versions: int = 5) -> list[str]:
+    from stepwise.attention_codec import FORMATS
     from stepwise.checkpoint import load_checkpoint
     from stepwise.data import load_split
     from stepwise.export import export_checkpoint
@@ -260,40 +390,89 @@ def bench_serve(checkpoint: Path, work: Path, requests_per_run: int) -> list[str
         export_checkpoint(ck, work / "export")
     texts = [s for s, _ in load_split(ck.config.data, "test")]
     texts = (texts * (1 + requests_per_run // len(texts)))[:requests_per_run]
-    rows, sizes, after_burst = [], [], []
+    engine = engine_speed(work / "export", texts, work)  # before any service starts: nothing competes
+    rows, after_burst, formats, memory = [], [], {}, {}
+    payload: list[list[Any]] = []
     for batching in (True, False):
         for attention in ("none", "cross"):
             # a fresh service per setting: BentoML's batching dispatcher learns from what it saw
             process, url, _ = _serve(work / "export", batching)
             try:
+                if batching and attention == "none":
+                    memory["loaded, idle (fresh service)"] = tree_rss_mib(process.pid)
                 _load(url, texts[:16], 4, attention)  # warm-up
                 single = None
-                for clients in (1, 8, 32):
-                    r = _load(url, texts, clients, attention)
+                for clients in SERVE_CLIENTS:
+                    with PeakRss(process.pid) as peak:
+                        r = _load(url, texts, clients, attention)
                     single = single or r["rps"]
                     rows.append([f"{'on' if batching else 'off'}", attention, clients, r["rps"], r["rps"] / single,
                                  r["p50"], r["p95"], r["p99"], r["errors"]])
+                    if batching and clients == 32:
+                        memory[f"peak under 32 clients, attention {attention}"] = peak.peak_mib
+                if batching and attention == "cross":  # the same load with the compact formats
+                    formats["json"] = r
+                    for fmt in FORMATS[1:]:
+                        formats[fmt] = _load(url, texts, 32, attention, fmt)
                 if batching:  # the dispatcher's learned wait outlives a burst
                     r = _load(url, texts[:64], 1, attention)
                     after_burst.append([attention, rows[-3][5], r["p50"], r["p50"] / rows[-3][5] - 1])
                 if batching and attention == "none":
-                    for kind in ("none", "cross", "all"):
-                        body = requests.post(f"{url}/translate", json={"text": texts[0], "attention": kind},
-                                             timeout=60).content
-                        sizes.append([kind, len(body)])
+                    payload = attention_payload(url, texts[0])
             finally:
-                process.terminate()
-                process.wait(timeout=30)
+                _stop(process)
+    if cache_versions:
+        cache = memory_with_versions(checkpoint, work / "export", texts[0], cache_versions)
+        memory["idle, default model only (registry-backed service)"] = cache["idle"]
+        memory["idle, 1 registry version cached besides the default"] = cache["first"]
+        memory[f"idle, {cache_versions} registry versions cached besides the default"] = cache["cached"]
     by_key = {(r[0], r[1], r[2]): r for r in rows}
     cost = [[c, by_key[("on", "none", c)][5], by_key[("on", "cross", c)][5],
-             by_key[("on", "cross", c)][5] / by_key[("on", "none", c)][5] - 1] for c in (1, 8, 32)]
+             by_key[("on", "cross", c)][5] / by_key[("on", "none", c)][5] - 1] for c in SERVE_CLIENTS]
+    efficiency = []
+    for attention, target in (("none", 0.8), ("cross", 0.7)):
+        rps, offline = by_key[("on", attention, 32)][3], engine[(32, attention == "cross")]["sentences_per_s"]
+        efficiency.append([attention, rps, offline, rps / offline, f"≥ {target}×",
+                           verdict(rps / offline, target, at_least=True)])
+    overhead = []
+    for attention in ("none", "cross"):
+        p50, batch1 = by_key[("on", attention, 1)][5], engine[(1, attention == "cross")]
+        median, mean = batch1["ms_per_sentence_median"], batch1["ms_per_sentence"]
+        overhead.append([attention, p50, median, mean, p50 / median, p50 / mean, "≤ 1.15×",
+                         verdict(p50 / median, 1.15, at_least=False)])
+    none_32 = by_key[("on", "none", 32)][5]
+    format_rows = [[fmt, none_32, r["p50"], f"{100 * (r['p50'] / none_32 - 1):+.1f}%", r["rps"], r["errors"],
+                    verdict(r["p50"] / none_32 - 1, 0.10, at_least=False) if fmt == "json" else ""]
+                   for fmt, r in formats.items()]
+    idle = memory["loaded, idle (fresh service)"]
+    memory_rows = [[what, mib, mib / idle] for what, mib in memory.items()]
+    if cache_versions > 1:  # the first version also imports the ClearML SDK: count from it on
+        extra = (cache["cached"] - cache["first"]) / (cache_versions - 1)
+        memory_rows[-1].append(f"{extra:+,.0f} MiB per version after the first")
     return [table(f"Serving under load: bentoml serve, {requests_per_run} requests per row (test books)",
                   ["adaptive batching", "attention", "clients", "requests/s", "× 1 client", "p50 ms", "p95 ms",
                    "p99 ms", "errors"], rows),
+            table("Serving efficiency: 32 clients vs the engine's offline batch 32 on the same sentences "
+                  "(adaptive batching on; engine: OnnxTranslator, same export and threads, greedy)",
+                  ["attention", "service requests/s", "engine sentences/s", "× engine", "target", "verdict"],
+                  efficiency),
+            table("Serving overhead at 1 client: p50 latency vs the engine's batch-1 time per sentence "
+                  "(same sentences)",
+                  ["attention", "service p50 ms", "engine median ms", "engine mean ms", "× engine median",
+                   "× engine mean", "target (median)", "verdict"], overhead),
             table("What returning cross-attention costs (adaptive batching on)",
                   ["clients", "p50 ms without", "p50 ms with", "extra latency"],
                   [[c, a, b, f"{100 * d:+.1f}%"] for c, a, b, d in cost]),
-            table("Attention payload (one test sentence)", ["attention", "response bytes"], sizes),
+            table("Attention payload per attention_format (one test sentence; error: max |decoded - JSON| after "
+                  "the explorer client's decoder; targets ≤ 0.2× JSON bytes / ≤ 1e-3)",
+                  ["attention", "attention_format", "response bytes", "× JSON", "max error", "verdict"], payload),
+            table("Cross-attention at 32 clients per attention_format (adaptive batching on; target for JSON: "
+                  "≤ +10% p50 over none)",
+                  ["attention_format", "p50 ms without attention", "p50 ms with cross", "extra latency",
+                   "requests/s", "errors", "verdict"], format_rows),
+            table("Memory: resident memory (RSS) of the bentoml serve process tree, all its processes (MiB)",
+                  ["state", "MiB", "× loaded idle"] + (["per version"] if cache_versions else []),
+                  [row + [""] * (4 - len(row)) if cache_versions else row for row in memory_rows]),
             table("Adaptive batching after a burst: 1 client right after 32 (p50 ms)",
                   ["attention", "fresh service", "after 32 clients", "extra latency"],
                   [[a, b, c, f"{100 * d:+.1f}%"] for a, b, c, d in after_burst])]
@@ -327,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="translation rounds per system (best is reported)")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per serving row (default 128; 64 for an untrained model)")
+    parser.add_argument("--cache-versions", type=int, default=5,
+                        help="serve: registry versions loaded into the service's cache for the memory row (0: skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--steps", type=int, default=200, help="headmask: decoder steps per graph and round")
@@ -361,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare_translation(checkpoint, work, 8)
         write_results("export", [bench_load(checkpoint, work)], args.device, out, model)
     if args.what in ("all", "serve") and args.device == "cpu":
-        write_results("serve", bench_serve(checkpoint, work, args.requests), args.device, out, model)
+        sections = bench_serve(checkpoint, work, args.requests, args.cache_versions)
+        write_results("serve", sections, args.device, out, model)
     print(f"benchmarks took {time.perf_counter() - started:.0f}s", flush=True)
     return 0
 

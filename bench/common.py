@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,78 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- resident memory of a process tree (Linux /proc) -----------------------------------------------
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it (``bentoml serve`` starts one per service)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])  # the name may hold spaces and brackets
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def rss_mib(pids: list[int]) -> float:
+    """The summed resident memory of ``pids`` in MiB (processes that have exited count 0).
+
+    RSS counts a page shared by two processes twice; for the services here the shared part is
+    the Python and library code, a few tens of MiB.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 2**20
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, in MiB."""
+    return rss_mib(process_tree(pid))
+
+
+class PeakRss:
+    """Samples a process tree's RSS in a thread (every ``interval`` s) while the block runs.
+
+    The tree is listed once at the start (the services' processes do not change under load), so
+    a sample reads a few ``statm`` files and takes little CPU from what is measured.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pids = process_tree(pid)
+        self.interval = interval
+        self.peak_mib = rss_mib(self.pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="peak-rss")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mib = max(self.peak_mib, rss_mib(self.pids))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, rss_mib(self.pids))
+
+
+def verdict(ratio: float, target: float, *, at_least: bool) -> str:
+    """``met`` or ``not met`` for a ratio against a target (``at_least``: ≥ target, else ≤ target)."""
+    return "met" if (ratio >= target if at_least else ratio <= target) else "not met"

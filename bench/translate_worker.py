@@ -2,12 +2,15 @@
 
 Systems: ``pytorch`` (this project's decoder with a KV cache), ``onnx`` (the ONNX Runtime loop the
 service uses; ``export`` may point at a quantized copy), ``ct2`` (CTranslate2 on converted weights).
-Every system sees the same sentences in the same batches (sorted by length, then cut).
+Every system sees the same sentences in the same batches (sorted by length, then cut). Besides
+the totals it reports the median time per sentence (at batch 1: of single sentences, what a
+service's p50 latency is compared with).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from typing import Any
@@ -73,13 +76,18 @@ def main() -> None:
         raise SystemExit(f"unknown system {system}")
 
     run(groups[0])  # warm-up (first batch), not timed
+    per_sentence_ms: list[float] = []  # each batch's time shared by its sentences
     started = time.perf_counter()
     for group in groups:
+        began = time.perf_counter()
         for i, tokens in zip(group, run(group), strict=True):
             outputs[i] = tokens
+        per_sentence_ms += [1000 * (time.perf_counter() - began) / len(group)] * len(group)
     elapsed = time.perf_counter() - started
     generated = sum(len(t) for t in outputs)
     print(json.dumps({"tokens_per_s": generated / elapsed, "ms_per_sentence": 1000 * elapsed / len(sources),
+                      "sentences_per_s": len(sources) / elapsed,
+                      "ms_per_sentence_median": statistics.median(per_sentence_ms),
                       "seconds": elapsed, "target_tokens": generated, "outputs": outputs}))
 
 
