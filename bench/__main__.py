@@ -25,6 +25,8 @@ from typing import Any
 import requests
 
 from bench.common import ROOT, PeakRss, process_tree, run_worker, table, tree_rss_mib, verdict, write_results
+from bench.stream import HEADERS as STREAM_HEADERS
+from bench.stream import bench_stream
 from stepwise.net import ServerNotReady, wait_until_ready
 
 
@@ -392,6 +394,7 @@ def bench_serve(checkpoint: Path, work: Path, requests_per_run: int, cache_versi
     texts = (texts * (1 + requests_per_run // len(texts)))[:requests_per_run]
     engine = engine_speed(work / "export", texts, work)  # before any service starts: nothing competes
     rows, after_burst, formats, memory = [], [], {}, {}
+    streaming: list[list[Any]] = []
     payload: list[list[Any]] = []
     for batching in (True, False):
         for attention in ("none", "cross"):
@@ -410,8 +413,9 @@ def bench_serve(checkpoint: Path, work: Path, requests_per_run: int, cache_versi
                                  r["p50"], r["p95"], r["p99"], r["errors"]])
                     if batching and clients == 32:
                         memory[f"peak under 32 clients, attention {attention}"] = peak.peak_mib
-                if batching and attention == "cross":  # the same load with the compact formats
+                if batching and attention == "cross":  # the same load with the compact formats, then streamed
                     formats["json"] = r
+                    streaming = bench_stream(url, texts, (1, 8))
                     for fmt in FORMATS[1:]:
                         formats[fmt] = _load(url, texts, 32, attention, fmt)
                 if batching:  # the dispatcher's learned wait outlives a burst
@@ -470,6 +474,8 @@ def bench_serve(checkpoint: Path, work: Path, requests_per_run: int, cache_versi
                   "≤ +10% p50 over none)",
                   ["attention_format", "p50 ms without attention", "p50 ms with cross", "extra latency",
                    "requests/s", "errors", "verdict"], format_rows),
+            table("Streaming: POST /translate_stream against /translate (adaptive batching on, cross-attention, "
+                  "greedy; target: stream total ≤ 1.1× /translate)", STREAM_HEADERS, streaming),
             table("Memory: resident memory (RSS) of the bentoml serve process tree, all its processes (MiB)",
                   ["state", "MiB", "× loaded idle"] + (["per version"] if cache_versions else []),
                   [row + [""] * (4 - len(row)) if cache_versions else row for row in memory_rows]),
