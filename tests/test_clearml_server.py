@@ -256,3 +256,31 @@ def test_status_command_against_running_server(clearml_server: ClearMLServerProc
                              text=True, timeout=60)
     assert refused.returncode == 2 and "refused the login" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+ODD_NAME_RUN = """
+import shutil
+from clearml import Model, OutputModel, Task
+task = Task.init(project_name="stepwise test: odd names", task_name="bench: model cache #2 (50%)", output_uri=True,
+                 auto_connect_frameworks=False, auto_resource_monitoring=False)
+shutil.copy({weights!r}, "upload.bin")  # the SDK deletes what it uploads
+model = OutputModel(task=task, name="odd", framework="PyTorch")
+model.update_weights(weights_filename="upload.bin", iteration=1)
+task.close()
+copy = Model(model.id).get_local_copy()
+assert copy and open(copy, "rb").read() == open({weights!r}, "rb").read(), (model.url, copy)
+print("URL", model.url.replace(" ", "+"))
+"""
+
+
+def test_uploads_under_task_names_with_spaces_and_colons_download_again(clearml_server: ClearMLServerProcess,
+                                                                          tmp_path: Path) -> None:
+    """Project and task names with spaces, colons, '#' and '%' end up percent-encoded in the upload's
+    path and again in the model's URL; the file server must store and serve the same file under both
+    (decoding an upload's path before storing it breaks this)."""
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(bytes(range(256)) * 64)
+    done = subprocess.run([sys.executable, "-c", fill(ODD_NAME_RUN, weights=str(weights))], env=clearml_server.env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model cache" in _value(done.stdout, "URL").replace("+", " ").replace("%20", " ")

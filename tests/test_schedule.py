@@ -170,14 +170,14 @@ def test_a_real_run_with_a_time_budget_ends_at_the_minimum_and_resumes_the_budge
     (first,) = sorted((out / "checkpoints").glob("step-*.pt"))
     saved = load_checkpoint(first)
     assert saved.data_state["train_seconds"] >= 3.0  # stopped by the 3-second budget of its clock
-    assert saved.optimizer_state["param_groups"][0]["lr"] == pytest.approx(0.002 * 0.1)  # tiny.json's lr 0.002
+    assert saved.optimizer_state["param_groups"][0]["lr"] == pytest.approx(0.003 * 0.1)  # tiny.json's lr 0.003
     assert saved.scheduler_state["warmup_end"]["step"] == 3
 
     train("--resume", "--set", "train.max_minutes=0.1")
     second = load_checkpoint(sorted((out / "checkpoints").glob("step-*.pt"))[-1])
     assert second.step > saved.step
     assert second.data_state["train_seconds"] >= 6.0
-    assert second.optimizer_state["param_groups"][0]["lr"] == pytest.approx(0.002 * 0.1)
+    assert second.optimizer_state["param_groups"][0]["lr"] == pytest.approx(0.003 * 0.1)
 
 
 def test_the_clock_adds_earlier_invocations_and_takes_the_agreed_reading() -> None:
