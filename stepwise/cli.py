@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000, help="port of the translation service")
     p.add_argument("--explorer-port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
                    help="port of the explorer (default GRADIO_SERVER_PORT or 7860)")
-    p.add_argument("--train-minutes", type=float, default=None, help="override the preset's training time")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="override the preset's training time (a warmup longer than it becomes a tenth of it)")
     p.add_argument("--state-dir", default=".stepwise", help="ClearML data, runs, exports and logs (default .stepwise)")
     p.add_argument("--no-wait", action="store_true", help="stop everything once it is up (a smoke test)")
     p.set_defaults(handler=_up_command)

@@ -120,7 +120,8 @@ class Pipeline:
         from stepwise.config import load_config
         from stepwise.promotion import promote
 
-        name = load_config(self.config).name
+        preset = load_config(self.config)
+        name = preset.name
         listed = registry.list_versions(name=name, tag=registry.PRODUCTION)
         if listed:
             print(f"production version of {name}: {listed[0].id} (BLEU {listed[0].bleu})")
@@ -131,6 +132,8 @@ class Pipeline:
                 "--task-name", f"{name}-quick", "--output-dir", str(self.state / "runs" / f"{name}-{int(time.time())}")]
         if self.train_minutes:
             args += ["--set", f"train.max_minutes={self.train_minutes}"]
+            if preset.train.warmup_minutes >= self.train_minutes:  # a shorter budget than the preset's warmup
+                args += ["--set", f"train.warmup_minutes={self.train_minutes / 10:g}"]
         # a child process: the run's Task.init owns its process (see the module docstring)
         trained = subprocess.run(args)
         if trained.returncode != 0:

