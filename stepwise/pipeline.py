@@ -129,7 +129,7 @@ class Pipeline:
         budget = f"{self.train_minutes:g} minutes" if self.train_minutes else "the preset's time budget"
         print(f"no production version of {name}: training the preset {self.config} ({budget})", flush=True)
         args = [sys.executable, "-m", "stepwise", "train", "--config", self.config, "--project-name", self.project,
-                "--task-name", f"{name}-quick", "--output-dir", str(self.state / "runs" / f"{name}-{int(time.time())}")]
+                "--task-name", name, "--output-dir", str(self.state / "runs" / f"{name}-{int(time.time())}")]
         if self.train_minutes:
             args += ["--set", f"train.max_minutes={self.train_minutes}"]
             if preset.train.warmup_minutes >= self.train_minutes:  # a shorter budget than the preset's warmup
