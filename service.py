@@ -1,26 +1,28 @@
 """The stepwise translation service: ``bentoml serve`` from the repository root.
 
-Two BentoML services in one ``bentoml serve``:
-
-* ``Translator`` (the entry point, port 3000 by default) validates flat JSON bodies against
-  the schemas below and answers ``POST /translate``, ``POST /translate_batch``,
-  ``POST /translate_stream``, ``POST /model`` (also ``GET /info/model``) and ``POST /reload``,
-  plus BentoML's ``/readyz``, ``/livez`` and ``/metrics``.
-* ``TranslationRunner`` owns the models (``stepwise.serving.ModelStore``). Its ``run`` method is
-  batchable, so BentoML's adaptive batching merges concurrent requests into one decoding batch;
-  there each request is checked once against the model that will run it
-  (``serving.check_request``), then translated (``serving.translate``).
+One BentoML service, ``Translator`` (port 3000 by default): it validates flat JSON bodies
+against the schemas below and answers ``POST /translate``, ``POST /translate_batch``,
+``POST /translate_stream``, ``POST /model`` (also ``GET /info/model``) and ``POST /reload``,
+plus BentoML's ``/readyz``, ``/livez`` and ``/metrics``. It owns the models
+(``stepwise.serving.ModelStore``) and decodes in the same process: every translation request
+joins one queue (``stepwise.batching.BatchQueue``), whose thread decodes the requests that
+arrived while the last batch decoded as the next batch (adaptive batching, continuous form;
+``STEPWISE_ADAPTIVE_BATCHING=0`` decodes them one at a time, only to measure it). There each
+request is checked against the model that will run it (``serving.check_request``) and
+translated (``serving.serve_batch``). An earlier design decoded in a second BentoML service
+behind the first: that hop (HTTP, pickling, the batching dispatcher) cost ~3 ms a request, a
+fifth of a sentence's decoding time (``bench/results/serve-cpu.md``).
 
 ``POST /translate_stream`` takes ``/translate``'s body and answers server-sent events
 (``text/event-stream``) as the search decodes: ``event: start`` (the sentences and their source
 tokens), ``event: token`` per target token (with its cross-attention row when asked),
-``event: replace`` when a beam's best hypothesis changes its mind (``serving.translate_stream``
+``event: replace`` when a beam's best hypothesis changes its mind (``serving.translate``
 defines them), then one ``event: done`` whose data is what ``/translate`` answers for the same
 request (only the ``timings`` differ), or ``event: error`` with ``{"error": message}`` if decoding
-fails midway. A request that fails its checks is a normal JSON 4xx before any event. The stream
-decodes alone (no adaptive batching) in a thread of its own; when the client disconnects, the
-relay is meant to close the runner's stream so the search stops at its next step (known gap: the
-entry service was seen not to notice the disconnect; see the README).
+fails midway. A request that fails its checks is a normal JSON 4xx before any event. A stream
+decodes in the same batches as every other request; when its client disconnects, its next event
+finds nobody reading, it gets no more, and a search that only it (or only streams whose readers
+left) was waiting for stops at that step.
 
 Which model: ``STEPWISE_MODEL_DIR`` (an export directory from ``stepwise export``) or, when it is
 unset, the registry's ``production`` version resolved through ClearML at start-up (its ONNX
@@ -37,7 +39,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -49,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from stepwise.batching import BatchQueue
 from stepwise.errors import DeviceUnavailable, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
 from stepwise.serving import (
     DECODE_BATCH,
@@ -56,14 +60,14 @@ from stepwise.serving import (
     MAX_BEAM_SIZE,
     MAX_OUTPUT_TOKENS,
     MAX_TEXT_CHARS,
+    Job,
     ModelStore,
     StreamClosed,
     check_request,
     encode_attention,
     json_bytes,
     model_cache_limits,
-    translate,
-    translate_stream,
+    serve_batch,
 )
 
 RELOAD_INTERVAL = float(os.environ.get("STEPWISE_RELOAD_INTERVAL", "0"))
@@ -217,186 +221,10 @@ class TranslationResults(RootModel[list[TranslationResult]]):
 EventStream = Annotated[str, ContentType("text/event-stream")]
 
 
-# -- the model side --------------------------------------------------------------------------------
-# runner_connection: BentoML's client to this service replaces its connection pool every 100
-# requests (and 5 minutes) by default, closing it under requests still in flight: under load that
-# dropped answers every few seconds and, rarely, left one waiting until the traffic timeout.
-@bentoml.service(name="stepwise-runner", workers=1, traffic={"timeout": 300},
-                 runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9})
-class TranslationRunner:
-    """Holds the models; ``run`` is where adaptive batching happens.
-
-    Every method returns a ``stepwise.errors`` exception instead of raising it, so one bad
-    request in a merged batch fails alone and the entry service maps it to a status.
-    """
-
-    def __init__(self) -> None:
-        self.store = ModelStore()
-        log.info("serving %s on %s", self.store.default.identity(), self.store.default.translator.provider)
-        if RELOAD_INTERVAL > 0:
-            threading.Thread(target=self._watch, daemon=True, name="reload-watch").start()
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(RELOAD_INTERVAL)
-            try:
-                self.store.reload()
-            except RegistryUnavailable:  # the store logged it once and /model shows it
-                pass
-            except Exception as exc:  # noqa: BLE001 - keep serving the current model
-                log.warning("periodic reload failed: %s", exc)
-
-    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=DECODE_BATCH, max_latency_ms=30000)
-    def run(self, requests: list[dict[str, Any]]) -> list[Any]:
-        """Check each request against its model (the one check), then translate per model."""
-        log.info("translating a batch of %d request(s)", len(requests))
-        results: list[Any] = [None] * len(requests)
-        by_model: dict[str, tuple[Any, list[int]]] = {}
-        for i, request in enumerate(requests):
-            try:
-                loaded = self.store.get(request.get("model"))
-                check_request(request, loaded)
-            except StepwiseError as exc:
-                results[i] = exc
-                continue
-            by_model.setdefault(loaded.id, (loaded, []))[1].append(i)
-        for loaded, members in by_model.values():
-            for i, result in zip(members, translate(loaded, [requests[i] for i in members]), strict=True):
-                result["timings"]["requests_in_batch"] = len(requests)
-                results[i] = result
-        return results
-
-    @bentoml.api
-    def check(self, request: dict[str, Any]) -> Any:
-        """``/translate_stream``'s check before it streams: None, or the error to answer with."""
-        try:
-            check_request(request, self.store.get(request.get("model")))
-        except StepwiseError as exc:
-            return exc
-        return None
-
-    @bentoml.api
-    async def stream(self, request: dict[str, Any]) -> AsyncGenerator[bytes, None]:
-        """One request's server-sent events, decoded in a thread (see the module docstring).
-
-        Bytes, not str: BentoML's client decodes each chunk it receives on its own, and a chunk
-        may end inside a UTF-8 character. Closing this generator (the entry service's relay does
-        when its client leaves) makes the thread's next ``emit`` raise ``StreamClosed``.
-        """
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[bytes | None] = asyncio.Queue()
-        closed = threading.Event()
-        tokens_sent = 0
-
-        def put(item: bytes | None) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody to tell
-                closed.set()
-
-        def emit(event: str, data: dict[str, Any]) -> None:
-            nonlocal tokens_sent
-            if closed.is_set():
-                raise StreamClosed
-            tokens_sent += event == "token"
-            put(server_sent_event(event, data))
-
-        def decode() -> None:
-            try:
-                loaded = self.store.get(request.get("model"))
-                check_request(request, loaded)  # again: the default model may have been swapped since
-                result = translate_stream(loaded, request, emit)
-                encode_attention([result], request.get("attention_format", "json"))
-                result["timings"]["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
-                emit("done", result)
-            except StreamClosed:
-                log.info("stream closed by its client after %d token event(s); decoding stopped", tokens_sent)
-            except StepwiseError as exc:
-                put(server_sent_event("error", {"error": str(exc)}))
-            except Exception:  # noqa: BLE001 - the stream reports it; the log has the traceback
-                log.exception("stream failed")
-                put(server_sent_event("error", {"error": "translation failed; see the server log"}))
-            finally:
-                put(None)
-
-        threading.Thread(target=decode, daemon=True, name="stream-decode").start()
-        try:
-            while (item := await events.get()) is not None:
-                yield item
-        finally:  # finished, or closed/cancelled because the reader left
-            closed.set()
-
-    @bentoml.api
-    def describe(self) -> dict[str, Any]:
-        return self.store.describe()
-
-    @bentoml.api
-    def reload(self) -> Any:
-        try:
-            return self.store.reload()
-        except StepwiseError as exc:
-            return exc
-
-
 # -- the HTTP side ---------------------------------------------------------------------------------
-async def _call_runner(method: Any, *args: Any) -> Any:
-    """Call the runner, retrying a connection the runner closed while idle (keep-alive race).
-
-    Translation is idempotent, so a request that never reached the runner is safe to resend.
-    """
-    import aiohttp
-
-    for attempt in range(3):
-        try:
-            return await method(*args)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError, aiohttp.ClientPayloadError,
-                ConnectionError, RuntimeError) as exc:
-            # aiohttp reports a connection closed while the body is read as RuntimeError
-            if attempt == 2 or (isinstance(exc, RuntimeError) and "Connection closed" not in str(exc)):
-                raise
-            log.info("runner connection dropped (%s); retrying", type(exc).__name__)
-    raise AssertionError("unreachable")
-
-
 def server_sent_event(event: str, data: dict[str, Any]) -> bytes:
     """One server-sent event: its name and its data as one line of JSON."""
     return b"event: " + event.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
-
-
-async def _relay(events: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
-    """Pass the runner's events on; end with an ``error`` event if the runner's connection breaks.
-
-    A task of its own reads the runner. When the client leaves, Starlette cancels this generator
-    inside an anyio cancel scope, which cancels every later await in it too: closing the runner's
-    connection from here was cut short, and the runner was left writing into a connection nobody
-    read. The reader task is cancelled once, plainly, so its close of the runner's stream runs to
-    the end; the runner then sees its client gone and the search stops.
-    """
-    chunks: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(maxsize=16)
-
-    async def read() -> None:
-        try:
-            async for chunk in events:
-                await chunks.put(chunk)
-            await chunks.put(None)
-        except Exception as exc:  # noqa: BLE001 - handed to the relay, which reports it in the stream
-            await chunks.put(exc)
-        finally:
-            await events.aclose()
-
-    reader = asyncio.create_task(read())
-    try:
-        while (item := await chunks.get()) is not None:
-            if isinstance(item, Exception):
-                log.warning("stream from the runner broke: %s", item)
-                yield server_sent_event("error", {"error": f"the translation stream broke ({type(item).__name__})"})
-                return
-            yield item
-    finally:
-        reader.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait([reader])
 
 
 def error_response(error: StepwiseError) -> JSONResponse:
@@ -423,10 +251,23 @@ def _respond(results: list[Any], started: float, *, single: bool, attention_form
     return Response(json_bytes(results[0] if single else results), media_type="application/json")
 
 
+async def _outcomes(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """Each queued request's answer, or the ``stepwise.errors`` exception it failed with.
+
+    Anything else (a bug, an ONNX Runtime failure) is logged and answered as a 500.
+    """
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, StepwiseError):
+            log.error("translation failed", exc_info=outcome)
+            outcomes[i] = StepwiseError("translation failed; see the server log")
+    return outcomes
+
+
 async def _model_info(_: Request) -> JSONResponse:
     """``GET /info/model``: the same answer as ``POST /model``, for browsers and curl."""
     service = bentoml.get_current_service()
-    return JSONResponse(await service.runner.to_async.describe())
+    return JSONResponse(await anyio.to_thread.run_sync(service.store.describe))
 
 
 info_app = Starlette(routes=[Route("/model", _model_info, methods=["GET"])])
@@ -435,16 +276,40 @@ info_app = Starlette(routes=[Route("/model", _model_info, methods=["GET"])])
 @bentoml.asgi_app(info_app, path="/info")
 @bentoml.service(name="stepwise", traffic={"timeout": 300}, workers=1)
 class Translator:
-    """The HTTP entry point: the schemas, then the runner, then the status mapping."""
+    """The HTTP entry point: the schemas, the models, the decoding queue and the status mapping."""
 
-    runner = bentoml.depends(TranslationRunner)
+    def __init__(self) -> None:
+        self.store = ModelStore()
+        log.info("serving %s on %s", self.store.default.identity(), self.store.default.translator.provider)
+        self.queue: BatchQueue[Job] = BatchQueue(partial(serve_batch, self.store),
+                                                 max_batch=DECODE_BATCH if ADAPTIVE_BATCHING else 1)
+        if RELOAD_INTERVAL > 0:
+            threading.Thread(target=self._watch, daemon=True, name="reload-watch").start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(RELOAD_INTERVAL)
+            try:
+                self.store.reload()
+            except RegistryUnavailable:  # the store logged it once and /model shows it
+                pass
+            except Exception as exc:  # noqa: BLE001 - keep serving the current model
+                log.warning("periodic reload failed: %s", exc)
+
+    def _check(self, request: dict[str, Any]) -> StepwiseError | None:
+        """A stream's check against its model before the first event (None: it may start)."""
+        try:
+            check_request(request, self.store.get(request.get("model")))
+        except StepwiseError as exc:
+            return exc
+        return None
 
     @bentoml.api(route="/translate", input_spec=TranslateRequest, output_spec=TranslationResult)
     async def translate(self, **request: Any) -> Response:
         """Translate one sentence; attention as ``[layer][head][query][key]`` for the kinds asked."""
         started = time.perf_counter()
         attention_format = request.pop("attention_format", "json")
-        results = await _call_runner(self.runner.to_async.run, [request])
+        results = await _outcomes([self.queue.submit(Job(request))])
         return _respond(results, started, single=True, attention_format=attention_format)
 
     @bentoml.api(route="/translate_batch", input_spec=TranslateBatchRequest, output_spec=TranslationResults)
@@ -453,7 +318,7 @@ class Translator:
         started = time.perf_counter()
         texts = request.pop("texts")
         attention_format = request.pop("attention_format", "json")
-        results = await _call_runner(self.runner.to_async.run, [{**request, "text": text} for text in texts])
+        results = await _outcomes([self.queue.submit(Job({**request, "text": text})) for text in texts])
         return _respond(results, started, single=False, attention_format=attention_format)
 
     @bentoml.api(route="/translate_stream", input_spec=TranslateRequest)
@@ -463,17 +328,49 @@ class Translator:
         The body is ``/translate``'s; ``done`` carries ``/translate``'s answer. A request that
         fails the check against its model is a JSON 4xx before any event is sent.
         """
-        problem = await _call_runner(self.runner.to_async.check, request)
+        started = time.perf_counter()
+        problem = await anyio.to_thread.run_sync(self._check, request)
         if problem is not None:
             return error_response(problem)  # type: ignore[return-value]
-        events = _relay(self.runner.to_async.stream(request))
-        return StreamingResponse(events, media_type="text/event-stream",  # type: ignore[return-value]
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[bytes | None] = asyncio.Queue()
+        reader_left = threading.Event()
+
+        def emit(event: str, data: dict[str, Any]) -> None:  # in the decoding thread
+            if reader_left.is_set():
+                raise StreamClosed
+            encoded = server_sent_event(event, data)
+            loop.call_soon_threadsafe(events.put_nowait, encoded)
+
+        def finish(future: asyncio.Future[Any]) -> None:  # on the event loop, after the last token
+            outcome = None if future.cancelled() else future.exception() or future.result()
+            if isinstance(outcome, StepwiseError):
+                events.put_nowait(server_sent_event("error", {"error": str(outcome)}))
+            elif isinstance(outcome, BaseException):
+                log.error("stream failed", exc_info=outcome)
+                events.put_nowait(server_sent_event("error", {"error": "translation failed; see the server log"}))
+            elif outcome is not None:
+                encode_attention([outcome], request.get("attention_format", "json"))
+                outcome["timings"]["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
+                events.put_nowait(server_sent_event("done", outcome))
+            events.put_nowait(None)
+
+        self.queue.submit(Job(request, emit)).add_done_callback(finish)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                while (item := await events.get()) is not None:
+                    yield item
+            finally:  # finished, or the client left (Starlette cancels or closes this generator)
+                reader_left.set()
+
+        return StreamingResponse(relay(), media_type="text/event-stream",  # type: ignore[return-value]
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:
         """What is loaded: manifest, registry identity and state, execution provider, load time."""
-        return await _call_runner(self.runner.to_async.describe)
+        return await anyio.to_thread.run_sync(self.store.describe)
 
     @bentoml.api(route="/reload")
     async def reload(self) -> Any:
@@ -481,5 +378,7 @@ class Translator:
 
         With the registry unreachable: a 503, and the current model keeps serving.
         """
-        outcome = await self.runner.to_async.reload()
-        return error_response(outcome) if isinstance(outcome, StepwiseError) else outcome
+        try:
+            return await anyio.to_thread.run_sync(self.store.reload)
+        except StepwiseError as exc:
+            return error_response(exc)

@@ -8,11 +8,13 @@ keeps the translator it started with, so nothing is dropped during a swap. When 
 cannot be reached (at a reload, a periodic check or a lookup), the store keeps what it has and
 remembers since when the registry has been unreachable; :meth:`ModelStore.describe` says so.
 
-:func:`translate` turns validated requests (``service.py`` checks them against the model with
-:func:`check_request`) into JSON-ready results: on request it splits a paragraph into sentences
-(:mod:`stepwise.sentences`) and adds word alignments (:mod:`stepwise.alignment`).
-:func:`translate_stream` does the same for one request while emitting each target token (and its
-cross-attention row) as the search decodes it. The request limits are defined here, once.
+:func:`serve_batch` is what the service's decoding thread runs for each batch of requests
+(:mod:`stepwise.batching` forms the batches): each request is checked against the model that
+will run it (:func:`check_request`), then :func:`translate` turns the requests into JSON-ready
+results; on request it splits a paragraph into sentences (:mod:`stepwise.sentences`) and adds
+word alignments (:mod:`stepwise.alignment`). A streamed request decodes in the same batch as the
+others and is told each target token (and its cross-attention row) as the search finds it. The
+request limits are defined here, once.
 
 This module imports no torch: when a version has no ONNX export yet, the exporter runs in a
 subprocess (``python -m stepwise export``), which needs torch installed.
@@ -28,7 +30,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,7 +372,44 @@ def mask_key(request: dict[str, Any]) -> tuple | None:
     return key or None
 
 
-def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def serve_batch(store: ModelStore, jobs: Sequence[Job]) -> list[dict[str, Any] | StepwiseError | None]:
+    """What the service's decoding thread runs for each batch (:class:`stepwise.batching.BatchQueue`).
+
+    Each job is checked against the model that will run it (:func:`check_request`), then the jobs
+    are translated per model (:func:`translate`). One result per job, in order: its answer, the
+    ``stepwise.errors`` exception it failed with (the others still decode), or None for a stream
+    whose reader left. ``timings.requests_in_batch`` counts the jobs of the batch.
+    """
+    log.info("translating a batch of %d request(s)", len(jobs))
+    results: list[dict[str, Any] | StepwiseError | None] = [None] * len(jobs)
+    by_model: dict[str, tuple[LoadedModel, list[int]]] = {}
+    for i, job in enumerate(jobs):
+        try:
+            loaded = store.get(job.request.get("model"))
+            check_request(job.request, loaded)
+        except StepwiseError as exc:
+            results[i] = exc
+            continue
+        by_model.setdefault(loaded.id, (loaded, []))[1].append(i)
+    for loaded, members in by_model.values():
+        answers = translate(loaded, [jobs[i].request for i in members], [jobs[i].emit for i in members])
+        for i, answer in zip(members, answers, strict=True):
+            if answer is not None:
+                answer["timings"]["requests_in_batch"] = len(jobs)
+            results[i] = answer
+    return results
+
+
+@dataclass
+class Job:
+    """One request for the decoding thread; ``emit`` set for a stream (see :func:`translate`)."""
+
+    request: dict[str, Any]
+    emit: Emit | None = None
+
+
+def translate(loaded: LoadedModel, requests: list[dict[str, Any]],
+              emits: Sequence[Emit | None] | None = None) -> list[dict[str, Any] | None]:
     """Translate checked requests with one model; those that share search settings decode together.
 
     With ``split: "sentences"`` a request's text is cut into sentences first; all the sentences
@@ -378,8 +417,32 @@ def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[
     is one sentence is translated as it came, so its answer is the unsplit one.
     The head mask is part of the settings: requests switching off different heads (``mask_heads``)
     run as separate batches, each graph run with its own ``[L, H]`` masks.
+
+    A request with an ``emit`` (``emits[i]``, a stream) decodes in the same batch as the others
+    and is told its tokens as the search finds them, ``emit(event, data)``:
+
+    * ``start``: ``{"sentences": [{"source": text, "source_tokens": [...]}, ...]}``, before the
+      first step: what will be translated (one sentence, or a split paragraph's), so a reader
+      can label the attention rows that follow.
+    * ``token``: ``{"index": i, "token": piece, "id": id, "sentence": j, "cross_attention": row}``,
+      the target token at position ``i`` of the answer's ``target_tokens``; ``sentence`` is the
+      sentence of a split paragraph it belongs to (0 otherwise); ``cross_attention`` (only when
+      ``attention`` is ``cross`` or ``all``) is that position's row ``[layer][head][source]``
+      over the sentence's own source tokens, the ``layers``/``heads`` asked for, in
+      ``attention_format`` (nested lists, or a compact object of :mod:`stepwise.attention_codec`).
+    * ``replace``: ``{"from": i}``, beam search only: the best hypothesis so far (the one the
+      search would return if it stopped now) has parted from what was sent at position ``i``;
+      the reader drops its tokens from ``i`` on, and ``token`` events from ``i`` follow. Greedy
+      search never replaces.
+
+    A split paragraph's sentences are streamed in order, a sentence once the ones before it are
+    finished. The answer (what the caller sends as the stream's last event) is the one
+    ``/translate`` gives for the same request. When an ``emit`` raises :class:`StreamClosed` (its
+    reader left), that stream gets no more events and its answer is None; when every request of
+    a search has left, the search stops at that step.
     """
-    results: list[dict[str, Any]] = [{} for _ in requests]
+    emits = list(emits) if emits is not None else [None] * len(requests)
+    results: list[dict[str, Any] | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, request in enumerate(requests):
         settings = (request["beam_size"], request.get("max_length"), _needs_attention(request), mask_key(request))
@@ -389,13 +452,19 @@ def translate(loaded: LoadedModel, requests: list[dict[str, Any]]) -> list[dict[
         head_mask = _head_mask(loaded, masked)
         texts = {i: _sentences(loaded, requests[i]) for i in members}
         flat = [(i, text) for i in members for text in texts[i]]
-        outputs = translator.translate([text for _, text in flat], beam_size=beam_size, max_length=max_length,
-                                       return_attention=need_attention, batch_size=DECODE_BATCH, head_mask=head_mask)
+        follow = _Streams(loaded, requests, texts, emits, members)
+        try:
+            outputs = translator.translate([text for _, text in flat], beam_size=beam_size, max_length=max_length,
+                                           return_attention=need_attention, batch_size=DECODE_BATCH,
+                                           head_mask=head_mask, on_step=follow if follow.followers else None)
+        except StreamClosed:  # every request of this search was a stream whose reader left
+            continue
         by_request: dict[int, list[Translation]] = defaultdict(list)
         for (i, _), out in zip(flat, outputs, strict=True):
             by_request[i].append(out)
         for i in members:
-            results[i] = _result(loaded, requests[i], texts[i], by_request[i])
+            if i not in follow.left:
+                results[i] = _result(loaded, requests[i], texts[i], by_request[i])
     return results
 
 
@@ -414,51 +483,55 @@ def _head_mask(loaded: LoadedModel, masked: tuple | None) -> dict[str, np.ndarra
 
 
 class StreamClosed(Exception):  # noqa: N818 - control flow, not an error: the stream's reader left
-    """Raised by a stream's ``emit`` when nobody reads the stream any more; it stops the search."""
+    """Raised by a stream's ``emit`` when nobody reads the stream any more."""
 
 
 Emit = Callable[[str, dict[str, Any]], None]
 
 
-def translate_stream(loaded: LoadedModel, request: dict[str, Any], emit: Emit) -> dict[str, Any]:
-    """Translate one checked request, emitting its tokens as they are decoded; returns the answer.
+class _Streams:
+    """The ``on_step`` of one search: hands each stream of it its own sentences' progress.
 
-    The answer is :func:`translate`'s for the same request (same search, same result builder),
-    with ``timings.requests_in_batch`` 1: a stream decodes alone, never merged with other requests.
-    Events, in order (``emit(event, data)``):
-
-    * ``start``: ``{"sentences": [{"source": text, "source_tokens": [...]}, ...]}``, before the
-      first step: what will be translated (one sentence, or a split paragraph's), so a reader
-      can label the attention rows that follow.
-    * ``token``: ``{"index": i, "token": piece, "id": id, "sentence": j, "cross_attention": row}``,
-      the target token at position ``i`` of the answer's ``target_tokens``; ``sentence`` is the
-      sentence of a split paragraph it belongs to (0 otherwise); ``cross_attention`` (only when
-      ``attention`` is ``cross`` or ``all``) is that position's row ``[layer][head][source]``
-      over the sentence's own source tokens, the ``layers``/``heads`` asked for, in
-      ``attention_format`` (nested lists, or a compact object of :mod:`stepwise.attention_codec`).
-    * ``replace``: ``{"from": i}``, beam search only: the best hypothesis so far (the one the
-      search would return if it stopped now) has parted from what was sent at position ``i``;
-      the reader drops its tokens from ``i`` on, and ``token`` events from ``i`` follow. Greedy
-      search never replaces.
-
-    A split paragraph's sentences decode together as one batch, as in :func:`translate`; they are
-    streamed in order, a sentence once the ones before it are finished.
-
-    Raises:
-        StreamClosed: ``emit`` raised it (the reader went away); the search stopped there.
+    ``texts`` are each member's sentences; the search numbers the flattened list of them, member
+    by member. Sends every stream its ``start`` event when built.
     """
-    texts = _sentences(loaded, request)
-    translator = loaded.translator
-    emit("start", {"sentences": [{"source": text, "source_tokens": translator.tokenizer.pieces(
-        translator.encode_text(text))} for text in texts]})
-    follower = _Follower(loaded, request, len(texts), emit)
-    outs = translator.translate(texts, beam_size=request["beam_size"], max_length=request.get("max_length"),
-                                return_attention=_needs_attention(request), batch_size=DECODE_BATCH,
-                                head_mask=_head_mask(loaded, mask_key(request)), on_step=follower)
-    assert follower.current == len(texts), "every sentence is streamed in full by the last step"
-    result = _result(loaded, request, texts, outs)
-    result["timings"]["requests_in_batch"] = 1
-    return result
+
+    def __init__(self, loaded: LoadedModel, requests: list[dict[str, Any]], texts: dict[int, list[str]],
+                 emits: list[Emit | None], members: list[int]) -> None:
+        self.followers: dict[int, tuple[range, _Follower]] = {}
+        self.left: set[int] = set()
+        self.all_streams = all(emits[i] is not None for i in members)
+        translator = loaded.translator
+        start = 0
+        for i in members:
+            count, emit = len(texts[i]), emits[i]
+            if emit is not None:
+                try:
+                    emit("start", {"sentences": [{"source": text, "source_tokens": translator.tokenizer.pieces(
+                        translator.encode_text(text))} for text in texts[i]]})
+                    self.followers[i] = (range(start, start + count), _Follower(loaded, requests[i], count, emit))
+                except StreamClosed:
+                    self._leave(i, 0)
+            start += count
+
+    def _leave(self, member: int, tokens: int) -> None:
+        self.left.add(member)
+        self.followers.pop(member, None)
+        log.info("stream closed by its client after %d token event(s)", tokens)
+
+    def __call__(self, chunk: list[int], progress: Progress) -> None:
+        """``chunk``: the flat indices of the search's sentences, in the order ``progress`` numbers them."""
+        for member, (own, follower) in list(self.followers.items()):
+            batch = {flat - own.start: b for b, flat in enumerate(chunk) if flat in own}
+            if not batch:
+                continue
+            try:
+                follower(batch, progress)
+            except StreamClosed:
+                self._leave(member, follower.tokens_sent)
+        if self.all_streams and not self.followers:
+            log.info("every reader of this search left: decoding stopped")
+            raise StreamClosed
 
 
 class _Follower:
@@ -473,9 +546,10 @@ class _Follower:
         self.waiting: dict[int, tuple[list[int], np.ndarray | None]] = {}  # finished before their turn
         self.current = 0  # the sentence being streamed: the ones before it are sent in full
         self.offset = 0  # the answer's target position of its first token
+        self.tokens_sent = 0
 
-    def __call__(self, texts: list[int], progress: Progress) -> None:
-        batch = {j: b for b, j in enumerate(texts)}
+    def __call__(self, batch: dict[int, int], progress: Progress) -> None:
+        """``batch``: this request's sentences in this search, each sentence's number in ``progress``."""
         while self.current < self.sentences:
             j = self.current
             if j in self.waiting:
@@ -515,6 +589,7 @@ class _Follower:
                 data["cross_attention"] = row if self.fmt == "json" else attention_codec.encode(row, self.fmt)
             self.emit("token", data)
             sent.append(token_id)
+            self.tokens_sent += 1
 
 
 def _result(loaded: LoadedModel, request: dict[str, Any], texts: list[str], outs: list[Translation]) -> dict[str, Any]:

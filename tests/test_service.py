@@ -218,17 +218,6 @@ def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerPro
         server.stop()
 
 
-def test_bursts_after_idle_periods_lose_no_request(service: BentoProcess) -> None:
-    """The runner closes idle keep-alive connections; the entry service must not turn that into 500s."""
-    texts = [src for src, _ in SAMPLE_PAIRS] * 8
-    for _ in range(2):
-        time.sleep(6)  # longer than the runner's keep-alive timeout
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            codes = list(pool.map(lambda t: service.post("/translate", {"text": t, "attention": "none"}).status_code,
-                                  texts))
-        assert codes == [200] * len(texts)
-
-
 # -- the model store on its own: the one request check, and exports that cannot be loaded ----------
 def _export_with_layers(folder: Path, encoder_layers: int, decoder_layers: int) -> Path:
     """An untrained model whose encoder and decoder depths differ, exported to ONNX."""

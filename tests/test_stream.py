@@ -1,13 +1,15 @@
-"""Streaming: the search loop's per-step hook, ``serving.translate_stream``, and ``POST /translate_stream``
-of a real `bentoml serve` (final event = ``/translate``'s answer, tokens as decoded, 4xx before any
-event, a client that leaves mid-stream)."""
+"""Streaming: the search loop's per-step hook, streamed requests in ``serving.translate``, and
+``POST /translate_stream`` of a real `bentoml serve` (final event = ``/translate``'s answer, tokens as
+decoded, 4xx before any event, a client that leaves mid-stream, streams batched with others)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from test_search import BOS, EOS, PAD, TableSteps
 from gradio_app.client import Decoding, TranslationClient, server_sent_events
 from stepwise.attention_codec import MAX_ERROR, decode
 from stepwise.search import Progress, search
-from stepwise.serving import ModelStore, StreamClosed, translate, translate_stream
+from stepwise.serving import Emit, LoadedModel, ModelStore, StreamClosed, translate
 
 from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
@@ -83,7 +85,12 @@ def test_each_steps_best_hypothesis_and_its_attention(beam_size: int, can_drop_r
                    for b in seen for i in range(len(seen[b]) - 1))
 
 
-# -- serving.translate_stream, in process ----------------------------------------------------------
+# -- streamed requests in serving.translate, in process -------------------------------------------
+def translate_stream(loaded: LoadedModel, request: dict[str, Any], emit: Emit) -> dict[str, Any] | None:
+    """One streamed request decoded alone: its answer (None when its reader left)."""
+    (answer,) = translate(loaded, [request], [emit])
+    return answer
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     # a long positional table: a long text decodes for seconds (the budget is 2 x source + 10 tokens)
@@ -114,7 +121,7 @@ def test_translate_stream_ends_as_translate_for_a_split_paragraph(exported: tupl
     (answer,) = translate(loaded, [request])
     want_rows = np.concatenate([np.asarray(s["attention"]["cross"]).reshape(1, 2, -1) for s in answer["sentences"]],
                                axis=-1)
-    assert set(streamed.pop("timings")) == {*answer.pop("timings"), "requests_in_batch"}
+    assert set(streamed.pop("timings")) == set(answer.pop("timings"))
     for got, want in zip(streamed.pop("sentences"), answer.pop("sentences"), strict=True):
         np.testing.assert_array_equal(got.pop("attention")["cross"], want.pop("attention")["cross"])
         assert got == want
@@ -152,9 +159,31 @@ def test_a_closed_stream_stops_the_search(exported: tuple[Path, Path]) -> None:
             if len(tokens) == 2:
                 raise StreamClosed
 
-    with pytest.raises(StreamClosed):
-        translate_stream(loaded, request_of(PARAGRAPH, beam_size=4, split="sentences"), emit)
+    assert translate_stream(loaded, request_of(PARAGRAPH, beam_size=4, split="sentences"), emit) is None
     assert len(tokens) == 2  # the search stopped at the step that found nobody reading
+
+
+def test_a_stream_leaving_a_shared_search_leaves_the_others_decoding(exported: tuple[Path, Path]) -> None:
+    """A stream decodes in one search with a plain request and another stream; its reader leaves
+    after two tokens. The others still get every event and the answers they get alone."""
+    loaded = ModelStore(model_dir=str(exported[1])).default
+    requests_ = [request_of(PARAGRAPH, beam_size=2, split="sentences") for _ in range(3)]
+    requests_[1]["text"] = SAMPLE_PAIRS[3][0]
+    leaving: list[dict[str, Any]] = []
+    staying: list[tuple[str, dict[str, Any]]] = []
+
+    def leave_after_two(event: str, data: dict[str, Any]) -> None:
+        if event == "token":
+            if len(leaving) == 2:
+                raise StreamClosed
+            leaving.append(data)
+
+    answers = translate(loaded, requests_, [leave_after_two, None, lambda event, data: staying.append((event, data))])
+    assert answers[0] is None and len(leaving) == 2
+    for request, answer in zip(requests_[1:], answers[1:], strict=True):
+        (alone,) = translate(loaded, [request])
+        assert answer is not None and answer["target_tokens"] == alone["target_tokens"]
+    assert replay(staying).tokens == answers[2]["target_tokens"]
 
 
 # -- POST /translate_stream of a real service -----------------------------------------------------
@@ -207,8 +236,7 @@ def test_bad_requests_are_4xx_before_any_event(service: BentoProcess) -> None:
 
 def test_a_client_leaving_mid_stream_leaves_the_service_answering(service: BentoProcess) -> None:
     """Read until the first token of a translation that takes seconds, drop the connection; the
-    service answers the next requests. (Whether the abandoned search stops is not checked here:
-    see the runner's log line ``stream closed by its client``.)"""
+    service stops that search (its log says so) and answers the next requests."""
     body = json.dumps({"text": PARAGRAPH * 11, "beam_size": 16, "attention": "all"}).encode()  # seconds to decode
     for _ in range(2):
         with socket.create_connection(("127.0.0.1", service.port), timeout=120) as sock:
@@ -220,6 +248,11 @@ def test_a_client_leaving_mid_stream_leaves_the_service_answering(service: Bento
                 assert chunk, "the service closed the stream before its first token"
                 received += chunk
             assert received.startswith(b"HTTP/1.1 200")
+    stopped = "every reader of this search left: decoding stopped"
+    deadline = time.monotonic() + 60
+    while service.log_path.read_text().count(stopped) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert service.log_path.read_text().count(stopped) == 2
     answer = service.post("/translate", {"text": SAMPLE_PAIRS[0][0]})
     assert answer.status_code == 200, answer.text
     assert stream(service, {"text": SAMPLE_PAIRS[2][0], "beam_size": 4})[-1][0] == "done"
@@ -234,3 +267,17 @@ def test_the_explorers_client_reads_the_stream(service: BentoProcess) -> None:
     for got, want in zip(updates[-1]["sentences"], final["sentences"], strict=True):
         for kind in ("encoder", "decoder", "cross"):
             np.testing.assert_array_equal(got["attention"][kind], want["attention"][kind])
+
+
+def test_streams_decode_in_the_same_batches_as_other_requests(service: BentoProcess) -> None:
+    """Streams and plain requests sent together are decoded together (``requests_in_batch``), and
+    each stream still ends with its own answer."""
+    bodies = [{"text": source, "beam_size": 2} for source, _ in SAMPLE_PAIRS[:4]]
+    with ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(stream, service, body) for body in bodies]
+        plain = [pool.submit(service.post, "/translate", body) for body in bodies]
+        streamed, answered = [f.result() for f in streams], [f.result().json() for f in plain]
+    for events, answer in zip(streamed, answered, strict=True):
+        done = events[-1][1]
+        assert done["target_tokens"] == answer["target_tokens"] == replay(events[:-1]).tokens
+    assert max(events[-1][1]["timings"]["requests_in_batch"] for events in streamed) > 1
