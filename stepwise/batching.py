@@ -9,10 +9,12 @@ the one process that serves HTTP: an asyncio front (``submit``) and one decoding
   batch to fill.
 * While a batch decodes, arriving requests queue; when it ends they all (up to ``max_batch``)
   form the next batch.
-* Clients answered together send their next requests together, but not in the same instant:
-  when fewer requests wait than the last batch held, the queue waits a moment for the rest
-  (at most ``gather`` times the last batch's decoding time, and ``max_gather_s``), so one
-  early request does not leave as a batch of one while its peers arrive a millisecond later.
+* Clients answered together send their next requests together, but not in the same instant
+  (the answers themselves leave one by one, and large ones take a while to write): when fewer
+  requests wait than the last batch held, the queue waits for the rest while they keep coming,
+  until none has arrived for ``quiet_s``, at most ``gather`` times the last batch's decoding time
+  (and ``max_gather_s``). So a batch does not leave half full while its peers arrive a few
+  milliseconds later, and a lone request after a busy spell waits one quiet gap at most.
 
 The decoding function runs in the thread and answers one result per item, in order; an item's
 result may be an exception, which that item's caller receives. If the function itself raises,
@@ -40,16 +42,17 @@ class BatchQueue(Generic[Item]):
         run: decodes a batch (in the queue's thread): one result per item, in order; a result
             that is an exception is raised to that item's caller.
         max_batch: most items per batch (1: every item alone, in arrival order).
-        gather: fraction of the last batch's decoding time to wait for stragglers.
+        gather: fraction of the last batch's decoding time to wait for stragglers, at most.
         max_gather_s: the longest such wait.
+        quiet_s: the wait ends when no request has arrived for this long.
     """
 
-    def __init__(self, run: Callable[[Sequence[Item]], Sequence[Any]], *, max_batch: int, gather: float = 0.1,
-                 max_gather_s: float = 0.003) -> None:
+    def __init__(self, run: Callable[[Sequence[Item]], Sequence[Any]], *, max_batch: int, gather: float = 0.5,
+                 max_gather_s: float = 0.05, quiet_s: float = 0.002) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.run, self.max_batch = run, max_batch
-        self.gather, self.max_gather_s = gather, max_gather_s
+        self.gather, self.max_gather_s, self.quiet_s = gather, max_gather_s, quiet_s
         self._pending: list[tuple[Item, asyncio.Future[Any]]] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -79,7 +82,7 @@ class BatchQueue(Generic[Item]):
         budget = min(self.max_gather_s, self.gather * self._last_seconds)
         deadline = time.perf_counter() + budget
         while len(self._pending) < min(self._last_size, self.max_batch):
-            remaining = deadline - time.perf_counter()
+            remaining = min(deadline - time.perf_counter(), self.quiet_s)
             if remaining <= 0:
                 return
             self._arrived.clear()
