@@ -48,7 +48,7 @@ class BatchQueue(Generic[Item]):
     """
 
     def __init__(self, run: Callable[[Sequence[Item]], Sequence[Any]], *, max_batch: int, gather: float = 0.5,
-                 max_gather_s: float = 0.05, quiet_s: float = 0.002) -> None:
+                 max_gather_s: float = 0.05, quiet_s: float = 0.005) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.run, self.max_batch = run, max_batch
