@@ -25,8 +25,7 @@ from typing import Any
 import requests
 
 from bench.common import ROOT, PeakRss, process_tree, run_worker, table, tree_rss_mib, verdict, write_results
-from bench.stream import HEADERS as STREAM_HEADERS
-from bench.stream import bench_stream
+from bench.load import STREAM_HEADERS, bench_stream, run_load
 from stepwise.net import ServerNotReady, wait_until_ready
 
 
@@ -238,44 +237,8 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _load(url: str, texts: list[str], clients: int, attention: str, attention_format: str = "json") -> dict[str, float]:
-    """``clients`` concurrent clients, each sending its next request when the last one is answered.
-
-    One asyncio event loop drives every client (aiohttp, which BentoML itself uses), so the load
-    generator takes little CPU from the service it measures; a latency is the time until the
-    whole response body has arrived.
-    """
-    import asyncio
-
-    import aiohttp
-
-    body = {"attention": attention, "attention_format": attention_format}
-
-    async def run() -> tuple[list[float], int, float]:
-        latencies: list[float] = []
-        errors = 0
-        queue = list(texts)
-        connector = aiohttp.TCPConnector(limit=clients)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-
-            async def client() -> None:
-                nonlocal errors
-                while queue:
-                    text = queue.pop()
-                    began = time.perf_counter()
-                    async with session.post(f"{url}/translate", json={"text": text, **body}) as answer:
-                        await answer.read()
-                        errors += answer.status != 200
-                    latencies.append(time.perf_counter() - began)
-
-            started = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(clients)))
-            return latencies, errors, time.perf_counter() - started
-
-    latencies, errors, elapsed = asyncio.run(run())
-    latencies.sort()
-    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"rps": len(latencies) / elapsed, "p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99),
-            "errors": errors}
+    """One serving row: ``clients`` concurrent clients on ``/translate`` (:mod:`bench.load`)."""
+    return run_load(url, texts, clients, {"attention": attention, "attention_format": attention_format}).summary()
 
 
 ENGINE_BATCHES = (1, 32)  # batch 1: what one client waits for; batch 32: what 32 clients could get
@@ -335,7 +298,7 @@ def memory_with_versions(checkpoint: Path, export: Path, text: str, versions: in
     registry is a throw-away embedded ClearML server on a free port; the versions are copies of
     ``checkpoint`` (``bench.registry_worker``), which the service exports on first use as it does
     any version without an export. The default model is ``export`` (``STEPWISE_MODEL_DIR``).
-    The first version also brings the ClearML SDK into the runner, so the cost of one more
+    The first version also brings the ClearML SDK into the service, so the cost of one more
     version is the difference between the last two figures.
     Returns MiB: ``idle``, ``first`` (one version cached) and ``cached`` (all of them).
     """
@@ -398,7 +361,7 @@ def bench_serve(checkpoint: Path, work: Path, requests_per_run: int, cache_versi
     payload: list[list[Any]] = []
     for batching in (True, False):
         for attention in ("none", "cross"):
-            # a fresh service per setting: BentoML's batching dispatcher learns from what it saw
+            # a fresh service per setting: its batching queue remembers the last batch it saw
             process, url, _ = _serve(work / "export", batching)
             try:
                 if batching and attention == "none":
@@ -418,7 +381,7 @@ def bench_serve(checkpoint: Path, work: Path, requests_per_run: int, cache_versi
                     streaming = bench_stream(url, texts, (1, 8))
                     for fmt in FORMATS[1:]:
                         formats[fmt] = _load(url, texts, 32, attention, fmt)
-                if batching:  # the dispatcher's learned wait outlives a burst
+                if batching:  # one client right after 32: the first request may wait for stragglers
                     r = _load(url, texts[:64], 1, attention)
                     after_burst.append([attention, rows[-3][5], r["p50"], r["p50"] / rows[-3][5] - 1])
                 if batching and attention == "none":

@@ -17,6 +17,7 @@ import pytest
 
 from bench.__main__ import _load, _serve, _stop, attention_payload, engine_speed, memory_with_versions
 from bench.common import PeakRss, process_tree, rss_mib, tree_rss_mib
+from bench.load import bench_stream
 
 from conftest import SAMPLE_PAIRS, export_tiny_model
 
@@ -123,6 +124,10 @@ def test_payload_formats_and_load_against_a_served_export(tiny: tuple[Path, Path
                 result = _load(url, TEXTS * 2, 4, "cross", fmt)
                 assert result["errors"] == 0 and result["p50"] <= result["p99"]
         assert peak.peak_mib >= idle > 50
+        rows = bench_stream(url, TEXTS, (1, 3))
+        assert [row[0] for row in rows] == [1, 3] and all(row[-1] == 0 for row in rows)  # no errors
+        for _, first_p50, first_p95, total, plain, ratio, _ in rows:
+            assert 0 < first_p50 <= first_p95 and first_p50 <= total and ratio == pytest.approx(total / plain)
     finally:
         _stop(process)
 
