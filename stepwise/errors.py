@@ -27,7 +27,7 @@ class StepwiseError(Exception):
     """Base class for user-facing errors: the message is the whole story.
 
     ``field`` names the request field (or argument) the error is about, when there is one; it
-    survives pickling, so the error can cross from the service's runner to its entry point.
+    survives pickling, so the error can cross a process boundary (a worker, a queue).
     """
 
     def __init__(self, message: str, *, field: str | None = None) -> None:

@@ -58,7 +58,7 @@ MAX_TEXT_CHARS = int(os.environ.get("STEPWISE_MAX_TEXT_CHARS", "2000"))  # chara
 MAX_BATCH_TEXTS = int(os.environ.get("STEPWISE_MAX_BATCH_TEXTS", "64"))  # sentences per /translate_batch
 MAX_OUTPUT_TOKENS = 1024  # most target tokens a request may ask for (the model's positions cut it further)
 MAX_BEAM_SIZE = TOP_K  # the exporter's top-K: the widest beam a decoder graph supports
-DECODE_BATCH = 64  # sentences decoded together (and most requests the runner merges into one batch)
+DECODE_BATCH = 64  # sentences decoded together (and most requests the service's queue merges into one batch)
 ATTENTION_KINDS = {"none": (), "cross": ("cross",), "all": ("encoder", "decoder", "cross")}
 ATTENTION_FORMATS = attention_codec.FORMATS  # how a response carries attention ("json": nested lists)
 
@@ -660,9 +660,9 @@ def select_attention(
     """Pick the kinds asked for (``none``, ``cross``, ``all``) and optional layer/head subsets.
 
     The indices were checked by :func:`check_request`. Returned as float32 arrays
-    ``[layer][head][query][key]`` rounded to 5 decimals: they cross from the runner to the entry
-    service as arrays (BentoML pickles between services) and become nested JSON lists once, in
-    :func:`json_bytes`.
+    ``[layer][head][query][key]`` rounded to 5 decimals (shorter JSON); they stay arrays until the
+    response is written and become nested JSON lists once, in :func:`json_bytes` (or a compact
+    object, :func:`encode_attention`).
     """
     if attention is None:
         return {}

@@ -98,7 +98,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def request_of(text: str, **options: Any) -> dict[str, Any]:
-    """A request as the schema hands it to the runner (defaults filled in)."""
+    """A request as the schema hands it to the service (defaults filled in)."""
     return {"text": text, "beam_size": 1, "max_length": None, "attention": "cross", "layers": None, "heads": None,
             "model": None, "mask_heads": None, "attention_format": "json", "alignment": "none",
             "alignment_layer": None, "alignment_head": None, "split": "none", **options}
