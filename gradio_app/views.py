@@ -107,7 +107,7 @@ class TranslationView:
         with gr.Row():
             text = gr.Textbox(label="Sentence", value=example, lines=2, elem_id="sentence", scale=4)
             with gr.Column(scale=1):
-                beam = gr.Slider(1, 8, value=1, step=1, label="Beam size", elem_id="beam")
+                beam = gr.Slider(1, 16, value=1, step=1, label="Beam size", elem_id="beam")  # the service allows 16
                 model = gr.Textbox(label="Model (tag or version id; empty = production)", value="",
                                    elem_id="model")
         button = gr.Button("Translate", variant="primary", elem_id="translate")
