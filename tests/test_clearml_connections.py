@@ -115,3 +115,13 @@ def test_session_shared_by_a_forked_process_gets_its_own_answers(clearml_server:
                                                f"{clearml_server.url!r}, {_token(clearml_server)!r}"),
                         clearml_server.env, timeout=120)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_body_over_the_limit_is_a_413(clearml_server: ClearMLServerProcess) -> None:
+    """A Content-Length over the server's limit is refused before any of the body is read."""
+    token = _token(clearml_server)
+    head = (f"POST /v2.23/tasks.get_all HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {3 * 1024**3}\r\n\r\n").encode()
+    received = _exchange(clearml_server, head + b"{}")
+    assert received.startswith(b"HTTP/1.1 413"), received[:200]
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["meta"]["result_msg"] == "Request body too large"

@@ -179,6 +179,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._api_error(f"{path.lstrip('/')}", None, ApiError(400, 0, f"Invalid request path {path}"))
         except (ConnectionError, TimeoutError):
             pass
+        except ApiError as exc:  # raised before the handler's own error handling (a body too large)
+            self._api_error(path.lstrip("/"), None, exc)
         except Exception as exc:  # noqa: BLE001 - a server bug must not kill the server
             log.exception("internal error on %s %s", self.command, path)
             self._api_error(path.lstrip("/"), None, ApiError(500, 0, f"Internal server error: {exc}"))
