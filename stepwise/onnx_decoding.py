@@ -181,9 +181,10 @@ class DecoderSteps:
         self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """One step: ``(top_log_probs [B, K], top_ids [B, K], self_attention, cross_attention)``."""
-        if not self.on_device:
-            top_log_probs, top_ids, *present, self_w, cross_w = self.session.run(self.outputs, {
-                **self.inputs, "tokens": tokens, "src_pad_mask": self.src_mask, "past_order": past_order})
+        if not self.on_device:  # self.inputs is the feed: this step's tokens and order go in, the cache comes back
+            self.inputs["tokens"], self.inputs["src_pad_mask"], self.inputs["past_order"] = (
+                tokens, self.src_mask, past_order)
+            top_log_probs, top_ids, *present, self_w, cross_w = self.session.run(self.outputs, self.inputs)
             self.inputs.update(zip(self.past_names, present, strict=True))
             return top_log_probs, top_ids, self_w, cross_w
         binding = self.session.io_binding()
