@@ -291,11 +291,16 @@ def _trace_back(trace: list[_Trace], rows: np.ndarray | Sequence[int], start: in
     """
     rows = np.array(rows, dtype=np.int64)
     positions = np.zeros((len(trace) - start, len(rows)), dtype=np.int64)
+    seen: tuple[np.ndarray, np.ndarray] | None = None  # the last (active, positions), reused while unchanged
     for t in range(len(trace) - 1, start - 1, -1):
         active, origins = trace[t][0], trace[t][1]
-        at = np.minimum(np.searchsorted(active, rows), len(active) - 1)
-        rows = np.where(active[at] == rows, origins[at], rows)  # the row that computed step t
-        positions[t - start] = np.searchsorted(active, rows)
+        if origins is not active:  # (greedy search: every row continues itself, nothing moves)
+            at = np.minimum(np.searchsorted(active, rows), len(active) - 1)
+            rows = np.where(active[at] == rows, origins[at], rows)  # the row that computed step t
+            seen = None
+        if seen is None or seen[0] is not active:
+            seen = (active, np.searchsorted(active, rows))
+        positions[t - start] = seen[1]
     return positions
 
 
