@@ -9,8 +9,9 @@ the exporter's parity check all share it.
 
 Cache layout: one keys and one values tensor per layer, ``[B, H, T, d_k]``; attention outputs
 stacked over layers, ``[L, B, H, T_q, T_k]``. The decoder graph ends in top-K, so each step
-hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution, and gathers the cache
-rows named by ``past_order`` itself. The graphs take ``{encoder,decoder,cross}_head_mask [L, H]``
+hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution (``K`` = the beam width,
+fed as ``top_k``: a narrower TopK is cheaper), and gathers the cache rows named by
+``past_order`` itself. The graphs take ``{encoder,decoder,cross}_head_mask [L, H]``
 (head ablation, :mod:`stepwise.export`): fed all ones unless a ``head_mask`` is given.
 
 Sessions share one global thread pool, so the encoder's and the decoder's pools do not fight
@@ -132,7 +133,7 @@ class DecoderSteps:
     """
 
     def __init__(self, translator: OnnxTranslator, src: np.ndarray, src_mask: np.ndarray, beam_size: int,
-                 head_mask: dict[str, np.ndarray] | None = None) -> None:
+                 head_mask: dict[str, np.ndarray] | None = None, candidates: int | None = None) -> None:
         self.session = translator.decoder
         masks = translator.full_head_mask(head_mask)
         names = cache_names(translator.n_layers)
@@ -164,6 +165,9 @@ class DecoderSteps:
             value = masks[kind]
             self.inputs[f"{kind}_head_mask"] = (ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) if self.on_device
                                                 else value)
+        if translator.candidates_input:  # each step returns this many candidates per row
+            width = np.array([candidates or beam_size], dtype=np.int64)
+            self.inputs["top_k"] = ort.OrtValue.ortvalue_from_numpy(width) if self.on_device else width
         # on the CPU finished sentences leave the batch (as CTranslate2 does); on CUDA the
         # device-resident inputs keep every row
         self.can_drop_rows = not self.on_device
@@ -181,9 +185,10 @@ class DecoderSteps:
         self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """One step: ``(top_log_probs [B, K], top_ids [B, K], self_attention, cross_attention)``."""
-        if not self.on_device:
-            top_log_probs, top_ids, *present, self_w, cross_w = self.session.run(self.outputs, {
-                **self.inputs, "tokens": tokens, "src_pad_mask": self.src_mask, "past_order": past_order})
+        if not self.on_device:  # self.inputs is the feed: this step's tokens and order go in, the cache comes back
+            self.inputs["tokens"], self.inputs["src_pad_mask"], self.inputs["past_order"] = (
+                tokens, self.src_mask, past_order)
+            top_log_probs, top_ids, *present, self_w, cross_w = self.session.run(self.outputs, self.inputs)
             self.inputs.update(zip(self.past_names, present, strict=True))
             return top_log_probs, top_ids, self_w, cross_w
         binding = self.session.io_binding()
@@ -220,13 +225,20 @@ class OnnxTranslator:
         providers = available_providers(device)
         options = session_options(on_cpu=providers[0] == "CPUExecutionProvider", threads=threads)
         self.encoder = ort.InferenceSession(str(self.export_dir / ENCODER_FILE), options, providers=providers)
+        # the decoder's ``top_k`` input has a default (an initializer listed as an input, on purpose:
+        # a run may override it), which ONNX Runtime warns about at every load: errors only
+        options.log_severity_level = 3
         self.decoder = ort.InferenceSession(str(self.export_dir / DECODER_FILE), options, providers=providers)
         self.provider = self.decoder.get_providers()[0]
         past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_keys_")]  # [B, H, T, d_k] each
         self.n_layers, self.n_heads, self.d_k = len(past), int(past[0].shape[1]), int(past[0].shape[3])
         encoder_mask = next(i for i in self.encoder.get_inputs() if i.name == "encoder_head_mask")
         self.layers = {"encoder": int(encoder_mask.shape[0]), "decoder": self.n_layers, "cross": self.n_layers}
-        self.top_k = int(next(o.shape[1] for o in self.decoder.get_outputs() if o.name == "top_ids"))
+        # the widest beam: the exported top-K (a dimension of the output, or with a ``top_k``
+        # input a width fed per run, recorded in the manifest)
+        width = next(o.shape[1] for o in self.decoder.get_outputs() if o.name == "top_ids")
+        self.top_k = width if isinstance(width, int) else int(self.manifest.get("top_k", TOP_K))
+        self.candidates_input = any(i.name == "top_k" for i in self.decoder.get_overridable_initializers())
         log.info("loaded %s on %s", self.export_dir, self.provider)
 
     def full_head_mask(self, head_mask: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -245,9 +257,13 @@ class OnnxTranslator:
         return masks
 
     def start(self, src: np.ndarray, src_mask: np.ndarray, *, beam_size: int = 1,
-              head_mask: dict[str, np.ndarray] | None = None) -> DecoderSteps:
-        """Encode a batch and return the step function over its KV cache (on the session's device)."""
-        return DecoderSteps(self, src, src_mask, beam_size, head_mask)
+              head_mask: dict[str, np.ndarray] | None = None, candidates: int | None = None) -> DecoderSteps:
+        """Encode a batch and return the step function over its KV cache (on the session's device).
+
+        Each step returns ``candidates`` (default ``beam_size``) best next tokens per row, where the
+        export takes a ``top_k`` input; an older export always returns its top-K.
+        """
+        return DecoderSteps(self, src, src_mask, beam_size, head_mask, candidates)
 
     def decode_ids(
         self, sources: list[list[int]], *, beam_size: int = 1, length_penalty: float = 0.6,

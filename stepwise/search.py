@@ -173,66 +173,77 @@ def search(
     rows = batch * k
     row_limit = np.repeat(length_limits(source_lengths, max_length, max_positions), k)
     max_steps = int(row_limit.max())
+    # the whole batch's hypotheses, written back from the rows still decoding when some leave,
+    # when a caller follows the search, and at the end
     tokens = np.full((rows, max_steps + 1), pad_id, dtype=np.int64)
     tokens[:, 0] = bos_id
     scores = np.zeros((batch, k), dtype=np.float32)
     scores[:, 1:] = -np.inf  # all beams start identical: only the first one expands at the first step
     scores = scores.reshape(rows)
     finished = np.zeros(rows, dtype=bool)
-    origin = np.arange(rows, dtype=np.int64)  # row r continues what row origin[r] had
-    cache_pos = np.arange(rows, dtype=np.int64)  # where each row's keys/values sit in the step's cache
-    active = np.arange(rows, dtype=np.int64)  # rows still decoding (every beam of unfinished sentences)
+    sentence_done = np.zeros(batch, dtype=bool)
     trace: list[_Trace] = []
+    # the rows still decoding (every beam of unfinished sentences), each array indexed by position
+    # in the step's current batch: their global row, history, score, finished flag and budget
+    active = np.arange(rows, dtype=np.int64)
+    history, score, done, limit = tokens.copy(), scores.copy(), finished.copy(), row_limit
+    positions = np.arange(rows, dtype=np.int64)
+    past_order = positions  # the cache row each row continues
+    first_of_sentence = np.arange(0, rows, k)  # row offset of each sentence's beams
 
     for t in range(max_steps):
-        # the step gathers the cache rows each active row continues: beam reordering and
-        # dropping finished sentences are one index
-        top_log_probs, top_ids, self_w, cross_w = step(tokens[active, t : t + 1], cache_pos[origin[active]],
-                                                       return_attention)
+        top_log_probs, top_ids, self_w, cross_w = step(history[:, t : t + 1], past_order, return_attention)
         n = len(active)
-        cache_pos[active] = np.arange(n)
-        done_rows = finished[active]
         if k == 1:
             next_tokens, gains = top_ids[:, 0], top_log_probs[:, 0]
-            if done_rows.any():  # a finished hypothesis grows by padding, at no cost
-                next_tokens = np.where(done_rows, pad_id, next_tokens)
-                gains = np.where(done_rows, np.float32(0.0), gains)
-            scores[active] += gains
-            origin[active] = active
+            if done.any():  # a finished hypothesis grows by padding, at no cost
+                next_tokens = np.where(done, pad_id, next_tokens)
+                gains = np.where(done, np.float32(0.0), gains)
+            score += gains
+            origin, past_order = active, positions
         else:
             gains, ids = top_log_probs[:, :k], top_ids[:, :k]
-            if done_rows.any():  # a finished hypothesis has one continuation: padding, at no cost
+            if done.any():  # a finished hypothesis has one continuation: padding, at no cost
                 gains, ids = gains.copy(), ids.copy()
-                gains[done_rows] = -np.inf
-                gains[done_rows, 0] = 0.0
-                ids[done_rows] = pad_id
-            sentences = n // k
+                gains[done] = -np.inf
+                gains[done, 0] = 0.0
+                ids[done] = pad_id
             # each sentence's k hypotheses × their k best tokens: the k best of those k*k
-            candidates = (scores[active][:, None] + gains).reshape(sentences, k * k)
+            candidates = (score[:, None] + gains).reshape(n // k, k * k)
             top_index = np.argsort(-candidates, axis=-1, kind="stable")[:, :k]
-            local = (np.arange(sentences)[:, None] * k + top_index // k).reshape(n)  # row in this batch
-            new_origin = active[local]
-            next_tokens = ids[local, (top_index % k).reshape(n)]
-            scores[active] = np.take_along_axis(candidates, top_index, axis=-1).reshape(n)
-            tokens[active, : t + 1] = tokens[new_origin, : t + 1]
-            finished[active] = finished[new_origin]
-            origin[active] = new_origin
+            chosen = (first_of_sentence[: n // k, None] * k + top_index).reshape(n)  # into candidates, flat
+            past_order = chosen // k  # the row each new hypothesis continues
+            next_tokens = ids.reshape(-1)[chosen]
+            score = candidates.reshape(-1)[chosen]
+            history[:, : t + 1] = history[past_order, : t + 1]
+            done = done[past_order]
+            origin = active[past_order]
         if return_attention:
-            trace.append((active.copy(), origin[active].copy(), self_w[:, :, :, 0], cross_w[:, :, :, 0]))
-        tokens[active, t + 1] = next_tokens
-        finished[active] |= (next_tokens == eos_id) | (t + 1 >= row_limit[active])
-        sentence_done = finished.reshape(batch, k).all(axis=1)
+            trace.append((active, origin, self_w[:, :, :, 0], cross_w[:, :, :, 0]))
+        history[:, t + 1] = next_tokens
+        done |= (next_tokens == eos_id) | (t + 1 >= limit)
+        beams_done = done.reshape(-1, k).all(axis=1)
+        last = bool(beams_done.all())
+        if on_step is not None or last:
+            tokens[active, : t + 2] = history[:, : t + 2]
+            scores[active], finished[active] = score, done
+            sentence_done[active[::k] // k] = beams_done
         if on_step is not None:
             on_step(Progress(t, tokens, scores, sentence_done, k, length_penalty, eos_id, pad_id, trace,
                              source_lengths))
-        if sentence_done.all():
+        if last:
             break
-        if step.can_drop_rows:
-            still = (np.flatnonzero(~sentence_done)[:, None] * k + np.arange(k)).reshape(-1)
+        if step.can_drop_rows and beams_done.any():
+            keep = (np.flatnonzero(~beams_done)[:, None] * k + np.arange(k)).reshape(-1)
             # drop in chunks (each drop copies the memory): once a quarter of the rows are done
-            if len(still) <= 0.75 * n:
-                step.select_rows(np.searchsorted(active, still))
-                active = still
+            if len(keep) <= 0.75 * n:
+                gone = np.repeat(beams_done, k)
+                tokens[active[gone], : t + 2] = history[gone, : t + 2]
+                scores[active[gone]], finished[active[gone]] = score[gone], True
+                sentence_done[active[gone][::k] // k] = True
+                step.select_rows(keep)
+                active, history, score, done, limit = active[keep], history[keep], score[keep], done[keep], limit[keep]
+                past_order, positions = past_order[keep], positions[: len(keep)]
 
     generated = tokens[:, 1:]
     best, lengths, final = _rank(generated, scores, k, length_penalty, eos_id, pad_id)
@@ -280,11 +291,16 @@ def _trace_back(trace: list[_Trace], rows: np.ndarray | Sequence[int], start: in
     """
     rows = np.array(rows, dtype=np.int64)
     positions = np.zeros((len(trace) - start, len(rows)), dtype=np.int64)
+    seen: tuple[np.ndarray, np.ndarray] | None = None  # the last (active, positions), reused while unchanged
     for t in range(len(trace) - 1, start - 1, -1):
         active, origins = trace[t][0], trace[t][1]
-        at = np.minimum(np.searchsorted(active, rows), len(active) - 1)
-        rows = np.where(active[at] == rows, origins[at], rows)  # the row that computed step t
-        positions[t - start] = np.searchsorted(active, rows)
+        if origins is not active:  # (greedy search: every row continues itself, nothing moves)
+            at = np.minimum(np.searchsorted(active, rows), len(active) - 1)
+            rows = np.where(active[at] == rows, origins[at], rows)  # the row that computed step t
+            seen = None
+        if seen is None or seen[0] is not active:
+            seen = (active, np.searchsorted(active, rows))
+        positions[t - start] = seen[1]
     return positions
 
 

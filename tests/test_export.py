@@ -70,12 +70,16 @@ def test_decoder_top_k_equals_pytorch_distribution(tmp_path: Path) -> None:
         full = torch.log_softmax(logits.float(), -1)
     full[..., [tok.pad_id, tok.bos_id]] = float("-inf")
     reference = full.topk(translator.top_k, dim=-1)
-    step = translator.start(src, src == tok.pad_id)
+    step = translator.start(src, src == tok.pad_id, candidates=translator.top_k)
+    narrow = translator.start(src, src == tok.pad_id, beam_size=1)  # a step returns as many as the beam needs
     for t in range(prefix.shape[1]):
         top_log_probs, top_ids, _, _ = step(prefix[:, t : t + 1], np.arange(len(sources)), False)
         np.testing.assert_allclose(top_log_probs, reference.values[:, t].numpy(), atol=1e-4)
         assert (top_ids == reference.indices[:, t].numpy()).all()
         assert not np.isin(top_ids, [tok.pad_id, tok.bos_id]).any()
+        best_log_prob, best_id, _, _ = narrow(prefix[:, t : t + 1], np.arange(len(sources)), False)
+        assert best_id.shape == (len(sources), 1) and (best_id == top_ids[:, :1]).all()
+        np.testing.assert_allclose(best_log_prob, top_log_probs[:, :1], atol=1e-6)
     with pytest.raises(ValueError, match="beam_size"):
         translator.decode_ids(sources, beam_size=translator.top_k + 1)
 
