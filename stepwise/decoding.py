@@ -25,9 +25,11 @@ class TorchSteps:
     """Encoder output and KV cache of one batch for :func:`stepwise.search.search`; each call runs
     one decoder step of ``model`` (see :class:`stepwise.search.Step`).
 
-    Rows can be dropped: :meth:`select_rows` indexes the cross-attention keys/values and the
-    source mask, and ``past_order`` gathers the self-attention cache. Use it under
-    ``torch.no_grad()`` (as :func:`greedy_decode` and :func:`beam_search` do).
+    The cross-attention keys/values and the source mask are kept once per sentence (``[B, ...]``)
+    while the cache has a row per hypothesis (``[B*k, ...]``). Sentences can be dropped:
+    :meth:`select_rows` indexes the memory and the mask by sentence, and ``past_order`` gathers the
+    self-attention cache. Use it under ``torch.no_grad()`` (as :func:`greedy_decode` and
+    :func:`beam_search` do).
     """
 
     can_drop_rows = True
@@ -42,18 +44,21 @@ class TorchSteps:
         memory, enc_weights = model.encode(src_ids, src_pad_mask, need_weights=need_attention,
                                            head_mask=head_mask)
         self.encoder_attention = _to_numpy(enc_weights) if need_attention else None
-        # every hypothesis of a sentence shares its memory: repeat each sentence k times
-        self.cross_kv = [(key.repeat_interleave(beam_size, 0), value.repeat_interleave(beam_size, 0))
-                         for key, value in model.cross_key_values(memory)]
-        self.src_pad_mask = None if src_pad_mask is None else src_pad_mask.repeat_interleave(beam_size, 0)
+        # one copy per sentence: its k hypotheses share it (cross-attention regroups their queries)
+        self.beam_size = beam_size
+        self.cross_kv = model.cross_key_values(memory)
+        self.src_pad_mask = src_pad_mask
         self.past: list[tuple[Tensor, Tensor]] | None = None
         # added to the log-probabilities: PAD and BOS are never generated
         self.never = torch.zeros(cfg.vocab_size, device=self.device)
         self.never[[cfg.pad_id, cfg.bos_id]] = float("-inf")
 
     def select_rows(self, positions: np.ndarray) -> None:
-        """Keep only these rows of the memory and mask (``past_order`` gathers the cache)."""
-        index = torch.from_numpy(positions).to(self.device)
+        """Keep only these rows' sentences of the memory and mask (``past_order`` gathers the cache).
+
+        Sentences leave with all their ``k`` rows, so every ``k``-th position names one.
+        """
+        index = torch.from_numpy(positions[:: self.beam_size] // self.beam_size).to(self.device)
         self.cross_kv = [(key[index], value[index]) for key, value in self.cross_kv]
         if self.src_pad_mask is not None:
             self.src_pad_mask = self.src_pad_mask[index]

@@ -6,18 +6,20 @@
     before ``W^O``; all ones = no ablation)
     out: ``cross_keys_{i}``/``cross_values_{i} [B, H, S, d_k]`` for each decoder layer ``i``
     (its cross-attention keys and values, projected once), ``encoder_attention [L, B, H, S, S]``
-``decoder.onnx`` (one step)
-    in: ``tokens [B, 1]``, ``src_pad_mask``, ``past_order [B]`` (which cache row each row
+``decoder.onnx`` (one step over ``B`` sentences of ``k`` rows each: beam search's hypotheses,
+``k = 1`` for greedy; rows ``b*k ... b*k+k-1`` are sentence ``b``)
+    in: ``tokens [B*k, 1]``, ``src_pad_mask [B, S]``, ``past_order [B*k]`` (which cache row each row
     continues: beam search reorders hypotheses and finished sentences leave the batch, and doing
     it inside the graph keeps the cache on the device), ``decoder_head_mask``/``cross_head_mask
     [L_dec, H]`` (head ablation of the self- and cross-attention heads), and per layer ``cross_keys_{i}``,
-    ``cross_values_{i}``, ``past_keys_{i}``/``past_values_{i} [B, H, T, d_k]`` (T may be 0; the
-    position is T); optionally ``top_k [1]`` (int64, default the exported K = 16: how many
+    ``cross_values_{i} [B, H, S, d_k]`` (one per sentence: its ``k`` rows' queries are regrouped
+    against it, ``k`` = rows / sentences; format 4), ``past_keys_{i}``/``past_values_{i} [B*k, H, T, d_k]``
+    (T may be 0; the position is T); optionally ``top_k [1]`` (int64, default the exported K = 16: how many
     candidates to return, :func:`candidates_as_input`)
-    out: ``top_log_probs``/``top_ids [B, K]`` (the K best next tokens, best first, PAD and BOS
+    out: ``top_log_probs``/``top_ids [B*k, K]`` (the K best next tokens, best first, PAD and BOS
     excluded: beam search of width k <= K needs no more, so the V-sized distribution never leaves
-    the graph), ``present_keys_{i}``/``present_values_{i} [B, H, T+1, d_k]``,
-    ``self_attention [L, B, H, 1, T+1]``, ``cross_attention [L, B, H, 1, S]``
+    the graph), ``present_keys_{i}``/``present_values_{i} [B*k, H, T+1, d_k]``,
+    ``self_attention [L, B*k, H, 1, T+1]``, ``cross_attention [L, B*k, H, 1, S]``
 
 The head masks (format 3) cost one multiply per attention sub-layer; ``python -m bench headmask``
 times the decoder step against a graph without them.
@@ -234,22 +236,25 @@ def _export_graphs(model: Transformer, folder: Path, opset: int, *, head_mask_in
             dynamic_axes={"src_ids": {0: "batch", 1: "source"}, "src_pad_mask": {0: "batch", 1: "source"},
                           **{n: batch_source for n in names["cross_keys"] + names["cross_values"]},
                           "encoder_attention": {1: "batch", 3: "source", 4: "source"}})
+        # traced with 2 sentences of 2 rows each, so cross-attention takes its regrouping path
+        # (group_queries), which with k = 1 (greedy) is the same graph
         cross = [torch.zeros(2, heads, 5, d_k)] * (2 * cfg.n_decoder_layers)
-        past = [torch.zeros(2, heads, 3, d_k)] * (2 * cfg.n_decoder_layers)
+        past = [torch.zeros(4, heads, 3, d_k)] * (2 * cfg.n_decoder_layers)
         cache_in = names["cross_keys"] + names["cross_values"] + names["past_keys"] + names["past_values"]
         cache_out = names["present_keys"] + names["present_values"]
+        sentence_source = {0: "sentences", 1: "source"}
         torch.onnx.export(
             DecoderStepGraph(model, head_mask_input=head_mask_inputs),
-            (torch.full((2, 1), cfg.bos_id), mask, torch.tensor([1, 0]), *decoder_masks, *cross, *past),
+            (torch.full((4, 1), cfg.bos_id), mask, torch.tensor([1, 0, 3, 2]), *decoder_masks, *cross, *past),
             str(folder / DECODER_FILE), dynamo=False, opset_version=opset,
             input_names=["tokens", "src_pad_mask", "past_order", *decoder_mask_names, *cache_in],
             output_names=["top_log_probs", "top_ids", *cache_out, "self_attention", "cross_attention"],
-            dynamic_axes={"tokens": {0: "batch"}, "src_pad_mask": {0: "batch", 1: "source"}, "past_order": {0: "batch"},
-                          **{n: batch_source for n in names["cross_keys"] + names["cross_values"]},
-                          **{n: {0: "batch", 2: "past"} for n in names["past_keys"] + names["past_values"]},
-                          **{n: {0: "batch", 2: "length"} for n in cache_out},
-                          "top_log_probs": {0: "batch"}, "top_ids": {0: "batch"},
-                          "self_attention": {1: "batch", 4: "length"}, "cross_attention": {1: "batch", 4: "source"}})
+            dynamic_axes={"tokens": {0: "rows"}, "src_pad_mask": sentence_source, "past_order": {0: "rows"},
+                          **{n: {0: "sentences", 2: "source"} for n in names["cross_keys"] + names["cross_values"]},
+                          **{n: {0: "rows", 2: "past"} for n in names["past_keys"] + names["past_values"]},
+                          **{n: {0: "rows", 2: "length"} for n in cache_out},
+                          "top_log_probs": {0: "rows"}, "top_ids": {0: "rows"},
+                          "self_attention": {1: "rows", 4: "length"}, "cross_attention": {1: "rows", 4: "source"}})
     model.eval()  # the TorchScript exporter leaves modules in training mode (dropout on)
     for name in (ENCODER_FILE, DECODER_FILE):
         graph = onnx.load(str(folder / name))

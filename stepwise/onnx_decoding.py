@@ -7,7 +7,9 @@ the shared loop of :mod:`stepwise.search`, the same one the PyTorch path runs. T
 imports numpy, onnxruntime and sentencepiece only (no torch), so the service, the benchmarks and
 the exporter's parity check all share it.
 
-Cache layout: one keys and one values tensor per layer, ``[B, H, T, d_k]``; attention outputs
+Cache layout: one keys and one values tensor per layer, ``[B*k, H, T, d_k]`` (``k`` rows per
+sentence in beam search; the cross-attention keys/values and the source mask are ``[B, ...]``, one
+per sentence, and the graph regroups the queries); attention outputs
 stacked over layers, ``[L, B, H, T_q, T_k]``. The decoder graph ends in top-K, so each step
 hands back ``[B, K]`` candidates instead of the ``[B, V]`` distribution (``K`` = the beam width,
 fed as ``top_k``: a narrower TopK is cheaper), and gathers the cache rows named by
@@ -44,7 +46,9 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
-EXPORT_FORMAT = 3  # 3: head-mask inputs; 2: per-layer caches, top-K output; 1: stacked caches, full log-probs
+# 4: cross-attention keys/values and source mask once per sentence, not per beam row; 3: head-mask
+# inputs; 2: per-layer caches, top-K output; 1: stacked caches, full log-probs
+EXPORT_FORMAT = 4
 TOP_K = 16  # candidates the decoder graph returns per row: the widest beam it supports
 
 _THREAD_POOL_LOCK = threading.Lock()
@@ -144,11 +148,10 @@ class DecoderSteps:
         *cross, self.encoder_attention = translator.encoder.run(
             [*self.cross_names, "encoder_attention"], {"src_ids": src, "src_pad_mask": src_mask,
                                                          "encoder_head_mask": masks["encoder"]})
-        # every hypothesis of a sentence shares its memory: repeat each sentence k times (axis 0 = batch)
-        if beam_size > 1:
-            cross = [np.repeat(x, beam_size, axis=0) for x in cross]
-            src_mask = np.repeat(src_mask, beam_size, axis=0)
-        rows = src_mask.shape[0]
+        # the memory and mask stay one per sentence [B, ...]: the graph regroups a sentence's k
+        # hypotheses' queries against it; the cache has one row per hypothesis [B*k, ...]
+        self.beam_size = beam_size
+        rows = src_mask.shape[0] * beam_size
         self.src_mask = src_mask
         empty_shape = (rows, translator.n_heads, 0, translator.d_k)
         self.on_device = translator.provider == "CUDAExecutionProvider"
@@ -173,13 +176,15 @@ class DecoderSteps:
         self.can_drop_rows = not self.on_device
 
     def select_rows(self, positions: np.ndarray) -> None:
-        """Keep only these rows (positions in the current batch) of the memory and mask.
+        """Keep only these rows' (positions in the current batch) sentences of the memory and mask.
 
-        The cache needs no copy here: ``past_order`` gathers it inside the graph.
+        Sentences leave with all their ``k`` rows, so every ``k``-th position names one. The cache
+        needs no copy here: ``past_order`` gathers it inside the graph.
         """
+        sentences = positions[:: self.beam_size] // self.beam_size
         for name in self.cross_names:  # the head masks are per model, not per row
-            self.inputs[name] = self.inputs[name][positions]
-        self.src_mask = self.src_mask[positions]
+            self.inputs[name] = self.inputs[name][sentences]
+        self.src_mask = self.src_mask[sentences]
 
     def __call__(
         self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool

@@ -77,7 +77,8 @@ class Step(Protocol):
         ...
 
     def select_rows(self, positions: np.ndarray) -> None:
-        """Keep only these rows (positions in the current batch) of the encoder output and mask."""
+        """Keep only these rows (positions in the current batch): whole sentences, all ``k`` rows of
+        each, so a step that keeps the encoder output once per sentence keeps those sentences'."""
         ...
 
 
@@ -151,8 +152,8 @@ def search(
     """Greedy (``beam_size == 1``) or beam search; see the module docstring.
 
     Args:
-        step: the runtime's step over the encoded batch, its memory already repeated
-            ``beam_size`` times per sentence (rows ``b * k ... b * k + k - 1`` are sentence ``b``).
+        step: the runtime's step over the encoded batch: ``beam_size`` rows per sentence (rows
+            ``b * k ... b * k + k - 1`` are sentence ``b``), which share the sentence's memory.
         source_lengths: real (unpadded) length of each source, EOS included.
         beam_size: hypotheses kept per sentence; the step must return at least this many candidates.
         length_penalty: GNMT alpha for ranking the final hypotheses (beam search only; 0 = raw score).

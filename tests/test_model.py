@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepwise.components.attention import MultiHeadAttention
+from stepwise.components.attention import MultiHeadAttention, attention_bias
 from stepwise.reference import to_torch_reference
 
 from conftest import make_model, padded_batch
@@ -86,6 +86,37 @@ def test_explicit_and_fused_attention_paths_agree(causal: bool) -> None:
         fused, none = attention(x, x, key_padding_mask=mask, causal=causal, need_weights=False)
         assert none is None and weights.shape == (3, 6, 9, 9)
         torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("need_weights", [True, False], ids=["explicit", "fused"])
+def test_queries_regrouped_per_sentence_equal_attending_to_repeated_keys(need_weights: bool) -> None:
+    """Beam search's cross-attention: k query rows per sentence against one copy of the sentence's
+    keys/values (regrouped inside ``attend``) give each row the output and weights it gets against
+    its own repeated copy, with padding and a head switched off."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(d_model=24, n_heads=3).eval()
+    sentences, k = 3, 4
+    memory = torch.randn(sentences, 7, 24)
+    padding = torch.zeros(sentences, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    padding[2, 2:] = True
+    queries = torch.randn(sentences * k, 1, 24)  # rows b*k ... b*k+k-1: sentence b's hypotheses
+    head_mask = torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad():
+        key, value = attention.project_key_value(memory)
+        once = attention.attend(queries, key, value, bias=attention_bias(key_padding_mask=padding),
+                                need_weights=need_weights, head_mask=head_mask)
+        repeated = attention.attend(queries, key.repeat_interleave(k, 0), value.repeat_interleave(k, 0),
+                                    bias=attention_bias(key_padding_mask=padding.repeat_interleave(k, 0)),
+                                    need_weights=need_weights, head_mask=head_mask)
+    assert once[0].shape == (sentences * k, 1, 24)
+    torch.testing.assert_close(once[0], repeated[0], atol=1e-6, rtol=0)
+    if need_weights:
+        assert once[1] is not None and once[1].shape == (sentences * k, 3, 1, 7)
+        torch.testing.assert_close(once[1], repeated[1], atol=1e-7, rtol=0)
+        assert float(once[1][2 * k : 3 * k, :, :, 2:].abs().max()) == 0.0  # sentence 2's padding
+    else:
+        assert once[1] is None
 
 
 @pytest.mark.parametrize("need_weights", [True, False], ids=["explicit", "fused"])

@@ -18,10 +18,10 @@ import torch
 from stepwise.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stepwise.config import Config
 from stepwise.data import encode_pairs
-from stepwise.decoding import beam_search, decode, greedy_decode
+from stepwise.decoding import TorchSteps, beam_search, decode, greedy_decode
 from stepwise.export import export_checkpoint
 from stepwise.models import Transformer
-from stepwise.onnx_decoding import OnnxTranslator
+from stepwise.onnx_decoding import DecoderSteps, OnnxTranslator
 from stepwise.search import length_limits, search
 from stepwise.tokenizer import Tokenizer, truncate
 from stepwise.translate import encode_sources, translate, translate_ids
@@ -174,7 +174,7 @@ def test_onnx_path_decodes_with_torch_blocked(tmp_path: Path) -> None:
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from stepwise.onnx_decoding import OnnxTranslator
+from stepwise.onnx_decoding import DecoderSteps, OnnxTranslator
 import stepwise.search
 translator = OnnxTranslator({str(tmp_path / "export")!r}, device="cpu")
 for beam in (1, 3):
@@ -198,6 +198,42 @@ def test_onnx_default_budget_and_max_length(tmp_path: Path) -> None:
         assert not any(h.finished for h in hyps)
         capped = translator.decode_ids(sources, beam_size=beam, max_length=12)
         assert [len(h.tokens) for h in capped] == [12, 12, 12]
+
+
+def test_sentences_leaving_at_different_steps_decode_as_alone_pytorch_and_onnx(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sentence's memory is kept once for its k beams; when sentences leave the batch (here at
+    their budgets 16, 20 and 28 steps) both runtimes select the sentences' memory and mask, and the
+    beams of those still decoding go on as if each sentence were alone."""
+    checkpoint = load_checkpoint(write_checkpoint(tmp_path / "model.pt", eos=False, seed=2))
+    export_checkpoint(checkpoint, tmp_path / "export")
+    translator = OnnxTranslator(tmp_path / "export", device="cpu")
+    model = checkpoint.build_model()
+    sources = [[7, 8, EOS], [9, 11] * 2 + [EOS], [12] * 8 + [EOS], [13, 14] * 6 + [EOS]]  # budgets 16, 20, 28, 36
+    pad = translator.tokenizer.pad_id
+    src = torch.full((len(sources), max(map(len, sources))), pad)
+    for i, ids in enumerate(sources):
+        src[i, : len(ids)] = torch.tensor(ids)
+    kept: list[int] = []  # the rows each drop keeps
+
+    def recording(original: Callable) -> Callable:
+        def select_rows(self: object, positions: np.ndarray) -> None:
+            kept.append(len(positions))
+            original(self, positions)
+        return select_rows
+
+    for steps in (TorchSteps, DecoderSteps):
+        monkeypatch.setattr(steps, "select_rows", recording(steps.select_rows))
+    beam = 3
+    batch_torch = decode(model, src, src == pad, beam_size=beam, return_attention=True)
+    batch_onnx = translator.decode_ids(sources, beam_size=beam, return_attention=True)
+    assert kept == [9, 6, 3] * 2  # three sentences left, one at a time, on each runtime
+    for ids, ours, theirs in zip(sources, batch_onnx, batch_torch, strict=True):
+        (alone,) = decode(model, torch.tensor([ids]), beam_size=beam, return_attention=True)
+        assert ours.tokens == theirs.tokens == alone.tokens and len(alone.tokens) == 2 * len(ids) + 10
+        for kind in ("encoder", "decoder", "cross"):
+            np.testing.assert_allclose(ours.attention[kind], alone.attention[kind], atol=1e-4)
+            np.testing.assert_allclose(theirs.attention[kind], alone.attention[kind], atol=1e-5)
 
 
 # -- one input-length rule ----------------------------------------------------------------------

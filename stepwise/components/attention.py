@@ -16,6 +16,10 @@ no weights are asked for. Masks are additive biases built once per batch by
 :func:`attention_bias`: 0 where a key may be attended to, the dtype's finite minimum where not,
 so a row whose keys are all masked becomes a uniform distribution instead of NaN.
 
+In beam search the ``k`` hypotheses of a sentence share its encoder memory: cross-attention
+takes one copy of each sentence's keys and values and regroups the queries instead (``k`` rows'
+queries become ``k`` queries of one sentence; see ``MultiHeadAttention.attend``).
+
 Head ablation (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"): an optional
 per-head mask ``[H]`` scales each head's output ``head_i`` before the concatenation and ``W^O``,
 so a head masked with 0 contributes nothing to the layer output (its slice of ``W^O`` sees
@@ -153,9 +157,12 @@ class MultiHeadAttention(nn.Module):
 
         Args:
             query: un-projected queries.
-            key: ``[B, H, T_k, d_k]`` projected keys.
-            value: ``[B, H, T_k, d_k]`` projected values.
-            bias: additive mask from :func:`attention_bias` (includes causality if any).
+            key: ``[B, H, T_k, d_k]`` projected keys, or ``[B/k, H, T_k, d_k]``: one per sentence
+                whose ``k`` hypotheses are consecutive query rows of one position each (beam search:
+                the queries are regrouped per sentence; no causal mask then).
+            value: projected values, shaped as ``key``.
+            bias: additive mask from :func:`attention_bias` (includes causality if any), with as
+                many rows as ``key`` (or one).
             is_causal: hint for the fast path that ``bias`` is purely causal and square, so the
                 fused kernel can build the mask itself (``bias`` is then ignored there).
             need_weights: take the explicit path and return ``[B, H, T_q, T_k]`` weights.
@@ -166,6 +173,16 @@ class MultiHeadAttention(nn.Module):
         Returns:
             ``(output [B, T_q, d_model], weights or None)``.
         """
+        grouped = query.shape[0] != key.shape[0]
+        if grouped:
+            # Beam search: rows b*k ... b*k+k-1 are the k hypotheses of sentence b, each with one
+            # new position, and all attend to the sentence's one copy of the keys/values. Queries
+            # attend independently, so the k rows' queries become k queries of that sentence:
+            # [B*k, 1, d] -> [B, k, d], a reshape that moves no data (k is the -1: rows / sentences,
+            # so greedy search, k = 1, runs the same code).
+            if query.shape[1] != 1:
+                raise ValueError("queries regrouped per sentence must be one position per row")
+            rows_query, query = query, query.reshape(key.shape[0], -1, self.d_model)
         q = self._split_heads(self.q_proj(query))
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
@@ -182,8 +199,14 @@ class MultiHeadAttention(nn.Module):
                 head_mask = head_mask[:, None, None]
             heads = heads * head_mask.to(heads.dtype)
         # [B, H, T_q, d_k] -> [B, T_q, d_model]: concatenate the heads, then W^O
-        batch, _, length, _ = heads.shape
-        merged = heads.transpose(1, 2).reshape(batch, length, self.d_model)
+        if grouped:  # and back to one row per hypothesis: [B, H, k, d_k] -> [B, k, H, d_k] -> [B*k, 1, d_model]
+            merged = heads.transpose(1, 2).reshape_as(rows_query)
+            if weights is not None:  # [B, H, k, T_k] -> [B, k, H, T_k] -> [B*k, H, 1, T_k]
+                weights = weights.transpose(1, 2)
+                weights = weights.reshape(-1, self.n_heads, 1, weights.shape[-1])
+        else:
+            batch, _, length, _ = heads.shape
+            merged = heads.transpose(1, 2).reshape(batch, length, self.d_model)
         return self.out_proj(merged), weights
 
     def forward(

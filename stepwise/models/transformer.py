@@ -124,8 +124,9 @@ class Transformer(nn.Module):
 
         Args:
             tgt_ids: target tokens; position numbering starts at the cache length.
-            cross_kv: from :meth:`cross_key_values`.
-            src_pad_mask: ``[B, S]`` True at source padding.
+            cross_kv: from :meth:`cross_key_values`; in beam search one per sentence, ``[B/k, H, S, d_k]``,
+                for ``k`` consecutive rows of one new position each (cross-attention regroups them).
+            src_pad_mask: ``[B, S]`` True at source padding (``[B/k, S]`` with such ``cross_kv``).
             tgt_pad_mask: ``[B, t+T]`` True at target padding (keys, including cached ones).
             past: per-layer self-attention keys/values ``[B, H, t, d_k]`` of earlier positions.
             need_weights: also return attention weights.

@@ -110,7 +110,8 @@ class DecoderLayer(nn.Module):
 
         Args:
             x: target-side states for the new positions.
-            cross_kv: encoder memory projected by ``cross_attn.project_key_value``.
+            cross_kv: encoder memory projected by ``cross_attn.project_key_value``, per row or once
+                per sentence for ``k`` consecutive rows (beam search; see ``MultiHeadAttention.attend``).
             self_bias: causal (+ target padding) bias for self-attention.
             cross_bias: source-padding bias for cross-attention.
             past: self-attention keys/values of earlier positions ``[B, H, t, d_k]``.
