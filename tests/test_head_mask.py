@@ -15,7 +15,13 @@ from stepwise.checkpoint import load_checkpoint
 from stepwise.components.attention import MultiHeadAttention
 from stepwise.decoding import decode
 from stepwise.export import _export_graphs, export_checkpoint
-from stepwise.onnx_decoding import OnnxTranslator, cache_names, head_mask_from_pairs, session_options
+from stepwise.onnx_decoding import (
+    EXPORT_FORMAT,
+    OnnxTranslator,
+    cache_names,
+    head_mask_from_pairs,
+    session_options,
+)
 
 from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint, make_model, register_files, run_python
 
@@ -183,7 +189,7 @@ def test_service_re_exports_a_version_whose_export_is_format_2(exported: tuple[o
     out = run_python(code, {**clearml_server.env, "STEPWISE_ORT_THREADS": "1"}, timeout=300)
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
     assert result["export_dir"] == str(old)
-    assert json.loads((old / "manifest.json").read_text())["format"] == 3  # exported again
+    assert json.loads((old / "manifest.json").read_text())["format"] == EXPORT_FORMAT  # exported again
     masks = head_mask_from_pairs({"cross": [[0, 1]]}, OnnxTranslator(old, device="cpu").layers, 4)
     (expected,) = OnnxTranslator(folder, device="cpu").translate(["Und Gott sprach."], head_mask=masks)
     assert result["translation"] == expected.translation

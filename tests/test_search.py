@@ -174,7 +174,7 @@ def test_onnx_path_decodes_with_torch_blocked(tmp_path: Path) -> None:
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from stepwise.onnx_decoding import DecoderSteps, OnnxTranslator
+from stepwise.onnx_decoding import OnnxTranslator
 import stepwise.search
 translator = OnnxTranslator({str(tmp_path / "export")!r}, device="cpu")
 for beam in (1, 3):
