@@ -237,9 +237,10 @@ class ServerSentEvents:
     groups: ``start`` and the first token at once, later ones with the first event emitted
     ``STREAM_FLUSH_S`` or more after the last hand-over, or at the end (each hand-over wakes the
     event loop and writes to the socket, which on two cores slows the search sharing them; one
-    per token made a one-client stream 1.47x ``/translate``'s time, one per 10 ms 1.27x). ``finish`` (the event loop, when the request's future
-    resolves) adds ``done`` or ``error``. ``relay`` is the response body; when it stops early
-    (the client left), the next ``emit`` raises :class:`stepwise.serving.StreamClosed`.
+    per token made a one-client stream 1.47x ``/translate``'s time, one per 10 ms 1.27x).
+    ``finish`` (the event loop, when the request's future resolves) adds ``done`` or ``error``.
+    ``relay`` is the response body; when it stops early (the client left), the next ``emit``
+    raises :class:`stepwise.serving.StreamClosed`.
     """
 
     def __init__(self, request: dict[str, Any], started: float) -> None:
