@@ -271,12 +271,9 @@ class ServerSentEvents:
             if self.held:
                 self.events.put_nowait(b"".join(self.held))
                 self.held.clear()
-        outcome = None if future.cancelled() else future.exception() or future.result()
+        outcome = None if future.cancelled() else _as_error(future.exception() or future.result())
         if isinstance(outcome, StepwiseError):
             self.events.put_nowait(server_sent_event("error", {"error": str(outcome)}))
-        elif isinstance(outcome, BaseException):
-            log.error("stream failed", exc_info=outcome)
-            self.events.put_nowait(server_sent_event("error", {"error": "translation failed; see the server log"}))
         elif outcome is not None:  # None: the reader left
             encode_attention([outcome], self.request.get("attention_format", "json"))
             outcome["timings"]["total_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
@@ -316,17 +313,18 @@ def _respond(results: list[Any], started: float, *, single: bool, attention_form
     return Response(json_bytes(results[0] if single else results), media_type="application/json")
 
 
-async def _outcomes(futures: list[asyncio.Future[Any]]) -> list[Any]:
-    """Each queued request's answer, or the ``stepwise.errors`` exception it failed with.
+def _as_error(outcome: Any) -> Any:
+    """A queued request's outcome with any exception that is not a ``stepwise.errors`` one (a bug,
+    an ONNX Runtime failure) logged and replaced by a StepwiseError (a 500 or an ``error`` event)."""
+    if isinstance(outcome, BaseException) and not isinstance(outcome, StepwiseError):
+        log.error("translation failed", exc_info=outcome)
+        return StepwiseError("translation failed; see the server log")
+    return outcome
 
-    Anything else (a bug, an ONNX Runtime failure) is logged and answered as a 500.
-    """
-    outcomes = await asyncio.gather(*futures, return_exceptions=True)
-    for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, BaseException) and not isinstance(outcome, StepwiseError):
-            log.error("translation failed", exc_info=outcome)
-            outcomes[i] = StepwiseError("translation failed; see the server log")
-    return outcomes
+
+async def _outcomes(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """Each queued request's answer, or the ``stepwise.errors`` exception it failed with (:func:`_as_error`)."""
+    return [_as_error(outcome) for outcome in await asyncio.gather(*futures, return_exceptions=True)]
 
 
 async def _model_info(_: Request) -> JSONResponse:

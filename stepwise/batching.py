@@ -58,11 +58,6 @@ class BatchQueue(Generic[Item]):
         self._worker: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._last_size, self._last_seconds = 1, 0.0
-        self.batches = 0  # batches run so far (for logs and tests)
-
-    def pending(self) -> int:
-        """Items waiting for the next batch."""
-        return len(self._pending)
 
     def submit(self, item: Item) -> asyncio.Future[Any]:
         """Queue ``item``; the future resolves to its result (or raises its exception)."""
@@ -108,7 +103,6 @@ class BatchQueue(Generic[Item]):
             except Exception as exc:  # noqa: BLE001 - every caller of the batch hears of it
                 results = [exc] * len(live)
             self._last_size, self._last_seconds = len(live), time.perf_counter() - began
-            self.batches += 1
             for (_, future), result in zip(live, results, strict=True):
                 if future.done():
                     continue
@@ -116,7 +110,3 @@ class BatchQueue(Generic[Item]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-
-    def close(self) -> None:
-        """Stop the decoding thread once the batch in progress (if any) ends."""
-        self._thread.shutdown(wait=False, cancel_futures=True)
