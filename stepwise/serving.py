@@ -500,6 +500,8 @@ class _Streams:
                  emits: list[Emit | None], members: list[int]) -> None:
         self.followers: dict[int, tuple[range, _Follower]] = {}
         self.left: set[int] = set()
+        self._chunk: list[int] | None = None  # the search batch the mapping below is for
+        self._batches: dict[int, dict[int, int]] = {}  # per member: its sentence -> number in progress
         self.all_streams = all(emits[i] is not None for i in members)
         translator = loaded.translator
         start = 0
@@ -520,9 +522,17 @@ class _Streams:
         log.info("stream closed by its client after %d token event(s)", tokens)
 
     def __call__(self, chunk: list[int], progress: Progress) -> None:
-        """``chunk``: the flat indices of the search's sentences, in the order ``progress`` numbers them."""
-        for member, (own, follower) in list(self.followers.items()):
-            batch = {flat - own.start: b for b, flat in enumerate(chunk) if flat in own}
+        """``chunk``: the flat indices of the search's sentences, in the order ``progress`` numbers them
+        (the same list for every step of one translator batch: mapped once per batch)."""
+        if chunk is not self._chunk:
+            self._chunk, self._batches = chunk, {}
+            owner = {flat: member for member, (own, _) in self.followers.items() for flat in own}
+            for b, flat in enumerate(chunk):
+                if flat in owner:
+                    member = owner[flat]
+                    self._batches.setdefault(member, {})[flat - self.followers[member][0].start] = b
+        for member, (_, follower) in list(self.followers.items()):
+            batch = self._batches.get(member)
             if not batch:
                 continue
             try:
