@@ -182,3 +182,15 @@ def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServer
                             capture_output=True, text=True, timeout=120)
     folder = Path(pulled.stdout.strip().splitlines()[-1])
     assert (folder / "decoder.onnx").read_bytes() == (tmp_path / "export" / "decoder.onnx").read_bytes()
+
+
+def test_beam_parity_tells_ties_from_differences() -> None:
+    """Different beam hypotheses of the same score (a near-tie a barely trained model meets) are a
+    tie; a different score is a difference; greedy search allows no ties."""
+    from stepwise.export import compare_hypotheses
+    from stepwise.search import Hypothesis
+
+    ours = [Hypothesis([1, 2], -1.0, True), Hypothesis([3], -2.0, True), Hypothesis([4], -3.0, True)]
+    theirs = [Hypothesis([1, 2], -1.0, True), Hypothesis([5], -2.0004, True), Hypothesis([6], -3.5, True)]
+    assert compare_hypotheses(ours, theirs, tie_tolerance=1e-3) == ([0], [1], [2])
+    assert compare_hypotheses(ours, theirs, tie_tolerance=None) == ([0], [], [1, 2])
