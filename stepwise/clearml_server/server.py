@@ -11,6 +11,13 @@ Routes, all on one port:
   link the SDK prints on ``Task.init`` included. Open on 127.0.0.1; bound to any other address
   they ask for the key and secret (HTTP Basic).
 
+One request per connection: every answer says ``Connection: close`` and the server closes the
+socket, as ClearML's own servers do (werkzeug's server behind ``apiserver``/``fileserver`` has
+closed every connection since 2.1.2; gunicorn's sync workers too). The SDK relies on it: it forks
+its background reporter after ``Task.init`` has used its HTTP session, so a keep-alive connection
+left in that session's pool would be one socket shared by two processes, each able to read the
+other's answer and then wait (300 s) for its own.
+
 Set ``CLEARML_API_HOST=http://HOST:PORT``, ``CLEARML_WEB_HOST=http://HOST:PORT`` and
 ``CLEARML_FILES_HOST=http://HOST:PORT/files`` (``stepwise clearml-server`` prints them).
 """
@@ -136,6 +143,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     """One HTTP request: API call, file transfer or the HTML page."""
 
     server: ClearMLServer
+    _unread: int = 0  # bytes of the request body not read yet
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server_version = "stepwise-clearml/" + SERVER_VERSION
@@ -158,7 +166,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         path = unquote(urlsplit(self.path).path)
+        self._unread = 0
         try:
+            self._unread = int(self.headers.get("Content-Length") or 0)
             if path == "/files" or path.startswith("/files/"):
                 self._files(path[len("/files"):])
             elif match := API_PATH.match(path):
@@ -169,15 +179,33 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._api_error(f"{path.lstrip('/')}", None, ApiError(400, 0, f"Invalid request path {path}"))
         except (ConnectionError, TimeoutError):
             pass
+        except ApiError as exc:  # raised before the handler's own error handling (a body too large)
+            self._api_error(path.lstrip("/"), None, exc)
         except Exception as exc:  # noqa: BLE001 - a server bug must not kill the server
             log.exception("internal error on %s %s", self.command, path)
             self._api_error(path.lstrip("/"), None, ApiError(500, 0, f"Internal server error: {exc}"))
+        finally:
+            self._drain()
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        length, self._unread = self._unread, 0
         if length > MAX_BODY_BYTES:
             raise ApiError(413, 0, "Request body too large")
         return self.rfile.read(length) if length else b""
+
+    def _drain(self) -> None:
+        """Read what is left of a body the answer did not need, so closing does not reset the socket."""
+        left, self._unread = min(self._unread, MAX_BODY_BYTES), 0
+        try:
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+        except (ConnectionError, TimeoutError):
+            pass
+
+    def _start_answer(self, status: int) -> None:
+        """Status line and ``Connection: close``: one request per connection (see the module docstring)."""
+        self.send_response(status)
+        self.send_header("Connection", "close")
 
     # -- API --------------------------------------------------------------------------------
     def _api(self, name: str, version: str | None) -> None:
@@ -232,7 +260,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode(), "application/json")
 
     def _send(self, status: int, data: bytes, content_type: str) -> None:
-        self.send_response(status)
+        self._start_answer(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -298,14 +326,14 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _web(self, path: str, query: str) -> None:
         self._body()
         if web.needs_credentials(self.server.server_address[0]) and not self._authorised_for_files():
-            self.send_response(401)
+            self._start_answer(401)
             self.send_header("WWW-Authenticate", 'Basic realm="stepwise ClearML server (access key and secret)"')
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
         site = web.Site(self.server.store, self.server.files_dir, (self.server.access_key, self.server.secret_key))
         page = web.render(site, path, query)
-        self.send_response(page.status)
+        self._start_answer(page.status)
         for name, value in {"Content-Type": page.content_type, "Content-Length": str(len(page.body)),
                             "X-Content-Type-Options": "nosniff", **page.headers}.items():
             self.send_header(name, value)
