@@ -35,7 +35,7 @@ def find_checkpoint(path: str | None) -> Path:
     if path:
         return Path(path)
     if os.environ.get("CLEARML_API_HOST"):
-        from stepwise import registry
+        from stepwise.registry import client as registry
 
         try:
             return registry.resolve(None, None, tag="production").path
@@ -50,7 +50,7 @@ UNTRAINED_SENTENCES = 120  # an untrained model never stops before the length li
 
 def describe(checkpoint: Path) -> str:
     """What was measured, for the results header (no paths)."""
-    from stepwise.checkpoint import load_checkpoint
+    from stepwise.train.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     m = ck.config.model
@@ -62,11 +62,11 @@ def describe(checkpoint: Path) -> str:
 def _fresh_checkpoint() -> Path:
     import torch
 
-    from stepwise.checkpoint import Checkpoint, save_checkpoint
     from stepwise.config import load_config
-    from stepwise.data import load_split
-    from stepwise.models import Transformer
+    from stepwise.model import Transformer
     from stepwise.tokenizer import Tokenizer
+    from stepwise.train.checkpoint import Checkpoint, save_checkpoint
+    from stepwise.train.data import load_split
 
     config = load_config(ROOT / "config" / "default.json")
     pairs = load_split(config.data, "train")[:20000]
@@ -99,9 +99,9 @@ def prepare_translation(checkpoint: Path, work: Path, sentences: int) -> dict[st
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from bench.ct2 import convert
-    from stepwise.checkpoint import load_checkpoint
-    from stepwise.data import load_split
     from stepwise.export import export_checkpoint
+    from stepwise.train.checkpoint import load_checkpoint
+    from stepwise.train.data import load_split
 
     ck = load_checkpoint(checkpoint)
     held_out = load_split(ck.config.data, "test") + load_split(ck.config.data, "valid")
@@ -208,7 +208,8 @@ def _serve(export: Path, batching: bool, env: dict[str, str] | None = None) -> t
     log = Path(tempfile.mkdtemp()) / "bentoml.log"
     env = {**os.environ, "STEPWISE_MODEL_DIR": str(export), "STEPWISE_ADAPTIVE_BATCHING": "1" if batching else "0",
            **(env or {})}
-    process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:Translator", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "stepwise.serve.service:Translator",
+                                "--port", str(port)],
                                cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     try:
@@ -262,14 +263,14 @@ def engine_speed(export: Path, texts: list[str], work: Path) -> dict[tuple[int, 
 def attention_payload(url: str, text: str) -> list[list[Any]]:
     """Answer bytes of one request per ``attention_format``, and the error after the explorer's decoding.
 
-    Each compact answer is decoded by the explorer's client (``gradio_app.client``, which uses
-    ``stepwise.attention_codec``) and compared with the JSON answer's arrays for the same request.
+    Each compact answer is decoded by the explorer's client (``stepwise.serve.client``, which uses
+    ``stepwise.serve.attention_codec``) and compared with the JSON answer's arrays for the same request.
     Rows: attention kind, format, bytes, × JSON, max abs error, and the targets' verdicts.
     """
     import numpy as np
 
-    from gradio_app.client import TranslationClient
-    from stepwise.attention_codec import FORMATS
+    from stepwise.serve.attention_codec import FORMATS
+    from stepwise.serve.client import TranslationClient
 
     rows = [["none", "—", len(requests.post(f"{url}/translate", json={"text": text, "attention": "none"},
                                             timeout=120).content), "", "", ""]]
@@ -345,10 +346,10 @@ SERVE_CLIENTS = (1, 8, 32)
 
 
 def bench_serve(checkpoint: Path, work: Path, requests_per_run: int, cache_versions: int = 5) -> list[str]:
-    from stepwise.attention_codec import FORMATS
-    from stepwise.checkpoint import load_checkpoint
-    from stepwise.data import load_split
     from stepwise.export import export_checkpoint
+    from stepwise.serve.attention_codec import FORMATS
+    from stepwise.train.checkpoint import load_checkpoint
+    from stepwise.train.data import load_split
 
     ck = load_checkpoint(checkpoint)
     if not (work / "export" / "manifest.json").exists():
@@ -451,9 +452,9 @@ def bench_load(checkpoint: Path, work: Path) -> str:
     code = ("import json,sys,time\nt=time.perf_counter()\n{body}\n"
             "print(json.dumps({{'seconds': time.perf_counter()-t}}))")
     bodies = {
-        "PyTorch checkpoint → model": f"from stepwise.checkpoint import load_checkpoint\n"
+        "PyTorch checkpoint → model": f"from stepwise.train.checkpoint import load_checkpoint\n"
                                       f"load_checkpoint({str(checkpoint)!r}).build_model()",
-        "ONNX Runtime sessions (OnnxTranslator)": f"from stepwise.onnx_decoding import OnnxTranslator\n"
+        "ONNX Runtime sessions (OnnxTranslator)": f"from stepwise.decode.onnx_runtime import OnnxTranslator\n"
                                                   f"OnnxTranslator({str(work / 'export')!r}, device='cpu')",
         "CTranslate2 translator": f"import ctranslate2\nctranslate2.Translator({str(work / 'ct2')!r})",
     }

@@ -2,7 +2,7 @@
 
 ``python -m bench.alignment CHECKPOINT [CHECKPOINT ...]`` teacher-forces each hand-aligned verse
 below (the German source, the English reference) through the model, merges the cross-attention
-into words with :mod:`stepwise.alignment`, takes the argmax link per target word, and prints the
+into words with :mod:`stepwise.serve.alignment`, takes the argmax link per target word, and prints the
 alignment error rate (Och & Ney; lower is better) of every layer × head, of each layer's head
 average, and of the average of everything, summed over the verses (links pooled, as AER is
 usually reported); each once with the service's rule (a target piece aligned by the attention of
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from stepwise.alignment import AVERAGE, alignment_error_rate, attention_source, parse_pharaoh, word_alignment
+from stepwise.serve.alignment import AVERAGE, alignment_error_rate, attention_source, parse_pharaoh, word_alignment
 
 # (source, reference, sure links, possible extra links), links as Pharaoh "source-target"
 VERSES: list[tuple[str, str, str, str]] = [
@@ -48,7 +48,7 @@ def cross_attention(checkpoint_path: str) -> tuple[list[tuple], int, int, int]:
     """Teacher-forced cross-attention ``[L, H, T, S]`` of every verse, with its pieces."""
     import torch
 
-    from stepwise.checkpoint import load_checkpoint
+    from stepwise.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
     model, tokenizer = checkpoint.build_model().eval(), checkpoint.tokenizer()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stepwise.checkpoint import Checkpoint
+from stepwise.train.checkpoint import Checkpoint
 
 
 def _np(tensor: object) -> np.ndarray:

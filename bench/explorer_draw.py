@@ -1,7 +1,7 @@
 """How long the explorer takes to draw a long sentence: a 200 × 200 attention map.
 
 ``python -m bench.explorer_draw [--tokens 200] [--repeats 5]`` times each drawing function of
-``gradio_app/draw.py`` on a peaked random map (each row a Dirichlet(0.1) draw, so a few keys
+``stepwise.explorer/draw.py`` on a peaked random map (each row a Dirichlet(0.1) draw, so a few keys
 stand out as in trained attention) and prints the best of ``--repeats`` runs with the output's
 size: the SVG heatmap (the scrolling one, every cell with its hover title), the token lines of
 one query token (top 8) and of every token, the exported PNG and a grid thumbnail.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gradio_app.draw import heatmap_png, heatmap_svg, lines_svg
+from stepwise.explorer.draw import heatmap_png, heatmap_svg, lines_svg
 
 
 def best_of(draw: Callable[[], str | bytes], repeats: int) -> tuple[float, int]:

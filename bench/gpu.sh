@@ -21,11 +21,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 timeout 120 $PY - <<'PY' | tee "$OUT/provider.txt"
 import tempfile, torch
 from pathlib import Path
-from stepwise.checkpoint import Checkpoint
+from stepwise.train.checkpoint import Checkpoint
 from stepwise.config import load_config
 from stepwise.export import export_checkpoint
-from stepwise.models import Transformer
-from stepwise.onnx_decoding import OnnxTranslator
+from stepwise.model import Transformer
+from stepwise.decode.onnx_runtime import OnnxTranslator
 from stepwise.tokenizer import Tokenizer
 assert torch.cuda.is_available(), "torch sees no GPU"
 texts = ["Im Anfang war das Wort.", "Und Gott sprach: Es werde Licht!"] * 20

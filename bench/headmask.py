@@ -27,9 +27,9 @@ def _model(checkpoint: Path | None) -> object:
     """The checkpoint's model, or an untrained model of ``config/default.json``'s size (timing only)."""
     import torch
 
-    from stepwise.checkpoint import load_checkpoint
     from stepwise.config import load_config
-    from stepwise.models import Transformer
+    from stepwise.model import Transformer
+    from stepwise.train.checkpoint import load_checkpoint
 
     if checkpoint is not None:
         return load_checkpoint(checkpoint).build_model().eval()
@@ -41,7 +41,7 @@ class _Decoding:
     """One graph's decoder steps over its own growing KV cache (greedy: each step feeds its best token)."""
 
     def __init__(self, encoder: object, decoder: object, model: object, batch: int, masks: bool) -> None:
-        from stepwise.onnx_decoding import cache_names
+        from stepwise.decode.onnx_runtime import cache_names
 
         cfg = model.config
         src = np.random.default_rng(0).integers(4, cfg.vocab_size, (batch, 24), dtype=np.int64)
@@ -78,8 +78,8 @@ def bench_headmask(checkpoint: Path | None, *, steps: int = 200, rounds: int = 6
     """The A/B table: decoder step time with all-ones head masks vs the graph without mask inputs."""
     import onnxruntime as ort
 
+    from stepwise.decode.onnx_runtime import DECODER_FILE, ENCODER_FILE, session_options
     from stepwise.export import OPSET, _export_graphs
-    from stepwise.onnx_decoding import DECODER_FILE, ENCODER_FILE, session_options
 
     model = _model(checkpoint)
     steps = min(steps, model.config.max_positions - 1)

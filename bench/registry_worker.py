@@ -1,7 +1,7 @@
 """Register copies of one checkpoint as versions of its model: ``python -m bench.registry_worker '{...}'``.
 
 For the model-cache memory row: the service loads registry versions asked for by id, so the
-bench registers ``copies`` versions (one task, :func:`stepwise.registry.register_checkpoint`,
+bench registers ``copies`` versions (one task, :func:`stepwise.registry.client.register_checkpoint`,
 as training does) in the registry the environment points at — a throw-away embedded server.
 Arguments: ``checkpoint``, ``copies``, ``project``, ``folder`` (where the copies' files go).
 Prints ``{"ids": [...]}`` last.
@@ -20,8 +20,8 @@ def main() -> None:
     args: dict[str, Any] = json.loads(sys.argv[1])
     from clearml import Task
 
-    from stepwise import registry
-    from stepwise.checkpoint import load_checkpoint
+    from stepwise.registry import client as registry
+    from stepwise.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args["checkpoint"])
     folder = Path(args["folder"])

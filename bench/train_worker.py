@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import peak_rss_mb
-from stepwise.checkpoint import load_checkpoint
-from stepwise.data import encode_pairs, load_split, token_batches
-from stepwise.models import Transformer
-from stepwise.reference import to_torch_reference
+from stepwise.model import Transformer
+from stepwise.model.reference import to_torch_reference
+from stepwise.train.checkpoint import load_checkpoint
+from stepwise.train.data import encode_pairs, load_split, token_batches
 
 
 def main() -> None:

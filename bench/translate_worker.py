@@ -37,8 +37,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.get("threads", torch.get_num_threads()))
-        from stepwise.checkpoint import load_checkpoint
-        from stepwise.translate import translate_ids
+        from stepwise.train.checkpoint import load_checkpoint
+        from stepwise.train.evaluate import translate_ids
 
         model = load_checkpoint(args["checkpoint"]).build_model().to(args.get("device", "cpu"))
 
@@ -47,7 +47,7 @@ def main() -> None:
                                  return_attention=args.get("attention", False))
             return [h.tokens for h in hyps]
     elif system == "onnx":
-        from stepwise.onnx_decoding import OnnxTranslator
+        from stepwise.decode.onnx_runtime import OnnxTranslator
 
         translator = OnnxTranslator(args["export"], device=args.get("device", "cpu"), threads=args.get("threads"))
 

@@ -30,11 +30,11 @@ def _config_command(args: argparse.Namespace) -> int:
 
 def _corpus_command(args: argparse.Namespace) -> int:
     from stepwise.config import load_config
-    from stepwise.data import SPLITS, load_split
+    from stepwise.train.data import SPLITS, load_split
 
     config = load_config(args.config, args.set)
     if args.upload:
-        from stepwise.data import upload_corpus
+        from stepwise.train.data import upload_corpus
 
         print(f"ClearML dataset {args.upload}: new version {upload_corpus(config.data, args.upload)}")
         return 0
@@ -58,7 +58,8 @@ def _clearml_server_command(args: argparse.Namespace) -> int:
 
 
 def _clearml_status_command(args: argparse.Namespace) -> int:
-    from stepwise import registry, tracking
+    from stepwise.registry import client as registry
+    from stepwise.registry import tracking
 
     host = tracking.check_server()
     from clearml.backend_api import Session
@@ -78,7 +79,7 @@ def _clearml_status_command(args: argparse.Namespace) -> int:
 def _models_list_command(args: argparse.Namespace) -> int:
     import json
 
-    from stepwise import registry
+    from stepwise.registry import client as registry
 
     versions = registry.list_versions(project=args.project, name=args.name, tag=args.tag)
     if args.json:
@@ -96,7 +97,7 @@ def _models_list_command(args: argparse.Namespace) -> int:
 
 
 def _promote_command(args: argparse.Namespace) -> int:
-    from stepwise.promotion import PromotionRefused, promote
+    from stepwise.registry.promotion import PromotionRefused, promote
 
     try:
         result = promote(args.model_id, tag=args.tag, margin=args.margin, force=args.force, publish=args.publish,
@@ -111,7 +112,7 @@ def _promote_command(args: argparse.Namespace) -> int:
 
 
 def _demote_command(args: argparse.Namespace) -> int:
-    from stepwise import registry
+    from stepwise.registry import client as registry
 
     if not registry.remove_tag(args.model_id, args.tag):
         raise StepwiseError(f"model {args.model_id} does not carry the tag {args.tag!r}")
@@ -123,11 +124,11 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from stepwise import registry
-    from stepwise.checkpoint import load_checkpoint
-    from stepwise.data import load_split
     from stepwise.errors import InvalidRequest
-    from stepwise.translate import evaluate_bleu, tune_length_penalty
+    from stepwise.registry import client as registry
+    from stepwise.train.checkpoint import load_checkpoint
+    from stepwise.train.data import load_split
+    from stepwise.train.evaluate import evaluate_bleu, tune_length_penalty
 
     if args.tune_length_penalty and args.beam < 2:
         raise InvalidRequest("needs --beam 2 or more (greedy search has no length penalty)",
@@ -162,7 +163,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
 
 def _average_command(args: argparse.Namespace) -> int:
-    from stepwise.averaging import average_last
+    from stepwise.train.averaging import average_last
 
     averaged = average_last(args.sources, args.out, last=args.last)
     print(f"averaged steps {', '.join(map(str, averaged.data_state['averaged_steps']))} into {args.out}")
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="the main job: server, training if needed, promotion, export, service, explorer")
     p.add_argument("--config", default=None, help="preset trained when nothing is in production (default "
-                   "config/tiny.json on CPU, config/default.json with a CUDA GPU)")
+                   "the preset tiny on CPU, default with a CUDA GPU; a preset name or a JSON file)")
     p.add_argument("--project", default="stepwise", help="ClearML project")
     p.add_argument("--clearml-port", type=int, default=8008, help="port of the local ClearML server")
     p.add_argument("--port", type=int, default=3000, help="port of the translation service")
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stepwise`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        from train.trainer import main as train_main
+        from stepwise.train.trainer import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -242,9 +242,24 @@ class Config:
         return Config.from_dict(data)
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"  # tiny.json (quick) and default.json; ``config/`` in a checkout
+
+
+def preset_path(path: str | Path) -> Path:
+    """A preset's name (``tiny``, ``default``) or a JSON file's path, as a path.
+
+    A name is looked up in the package's presets, so ``--config tiny`` works from an installed wheel;
+    a path is used as given (``config/tiny.json`` in a checkout is the same file).
+    """
+    text = str(path)
+    if "/" not in text and not text.endswith(".json") and (PRESETS / f"{text}.json").is_file():
+        return PRESETS / f"{text}.json"
+    return Path(path)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the defaults) and apply ``overrides``."""
-    config = Config.from_json(path) if path else Config().validate()
+    """Load ``path`` (a JSON file or a preset's name; default: the built-in defaults) and apply ``overrides``."""
+    config = Config.from_json(preset_path(path)) if path else Config().validate()
     return config.override(overrides) if overrides else config
 
 

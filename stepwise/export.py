@@ -50,12 +50,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from stepwise.checkpoint import Checkpoint
-from stepwise.data import load_split
-from stepwise.decoding import decode
-from stepwise.errors import CorpusError, ExportError, ModelNotFound
-from stepwise.models import Transformer
-from stepwise.onnx_decoding import (
+from stepwise.decode.onnx_runtime import (
     DECODER_FILE,
     ENCODER_FILE,
     EXPORT_FORMAT,
@@ -65,7 +60,12 @@ from stepwise.onnx_decoding import (
     OnnxTranslator,
     cache_names,
 )
-from stepwise.search import Hypothesis
+from stepwise.decode.pytorch import decode
+from stepwise.decode.search import Hypothesis
+from stepwise.errors import CorpusError, ExportError, ModelNotFound
+from stepwise.model import Transformer
+from stepwise.train.checkpoint import Checkpoint
+from stepwise.train.data import load_split
 
 log = logging.getLogger(__name__)
 
@@ -429,8 +429,8 @@ def export_from_registry(
     With no ``tag``/``model_id``/``checkpoint_path`` the ``production`` version is used, or the
     newest version when none carries that tag.
     """
-    from stepwise import registry
-    from stepwise.checkpoint import load_checkpoint
+    from stepwise.registry import client as registry
+    from stepwise.train.checkpoint import load_checkpoint
 
     if checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)

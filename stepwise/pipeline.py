@@ -2,7 +2,7 @@
 
 1. a ClearML server: the configured one, or ``stepwise clearml-server`` started here;
 2. a ``production`` model: if the registry has none, train a preset and promote it (the quick
-   ``config/tiny.json`` on CPU, ``config/default.json`` when a CUDA GPU is there: see :func:`default_preset`);
+   preset ``tiny`` on CPU, ``default`` when a CUDA GPU is there: see :func:`default_preset`);
 3. its ONNX export (made once, then reused);
 4. ``bentoml serve`` with that export, and the attention explorer in front of it.
 
@@ -32,7 +32,7 @@ from stepwise.net import wait_until_ready
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # where service.py and gradio_app/ live
+SERVICE = "stepwise.serve.service:Translator"  # importable from any directory: `stepwise up` runs from a wheel too
 
 
 def default_preset(cuda: bool | None = None) -> str:
@@ -48,7 +48,7 @@ def default_preset(cuda: bool | None = None) -> str:
         import torch
 
         cuda = torch.cuda.is_available()
-    return "config/default.json" if cuda else "config/tiny.json"
+    return "default" if cuda else "tiny"
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -83,7 +83,7 @@ class Pipeline:
         """Start a server in its own session (so that stopping it stops its workers), logging to ``log_file``."""
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("ab") as out:
-            process = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=REPO_ROOT, stdout=out,
+            process = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=self.state, stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append((name, process))
         return process
@@ -91,8 +91,8 @@ class Pipeline:
     # -- stages ------------------------------------------------------------------------------------
     def clearml(self) -> None:
         self.stage(1, "ClearML server")
-        from stepwise import tracking
         from stepwise.clearml_server import sdk_environment
+        from stepwise.registry import tracking
 
         if tracking.is_configured():
             self.clearml_url = tracking.check_server()
@@ -116,9 +116,9 @@ class Pipeline:
 
     def production(self) -> str:
         self.stage(2, "a production model in the registry")
-        from stepwise import registry
         from stepwise.config import load_config
-        from stepwise.promotion import promote
+        from stepwise.registry import client as registry
+        from stepwise.registry.promotion import promote
 
         preset = load_config(self.config)
         name = preset.name
@@ -150,8 +150,8 @@ class Pipeline:
     def export(self, model_id: str) -> Path:
         self.stage(3, "ONNX export")
         out = self.state / "exports" / model_id
+        from stepwise.decode.onnx_runtime import EXPORT_FORMAT, export_format
         from stepwise.export import export_from_registry
-        from stepwise.onnx_decoding import EXPORT_FORMAT, export_format
 
         if export_format(out) == EXPORT_FORMAT:  # made by this version of the exporter
             print(f"reusing {out}")
@@ -165,7 +165,7 @@ class Pipeline:
         self.stage(4, "translation service (bentoml serve)")
         url = f"http://127.0.0.1:{self.service_port}"
         log_file = self.state / "logs" / "bentoml.log"
-        process = self.spawn("bentoml serve", [sys.executable, "-m", "bentoml", "serve", "service:Translator",
+        process = self.spawn("bentoml serve", [sys.executable, "-m", "bentoml", "serve", SERVICE,
                                                "--host", "127.0.0.1", "--port", str(self.service_port)], log_file,
                              env={"STEPWISE_MODEL_DIR": str(export_dir.resolve())})
         wait_until_ready(f"{url}/readyz", timeout=600, process=process, log_file=log_file, name="bentoml serve")
@@ -175,7 +175,7 @@ class Pipeline:
         self.stage(5, "attention explorer (Gradio)")
         url = f"http://127.0.0.1:{self.explorer_port}"
         log_file = self.state / "logs" / "explorer.log"
-        process = self.spawn("explorer", [sys.executable, "-m", "gradio_app", "--api", service_url, "--port",
+        process = self.spawn("explorer", [sys.executable, "-m", "stepwise.explorer", "--api", service_url, "--port",
                                           str(self.explorer_port)], log_file, env={"GRADIO_ANALYTICS_ENABLED": "False"})
         wait_until_ready(url, timeout=600, process=process, log_file=log_file, name="the explorer")
         return url

@@ -18,7 +18,7 @@ import torch
 
 from stepwise.clearml_server import sdk_environment
 from stepwise.config import ModelConfig
-from stepwise.models import Transformer
+from stepwise.model import Transformer
 from stepwise.net import ServerNotReady, wait_until_ready
 
 
@@ -146,9 +146,9 @@ def make_checkpoint(path: Path, seed: int = 0, name: str = "transformer-test", *
 
     ``overrides`` replace fields of the model config, e.g. ``n_encoder_layers=4``.
     """
-    from stepwise.checkpoint import Checkpoint, save_checkpoint
     from stepwise.config import Config
     from stepwise.tokenizer import Tokenizer
+    from stepwise.train.checkpoint import Checkpoint, save_checkpoint
 
     tokenizer = Tokenizer.train([s for pair in SAMPLE_PAIRS for s in pair] * 4, vocab_size=120)
     config = Config.from_dict({"name": name, "model": {
@@ -167,7 +167,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class BentoProcess:
-    """`bentoml serve service:Translator` on a free port, its log in a file."""
+    """`bentoml serve stepwise.serve.service:Translator` on a free port, its log in a file."""
 
     def __init__(self, log_path: Path, env: dict[str, str]) -> None:
         self.port = free_port()
@@ -175,7 +175,8 @@ class BentoProcess:
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service:Translator", "--host", "127.0.0.1", "--port",
+                [sys.executable, "-m", "bentoml", "serve", "stepwise.serve.service:Translator", "--host",
+                 "127.0.0.1", "--port",
                  str(self.port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until_ready(f"{self.url}/readyz", timeout=120, process=self.process, log_file=log_path,
@@ -198,8 +199,8 @@ class BentoProcess:
 
 def export_tiny_model(folder: Path, *, seed: int = 5, **overrides: object) -> tuple[Path, Path]:
     """A tiny untrained checkpoint (:func:`make_checkpoint`) and its ONNX export, both in ``folder``."""
-    from stepwise.checkpoint import load_checkpoint
     from stepwise.export import export_checkpoint
+    from stepwise.train.checkpoint import load_checkpoint
 
     checkpoint = make_checkpoint(folder / "model.pt", seed=seed, **overrides)
     export_checkpoint(load_checkpoint(checkpoint), folder / "export")

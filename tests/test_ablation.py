@@ -15,9 +15,9 @@ import pytest
 import torch
 from test_explorer import TIMEOUT_MS, Explorer
 
-from gradio_app.draw import token_diff
-from stepwise.checkpoint import load_checkpoint
-from stepwise.decoding import decode
+from stepwise.decode.pytorch import decode
+from stepwise.explorer.draw import token_diff
+from stepwise.train.checkpoint import load_checkpoint
 
 from conftest import ROOT, BentoProcess, export_tiny_model, serve_export
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepwise.alignment import (
+from stepwise.serve.alignment import (
     alignment_error_rate,
     attention_source,
     parse_pharaoh,

@@ -9,8 +9,8 @@ import numpy as np
 import orjson
 import pytest
 
-from stepwise.attention_codec import FORMATS, MAX_ERROR, decode, decode_all, encode, encode_all
-from stepwise.serving import ATTENTION_FORMATS, json_bytes
+from stepwise.serve.attention_codec import FORMATS, MAX_ERROR, decode, decode_all, encode, encode_all
+from stepwise.serve.store import ATTENTION_FORMATS, json_bytes
 
 from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
@@ -53,7 +53,7 @@ def test_json_format_is_unchanged_and_bad_payloads_are_named() -> None:
     with pytest.raises(ValueError, match="zlib"):
         decode({**payload, "data": encode(attention["cross"], "float16")["data"]})
     # the service's schema offers exactly the codec's formats
-    from service import _Options
+    from stepwise.serve.service import _Options
 
     assert typing.get_args(_Options.model_fields["attention_format"].annotation) == ATTENTION_FORMATS == FORMATS
 
@@ -102,7 +102,7 @@ def test_bad_attention_format_is_400_naming_the_field(service: BentoProcess, val
 
 
 def test_explorer_client_decodes_the_compact_format(service: BentoProcess) -> None:
-    from gradio_app.client import TranslationClient
+    from stepwise.serve.client import TranslationClient
 
     text = SAMPLE_PAIRS[2][0]
     decoded = TranslationClient(service.url).translate(text)

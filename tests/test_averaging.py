@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepwise.averaging import average_checkpoints
-from stepwise.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stepwise.errors import StepwiseError
-from stepwise.translate import evaluate_bleu, translate, tune_length_penalty
+from stepwise.train.averaging import average_checkpoints
+from stepwise.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stepwise.train.evaluate import evaluate_bleu, translate, tune_length_penalty
 
 from conftest import ROOT, SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint
 
@@ -132,7 +132,7 @@ def test_training_averages_its_last_saves_and_registers_the_average(clearml_serv
              "--set", "train.max_minutes=0", "--set", "train.max_steps=15", "--set", "train.save_every=5",
              "--set", "train.eval_every=5", "--set", "train.average_last=2"]
     env = clearml_server.env
-    result = subprocess.run([sys.executable, "-m", "train", *small, "--output-dir", str(out), "--project-name",
+    result = subprocess.run([sys.executable, "-m", "stepwise.train", *small, "--output-dir", str(out), "--project-name",
                              "stepwise-avg", "--task-name", "averaged"], env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,7 +151,8 @@ def test_training_averages_its_last_saves_and_registers_the_average(clearml_serv
     assert float(newest["metadata"]["bleu"]) == round(averaged.metrics["bleu"], 2)
     assert "averaged_steps" not in versions[1]["metadata"]
     # --resume still continues from the newest save, not from the average
-    resumed = subprocess.run([sys.executable, "-m", "train", *small, "--set", "train.max_steps=20", "--no-register",
+    resumed = subprocess.run([sys.executable, "-m", "stepwise.train", *small, "--set", "train.max_steps=20",
+                              "--no-register",
                               "--resume", "--output-dir", str(out), "--project-name", "stepwise-avg", "--task-name",
                               "averaged"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The service's decoding queue (``stepwise.batching.BatchQueue``) with a made-up decoding function:
+"""The service's decoding queue (``stepwise.serve.batching.BatchQueue``) with a made-up decoding function:
 a lone request is not held back, requests arriving while a batch decodes form the next one,
 stragglers are gathered, ``max_batch`` holds, and failures reach the right callers."""
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from stepwise.batching import BatchQueue
+from stepwise.serve.batching import BatchQueue
 
 
 class Recorder:

@@ -19,9 +19,9 @@ from pathlib import Path
 import requests
 import tomllib
 
-from stepwise.checkpoint import load_checkpoint
+from stepwise.decode.onnx_runtime import OnnxTranslator
 from stepwise.export import export_checkpoint
-from stepwise.onnx_decoding import OnnxTranslator
+from stepwise.train.checkpoint import load_checkpoint
 
 from conftest import SAMPLE_PAIRS, free_port, make_checkpoint
 

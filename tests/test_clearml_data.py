@@ -105,7 +105,8 @@ def test_corpus_upload_and_training_from_the_dataset(clearml_server: ClearMLServ
     assert bible.returncode == 0, bible.stderr[-3000:]
     dataset_id = bible.stdout.split("new version ", 1)[1].split()[0]
     run = subprocess.run(
-        [sys.executable, "-m", "train", "--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model=32",
+        [sys.executable, "-m", "stepwise.train", "--config", str(ROOT / "config" / "tiny.json"), "--set",
+         "model.d_model=32",
          "--set", "model.d_ff=64", "--set", "model.n_encoder_layers=1", "--set", "model.n_decoder_layers=1",
          "--set", "model.vocab_size=300", "--set", "data.max_train_pairs=400", "--set", "data.max_length=64",
          "--set", "train.eval_sentences=4", "--set", "train.batch_tokens=800", "--set", "train.heatmap_sentences=0",
@@ -123,7 +124,7 @@ def test_corpus_upload_and_training_from_the_dataset(clearml_server: ClearMLServ
     assert recorded["params"]["Datasets/corpus"] == dataset_id  # the task records the version it used
     assert recorded["params"]["config/data/dataset"] == "corpora/bible-de-en"
     assert len(recorded["models"]) == 1  # registered as before, tokenizer inside the checkpoint
-    from stepwise.checkpoint import load_checkpoint
+    from stepwise.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(next((tmp_path / "run" / "checkpoints").glob("step-*.pt")))
     assert checkpoint.tokenizer().vocab_size == checkpoint.config.model.vocab_size

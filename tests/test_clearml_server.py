@@ -241,7 +241,7 @@ def test_unreachable_server_fails_fast_with_clear_message(tmp_path: Path) -> Non
     assert elapsed < 30
     # the SDK itself, in a stepwise process, gives up within seconds instead of retrying for hours
     start = time.monotonic()
-    sdk = subprocess.run([sys.executable, "-c", "import stepwise.tracking\nfrom clearml import Model\n"
+    sdk = subprocess.run([sys.executable, "-c", "import stepwise.registry.tracking\nfrom clearml import Model\n"
                           "Model.query_models(project_name='x')"], env=env, capture_output=True, text=True, timeout=60)
     assert sdk.returncode != 0 and time.monotonic() - start < 30
 

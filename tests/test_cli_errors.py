@@ -79,7 +79,7 @@ def test_registry_down_is_one_line_error(clearml_server: ClearMLServerProcess) -
 
 def test_attention_bias_argument_checks_are_errors_not_asserts() -> None:
     """``attention_bias`` checks its arguments with exceptions (asserts vanish under ``python -O``)."""
-    from stepwise.components.attention import attention_bias
+    from stepwise.model.attention import attention_bias
 
     with pytest.raises(InvalidRequest, match="key_length"):
         attention_bias(key_padding_mask=None, causal=True, query_length=2, key_length=None)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from stepwise.config import Config, load_config
-from stepwise.data import encode_pairs, load_bible, load_split, read_parallel_files, read_tsv, token_batches
 from stepwise.errors import ConfigError, CorpusError
 from stepwise.tokenizer import Tokenizer
+from stepwise.train.data import encode_pairs, load_bible, load_split, read_parallel_files, read_tsv, token_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stepwise.decoding import beam_search, greedy_decode
-from stepwise.models import Transformer
+from stepwise.decode.pytorch import beam_search, greedy_decode
+from stepwise.model import Transformer
 
 from conftest import make_model, padded_batch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradio_app.divergence import compared_rows, head_divergence, js_divergence
+from stepwise.explorer.divergence import compared_rows, head_divergence, js_divergence
 
 
 def test_js_divergence_known_values() -> None:

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradio_app.client import TranslationClient
-from gradio_app.draw import AVERAGE, KINDS, heatmap_png, thumbnail_png
-from gradio_app.views import HeatmapView, Selection, TranslationView
-from stepwise.checkpoint import load_checkpoint
+from stepwise.explorer.draw import AVERAGE, KINDS, heatmap_png, thumbnail_png
+from stepwise.explorer.views import HeatmapView, Selection, TranslationView
 from stepwise.export import export_checkpoint
 from stepwise.net import wait_until_ready
+from stepwise.serve.client import TranslationClient
+from stepwise.train.checkpoint import load_checkpoint
 
 from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, free_port, make_checkpoint
 
@@ -33,7 +33,7 @@ TIMEOUT_MS = 120_000  # for any one element to appear, on a machine busy with ot
 
 
 class Explorer:
-    """`python -m gradio_app` on a free port.
+    """`python -m stepwise.explorer` on a free port.
 
     Sessions may run their events at the same time (``GRADIO_DEFAULT_CONCURRENCY_LIMIT``), as in
     an explorer that several people use at once.
@@ -46,7 +46,8 @@ class Explorer:
         self.temp.mkdir()
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_DEFAULT_CONCURRENCY_LIMIT": "4",
                "TMPDIR": str(self.temp)}
-        self.process = subprocess.Popen([sys.executable, "-m", "gradio_app", "--api", api, "--port", str(self.port)],
+        self.process = subprocess.Popen([sys.executable, "-m", "stepwise.explorer", "--api", api, "--port",
+                                         str(self.port)],
                                         cwd=ROOT, env=env, stdout=open(log_path, "wb"),  # noqa: SIM115
                                         stderr=subprocess.STDOUT)
         wait_until_ready(self.url, timeout=90, process=self.process, log_file=log_path, name="the explorer")

@@ -2,7 +2,7 @@
 
 One set-up for the module: a real embedded ClearML server; one run (task) registering three
 small checkpoints (different seeds, steps 5/10/15, their validation BLEU measured on five
-held-out verses) through ``stepwise.registry.register_checkpoint``; the oldest promoted with
+held-out verses) through ``stepwise.registry.client.register_checkpoint``; the oldest promoted with
 ``stepwise promote``; a real ``bentoml serve`` resolving ``production`` from that registry; an
 admin explorer (``--admin``) and a read-only one in front of it.
 """
@@ -39,10 +39,10 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from clearml import Task
 from conftest import make_checkpoint
-from stepwise import registry
-from stepwise.checkpoint import load_checkpoint
-from stepwise.data import load_split
-from stepwise.translate import evaluate_bleu
+from stepwise.registry import client as registry
+from stepwise.train.checkpoint import load_checkpoint
+from stepwise.train.data import load_split
+from stepwise.train.evaluate import evaluate_bleu
 
 task = Task.init(project_name={project!r}, task_name="views-run", auto_connect_frameworks=False,
                  auto_resource_monitoring=False, output_uri=True)
@@ -69,14 +69,15 @@ print("PRODUCTION", json.dumps([m.id for m in Model.query_models(model_name={NAM
 
 
 class App:
-    """`python -m gradio_app` on a free port, with the ClearML server's environment."""
+    """`python -m stepwise.explorer` on a free port, with the ClearML server's environment."""
 
     def __init__(self, api: str, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**env, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_DEFAULT_CONCURRENCY_LIMIT": "4"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gradio_app", "--api", api, "--port", str(self.port), "--model-name", NAME, *args],
+            [sys.executable, "-m", "stepwise.explorer", "--api", api, "--port", str(self.port), "--model-name", NAME,
+             *args],
             cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         wait_until_ready(self.url, timeout=90, process=self.process, log_file=log_path, name="the explorer")
 
@@ -374,7 +375,8 @@ def test_admin_needs_a_clearml_server(tmp_path: Path) -> None:
     """``--admin`` without ClearML configured: one line and a non-zero exit, not a page with dead buttons."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
     env["HOME"] = str(tmp_path)  # no ~/clearml.conf either
-    result = subprocess.run([sys.executable, "-m", "gradio_app", "--admin", "--port", str(free_port())], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "stepwise.explorer", "--admin", "--port", str(free_port())],
+                            cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--admin needs a ClearML server" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

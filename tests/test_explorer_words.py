@@ -26,10 +26,10 @@ from test_explorer import (
     _wait_translated,
 )
 
-from gradio_app.client import TranslationClient
-from gradio_app.draw import LONG, cell_colors, heatmap_png, heatmap_svg, lines_svg
-from gradio_app.views import TOP_K
-from stepwise.alignment import attention_source, parse_pharaoh, word_alignment, words
+from stepwise.explorer.draw import LONG, cell_colors, heatmap_png, heatmap_svg, lines_svg
+from stepwise.explorer.views import TOP_K
+from stepwise.serve.alignment import attention_source, parse_pharaoh, word_alignment, words
+from stepwise.serve.client import TranslationClient
 
 from conftest import SAMPLE_PAIRS, BentoProcess
 
@@ -100,7 +100,7 @@ def test_word_alignment_is_the_services(service: BentoProcess, explorer: Explore
     soft = service.post("/translate", {**request, "alignment": "soft"}).json()["alignment"]
     hard = service.post("/translate", {**request, "alignment": "hard"}).json()["alignment"]
     full = service.post("/translate", {"text": sentence, "attention": "cross"}).json()
-    # the word-level rule is stepwise.alignment's: pieces merged into words, from the average of everything
+    # the word-level rule is stepwise.serve.alignment's: pieces merged into words, from the average of everything
     assert soft["source_words"] == words(full["source_tokens"])[0] == sentence.split()
     rule = word_alignment(attention_source(np.asarray(full["attention"]["cross"]), "average", "average"),
                           full["source_tokens"], full["target_tokens"])

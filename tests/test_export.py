@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from stepwise import export as export_module
-from stepwise.checkpoint import load_checkpoint
-from stepwise.decoding import decode
+from stepwise.decode.onnx_runtime import ExportFormatError, OnnxTranslator, session_options
+from stepwise.decode.pytorch import decode
 from stepwise.export import ExportError, check_parity, export_checkpoint, fuse_shared_input_projections
-from stepwise.onnx_decoding import ExportFormatError, OnnxTranslator, session_options
+from stepwise.train.checkpoint import load_checkpoint
 
 from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint, register_files
 
@@ -187,8 +187,8 @@ def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServer
 def test_beam_parity_tells_ties_from_differences() -> None:
     """Different beam hypotheses of the same score (a near-tie a barely trained model meets) are a
     tie; a different score is a difference; greedy search allows no ties."""
+    from stepwise.decode.search import Hypothesis
     from stepwise.export import compare_hypotheses
-    from stepwise.search import Hypothesis
 
     ours = [Hypothesis([1, 2], -1.0, True), Hypothesis([3], -2.0, True), Hypothesis([4], -3.0, True)]
     theirs = [Hypothesis([1, 2], -1.0, True), Hypothesis([5], -2.0004, True), Hypothesis([6], -3.5, True)]

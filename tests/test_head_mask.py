@@ -11,17 +11,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from stepwise.checkpoint import load_checkpoint
-from stepwise.components.attention import MultiHeadAttention
-from stepwise.decoding import decode
-from stepwise.export import _export_graphs, export_checkpoint
-from stepwise.onnx_decoding import (
+from stepwise.decode.onnx_runtime import (
     EXPORT_FORMAT,
     OnnxTranslator,
     cache_names,
     head_mask_from_pairs,
     session_options,
 )
+from stepwise.decode.pytorch import decode
+from stepwise.export import _export_graphs, export_checkpoint
+from stepwise.model.attention import MultiHeadAttention
+from stepwise.train.checkpoint import load_checkpoint
 
 from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint, make_model, register_files, run_python
 
@@ -165,7 +165,7 @@ def test_all_ones_mask_graph_equals_the_graph_without_mask_inputs(exported: tupl
 
 STORE_GET = """
 import json, sys
-from stepwise.serving import ModelStore, translate
+from stepwise.serve.store import ModelStore, translate
 model_dir, export_root, model_id = sys.argv[1:]
 store = ModelStore(model_dir=model_dir, export_root=export_root, device="cpu")
 loaded = store.get(model_id)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepwise.components.attention import MultiHeadAttention, attention_bias
-from stepwise.reference import to_torch_reference
+from stepwise.model.attention import MultiHeadAttention, attention_bias
+from stepwise.model.reference import to_torch_reference
 
 from conftest import make_model, padded_batch
 

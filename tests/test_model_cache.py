@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from stepwise.checkpoint import load_checkpoint
 from stepwise.errors import ConfigError
 from stepwise.export import export_checkpoint
-from stepwise.serving import ModelStore, export_bytes, model_cache_limits
+from stepwise.serve.store import ModelStore, export_bytes, model_cache_limits
+from stepwise.train.checkpoint import load_checkpoint
 
 from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint
 
@@ -72,7 +72,8 @@ def test_byte_limit_evicts_and_the_default_stays(export: Path) -> None:
 
 def test_bad_variable_is_one_line_at_start(export: Path) -> None:
     env = {**os.environ, "STEPWISE_MODEL_DIR": str(export), "STEPWISE_MODEL_CACHE": "5,2XB"}
-    done = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service:Translator", "--host", "127.0.0.1",
+    done = subprocess.run([sys.executable, "-m", "bentoml", "serve", "stepwise.serve.service:Translator", "--host",
+                           "127.0.0.1",
                            "--port", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [

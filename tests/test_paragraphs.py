@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.sentence_split import GOLD, paragraphs, score
-from stepwise.sentences import split_sentences
+from stepwise.serve.sentences import split_sentences
 
 from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
@@ -84,7 +84,7 @@ def test_batch_endpoint_splits_each_text(service: BentoProcess) -> None:
 
 
 def test_split_sentences_carry_their_attention_in_the_compact_format(service: BentoProcess) -> None:
-    from stepwise.attention_codec import decode_all
+    from stepwise.serve.attention_codec import decode_all
 
     plain = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "all"}).json()
     compact = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "all",

@@ -28,7 +28,7 @@ def _local_env(home: Path) -> dict[str, str]:
 
 STARTS_CLEARML = """
 import os, sys
-from stepwise import registry
+from stepwise.registry import client as registry
 from stepwise.pipeline import Pipeline
 
 pipeline = Pipeline(config="config/tiny.json", project="p", clearml_port=int(sys.argv[1]), service_port=0,
@@ -77,13 +77,15 @@ def test_up_builds_then_reuses_and_stops_everything(tmp_path: Path) -> None:
 def test_up_trains_the_quick_preset_on_cpu_and_the_default_preset_on_a_gpu() -> None:
     import torch
 
+    from stepwise.config import preset_path
     from stepwise.pipeline import Pipeline, default_preset
 
-    assert default_preset(cuda=False) == "config/tiny.json"
-    assert default_preset(cuda=True) == "config/default.json"
-    here = "config/default.json" if torch.cuda.is_available() else "config/tiny.json"
+    assert default_preset(cuda=False) == "tiny"
+    assert default_preset(cuda=True) == "default"
+    here = "default" if torch.cuda.is_available() else "tiny"
     assert default_preset() == here  # on this CPU-only machine: the quick preset
-    assert (ROOT / here).is_file()
+    preset = preset_path(here)
+    assert preset.is_file() and preset.read_bytes() == (ROOT / "config" / f"{here}.json").read_bytes()
     pipeline = Pipeline(config=None, project="p", clearml_port=0, service_port=0, explorer_port=0,
                         train_minutes=None)
     assert pipeline.config == here
@@ -92,4 +94,4 @@ def test_up_trains_the_quick_preset_on_cpu_and_the_default_preset_on_a_gpu() -> 
     assert chosen.config == "config/default.json"  # --config wins
     help_text = subprocess.run([sys.executable, "-m", "stepwise", "up", "--help"], capture_output=True, text=True,
                                timeout=120).stdout
-    assert "config/default.json with a CUDA GPU" in " ".join(help_text.split())
+    assert "default with a CUDA GPU" in " ".join(help_text.split())

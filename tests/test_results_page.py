@@ -65,7 +65,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClearMLS
     server = ClearMLServerProcess(data=folder / "clearml-data")
     server.start()
     try:
-        run = subprocess.run([sys.executable, "-m", "train", *TRAIN, "--project-name", "results-page",
+        run = subprocess.run([sys.executable, "-m", "stepwise.train", *TRAIN, "--project-name", "results-page",
                               "--task-name", "tiny-run", "--output-dir", str(folder / "run")], env=server.env,
                              cwd=folder, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]

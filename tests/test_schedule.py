@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepwise.checkpoint import load_checkpoint
 from stepwise.config import Config
 from stepwise.errors import ConfigError
-from train.schedule import ScheduleToTheEnd, TrainingClock, build_optimizer, decay_factor, lr_factor
+from stepwise.train.checkpoint import load_checkpoint
+from stepwise.train.schedule import ScheduleToTheEnd, TrainingClock, build_optimizer, decay_factor, lr_factor
 
 from conftest import ROOT, ClearMLServerProcess
 
@@ -161,7 +161,7 @@ def test_a_real_run_with_a_time_budget_ends_at_the_minimum_and_resumes_the_budge
              "--no-register", "--output-dir", str(out), "--project-name", "stepwise-test", "--task-name", "deadline"]
 
     def train(*extra: str) -> None:
-        result = subprocess.run([sys.executable, "-m", "train", *small, *extra], env=clearml_server.env,
+        result = subprocess.run([sys.executable, "-m", "stepwise.train", *small, *extra], env=clearml_server.env,
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "(max_minutes)" in result.stderr  # the budget ended it, not max_steps

@@ -1,4 +1,4 @@
-"""The shared search loop (``stepwise.search``): its k×k beam ranking against a textbook
+"""The shared search loop (``stepwise.decode.search``): its k×k beam ranking against a textbook
 full-vocabulary beam search, the output budget on both runtimes, the ONNX Runtime path without
 torch, and the one input-length rule across training, PyTorch and ONNX translation."""
 
@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from stepwise.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stepwise.config import Config
-from stepwise.data import encode_pairs
-from stepwise.decoding import TorchSteps, beam_search, decode, greedy_decode
+from stepwise.decode.onnx_runtime import DecoderSteps, OnnxTranslator
+from stepwise.decode.pytorch import TorchSteps, beam_search, decode, greedy_decode
+from stepwise.decode.search import length_limits, search
 from stepwise.export import export_checkpoint
-from stepwise.models import Transformer
-from stepwise.onnx_decoding import DecoderSteps, OnnxTranslator
-from stepwise.search import length_limits, search
+from stepwise.model import Transformer
 from stepwise.tokenizer import Tokenizer, truncate
-from stepwise.translate import encode_sources, translate, translate_ids
+from stepwise.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stepwise.train.data import encode_pairs
+from stepwise.train.evaluate import encode_sources, translate, translate_ids
 
 from conftest import SAMPLE_PAIRS, make_model, padded_batch
 
@@ -43,7 +43,7 @@ def table_log_probs(sentence: int, prefix: tuple[int, ...]) -> np.ndarray:
 
 
 class TableSteps:
-    """A :class:`stepwise.search.Step` over :func:`table_log_probs`: its "cache" is each row's prefix."""
+    """A :class:`stepwise.decode.search.Step` over :func:`table_log_probs`: its "cache" is each row's prefix."""
 
     encoder_attention = None
 
@@ -174,8 +174,8 @@ def test_onnx_path_decodes_with_torch_blocked(tmp_path: Path) -> None:
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from stepwise.onnx_decoding import OnnxTranslator
-import stepwise.search
+from stepwise.decode.onnx_runtime import OnnxTranslator
+import stepwise.decode.search
 translator = OnnxTranslator({str(tmp_path / "export")!r}, device="cpu")
 for beam in (1, 3):
     (out,) = translator.translate(["Im Anfang war das Wort."], beam_size=beam, return_attention=True)

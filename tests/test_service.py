@@ -17,12 +17,12 @@ import pytest
 import requests
 import torch
 
-from stepwise.checkpoint import load_checkpoint
+from stepwise.decode.onnx_runtime import available_providers
 from stepwise.errors import ExportError, ExportFormatError, InvalidRequest, ModelNotFound
 from stepwise.export import export_checkpoint
-from stepwise.onnx_decoding import available_providers
-from stepwise.serving import MAX_BEAM_SIZE, ModelStore, check_request, translate
-from stepwise.translate import translate_ids
+from stepwise.serve.store import MAX_BEAM_SIZE, ModelStore, check_request, translate
+from stepwise.train.checkpoint import load_checkpoint
+from stepwise.train.evaluate import translate_ids
 
 from conftest import (
     SAMPLE_PAIRS,
@@ -221,10 +221,10 @@ def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerPro
 # -- the model store on its own: the one request check, and exports that cannot be loaded ----------
 def _export_with_layers(folder: Path, encoder_layers: int, decoder_layers: int) -> Path:
     """An untrained model whose encoder and decoder depths differ, exported to ONNX."""
-    from stepwise.checkpoint import Checkpoint
     from stepwise.config import Config
-    from stepwise.models import Transformer
+    from stepwise.model import Transformer
     from stepwise.tokenizer import Tokenizer
+    from stepwise.train.checkpoint import Checkpoint
 
     tokenizer = Tokenizer.train([s for pair in SAMPLE_PAIRS for s in pair] * 4, vocab_size=120)
     config = Config.from_dict({"name": "uneven", "model": {

@@ -18,10 +18,10 @@ import pytest
 import requests
 from test_search import BOS, EOS, PAD, TableSteps
 
-from gradio_app.client import Decoding, TranslationClient, server_sent_events
-from stepwise.attention_codec import MAX_ERROR, decode
-from stepwise.search import Progress, search
-from stepwise.serving import Emit, LoadedModel, ModelStore, StreamClosed, translate
+from stepwise.decode.search import Progress, search
+from stepwise.serve.attention_codec import MAX_ERROR, decode
+from stepwise.serve.client import Decoding, TranslationClient, server_sent_events
+from stepwise.serve.store import Emit, LoadedModel, ModelStore, StreamClosed, translate
 
 from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 

@@ -52,7 +52,7 @@ def _wait_for(log: Path, text: str, count: int, process: subprocess.Popen, limit
 
 def _start_training(server: ClearMLServerProcess, folder: Path, log: Path, *overrides: str) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "train", *TRAIN, *overrides, "--project-name", "faults",
+        return subprocess.Popen([sys.executable, "-m", "stepwise.train", *TRAIN, *overrides, "--project-name", "faults",
                                  "--task-name", "restarted", "--output-dir", str(folder / "run")],
                                 env=server.env, cwd=folder, stdout=out, stderr=subprocess.STDOUT)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from stepwise.config import Config, TrainConfig
-from train.schedule import build_optimizer
-from train.trainer import progress_plan
+from stepwise.train.schedule import build_optimizer
+from stepwise.train.trainer import progress_plan
 
 from conftest import ROOT, ClearMLServerProcess, make_model
 
@@ -79,7 +79,7 @@ def test_a_real_run_draws_the_bar_of_what_ends_it(budget: str, clearml_server: C
              "train.eval_sentences=4", "--set", "train.batch_tokens=600", "--set", "train.log_every=5", "--set",
              "train.max_minutes=0", "--set", "train.eval_every=100000", "--set", "train.save_every=100000",
              "--set", "train.heatmap_sentences=0"]
-    result = subprocess.run([sys.executable, "-m", "train", *small, *limits, "--no-register", "--output-dir",
+    result = subprocess.run([sys.executable, "-m", "stepwise.train", *small, *limits, "--no-register", "--output-dir",
                              str(tmp_path / "run"), "--project-name", "stepwise-test", "--task-name", f"bar-{budget}"],
                             env=clearml_server.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

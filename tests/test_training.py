@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepwise.checkpoint import load_checkpoint
+from stepwise.train.checkpoint import load_checkpoint
 
 from conftest import ClearMLServerProcess, run_python
 
@@ -28,7 +28,8 @@ SMALL = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model
 
 
 def train(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "train", *SMALL, *args], env=env, cwd=cwd, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "stepwise.train", *SMALL, *args], env=env, cwd=cwd,
+                            capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -100,7 +101,7 @@ def test_killed_run_resumes_from_last_checkpoint(clearml_server: ClearMLServerPr
     out = tmp_path / "run"
     args = ["--project-name", "stepwise-test", "--task-name", "resume-run", "--output-dir", str(out), "--no-register",
             "--set", "train.save_every=10", "--set", "train.eval_every=1000", "--set", "train.max_steps=100000"]
-    proc = subprocess.Popen([sys.executable, "-m", "train", *SMALL, *args], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "stepwise.train", *SMALL, *args], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list((out / "checkpoints").glob("step-*.pt"))) < 2:
@@ -124,7 +125,8 @@ def test_killed_run_resumes_from_last_checkpoint(clearml_server: ClearMLServerPr
 
 def test_resume_without_checkpoint_and_rerun_without_resume_are_clear_errors(
         clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
-    missing = subprocess.run([sys.executable, "-m", "train", *SMALL, "--resume", "--output-dir", str(tmp_path / "x")],
+    missing = subprocess.run([sys.executable, "-m", "stepwise.train", *SMALL, "--resume", "--output-dir",
+                              str(tmp_path / "x")],
                              env=clearml_server.env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("stepwise train: error:")
     assert "Traceback" not in missing.stderr
@@ -134,7 +136,8 @@ def test_torchrun_two_processes_register_from_rank_zero(clearml_server: ClearMLS
     env = {**clearml_server.env, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train", *SMALL,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "stepwise.train", *SMALL,
          "--project-name", "stepwise-ddp", "--task-name", "ddp-run", "--output-dir", str(out),
          "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
@@ -142,7 +145,7 @@ def test_torchrun_two_processes_register_from_rank_zero(clearml_server: ClearMLS
     assert "world size 2" in result.stderr
     versions = json.loads(stepwise(["models", "list", "--project", "stepwise-ddp", "--json"], env).stdout)
     assert len(versions) == 2 and len({v["task"] for v in versions}) == 1  # one per save, one task
-    assert "[rank 1] stepwise.registry" not in result.stderr
+    assert "[rank 1] stepwise.registry.client" not in result.stderr
     model = load_checkpoint(out / "checkpoints" / "step-0000020.pt")
     assert all(torch.isfinite(t).all() for t in model.model_state.values())
 
@@ -190,7 +193,7 @@ def test_offline_session_can_be_imported_later(clearml_server: ClearMLServerProc
 
 def test_sigint_saves_a_checkpoint(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "int"
-    proc = subprocess.Popen([sys.executable, "-m", "train", *SMALL, "--no-register", "--output-dir", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "stepwise.train", *SMALL, "--no-register", "--output-dir", str(out),
                              "--project-name", "stepwise-test", "--task-name", "interrupted",
                              "--set", "train.save_every=100000", "--set", "train.eval_every=100000"],
                             env=clearml_server.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

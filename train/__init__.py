@@ -1,1 +1,0 @@
-"""Training: ``python -m train`` or ``stepwise train`` (and ``torchrun ... -m train`` for DDP)."""
