@@ -1,9 +1,11 @@
-"""The README and ``docs/``: every relative link resolves, the README stays a five-minute read.
+"""The README and ``docs/``: every relative link resolves, the README stays a five-minute read,
+and the HTTP reference names every field of the service's request and answer schemas.
 
-Reads the Markdown files only: no process, no server. A link is ``[text](target)`` outside code;
-``target`` is a file relative to the page (optionally with ``#anchor``) or ``#anchor`` alone, and
-an anchor must be the slug of a heading in the page it points into (GitHub's rule: lower case,
-punctuation dropped, spaces to hyphens, ``-1``, ``-2`` ... for repeats).
+Reads the Markdown files and imports the schemas: no process, no server. A link is
+``[text](target)`` outside code; ``target`` is a file relative to the page (optionally with
+``#anchor``) or ``#anchor`` alone, and an anchor must be the slug of a heading in the page it
+points into (GitHub's rule: lower case, punctuation dropped, spaces to hyphens, ``-1``, ``-2`` ...
+for repeats).
 """
 
 from __future__ import annotations
@@ -95,6 +97,24 @@ def test_readme_is_short() -> None:
 def test_no_page_names_a_local_path(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     assert not re.search(r"(?<![\w.])/(?:home|root|tmp|work|Users)/", text), page
+
+
+def table_names(page: Path, heading: str) -> set[str]:
+    """The backticked names in the first column of the table under ``heading`` (``a``, ``b`` in
+    a cell written as ``a``, ``b``)."""
+    text = page.read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`([a-z_]+)`", row.split(" | ")[0])}
+
+
+def test_the_http_reference_names_every_request_and_answer_field() -> None:
+    from stepwise.serve.service import TranslateBatchRequest, TranslateRequest, TranslationResult
+
+    service = ROOT / "docs" / "service.md"
+    request = set(TranslateRequest.model_fields) | set(TranslateBatchRequest.model_fields)
+    assert table_names(service, "## Request fields") == request
+    assert table_names(service, "## The answer") == set(TranslationResult.model_fields)
 
 
 def test_the_checker_finds_broken_links(tmp_path: Path) -> None:
