@@ -48,6 +48,11 @@ def _corpus_command(args: argparse.Namespace) -> int:
 
 
 def _clearml_server_command(args: argparse.Namespace) -> int:
+    if args.list_endpoints:
+        from stepwise.clearml_server.services import implemented_endpoints
+
+        print("\n".join(implemented_endpoints()))
+        return 0
     from stepwise.clearml_server import serve
 
     try:
@@ -219,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8008, help="port (default 8008)")
     p.add_argument("--data", default=".stepwise/clearml", help="directory for the SQLite file and uploads")
     p.add_argument("--trace", default=None, help="append every API answer to this JSON-lines file")
+    p.add_argument("--list-endpoints", action="store_true",
+                   help="print the implemented API endpoints (service.action, sorted) and exit")
     p.set_defaults(handler=_clearml_server_command)
     p = sub.add_parser("clearml-status", help="check that the configured ClearML server answers and accepts us")
     p.add_argument("--project", default=None, help="also count the registered models of this project")

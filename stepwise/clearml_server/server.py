@@ -2,11 +2,13 @@
 
 Routes, all on one port:
 
-* ``/auth.login`` and ``/v2.x/<service>.<action>`` (any method): the REST API. ``auth.login``
-  takes HTTP Basic key:secret and returns a JWT the SDK decodes (unverified) for
+* ``/auth.login`` and ``/v2.x/<service>.<action>`` (any method): the REST API, one module per
+  service in ``services/`` (``stepwise clearml-server --list-endpoints`` lists them).
+  ``auth.login`` takes HTTP Basic key:secret and returns a JWT the SDK decodes (unverified) for
   ``api_version``; every other call needs ``Authorization: Bearer <token>``.
-* ``/files/...``: the file server. ``POST /files/`` takes a multipart form whose field name is
-  the target path; ``GET /files/<path>`` returns it. Paths stay inside the data directory.
+* ``/files/...``: the file server (see ``fileserver.py``). ``POST /files/`` takes a multipart
+  form whose field name is the target path; ``GET /files/<path>`` returns it. Paths stay inside
+  the data directory.
 * ``/``, ``/projects/...``, ``/compare``: the read-only results pages (see ``web.py``), the
   link the SDK prints on ``Task.init`` included. Open on 127.0.0.1; bound to any other address
   they ask for the key and secret (HTTP Basic).
@@ -25,8 +27,6 @@ Set ``CLEARML_API_HOST=http://HOST:PORT``, ``CLEARML_WEB_HOST=http://HOST:PORT``
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
 import hmac
 import json
 import logging
@@ -43,41 +43,19 @@ from urllib.parse import unquote, urlsplit
 
 import jwt
 
-from stepwise.clearml_server import web
-from stepwise.clearml_server.api import Api, ApiError, add_events
+from stepwise.clearml_server import fileserver, web
+from stepwise.clearml_server.api import API_VERSION, ENDPOINTS, SERVER_VERSION, ApiError
+from stepwise.clearml_server.fileserver import UnsafePath
+from stepwise.clearml_server.services import create_api
 from stepwise.clearml_server.store import Store
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "2.23"
-SERVER_VERSION = "1.17.0"
 DEFAULT_ACCESS_KEY = "stepwise-local-key"
 DEFAULT_SECRET_KEY = "stepwise-local-secret"
 TOKEN_LIFETIME_S = 30 * 24 * 3600
 MAX_BODY_BYTES = 2 * 1024**3
 API_PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<name>[a-z_]+\.[a-z_]+)$")
-
-
-class UnsafePath(ValueError):
-    """An upload or download path that would leave the file store."""
-
-
-def safe_file_path(root: Path, name: str) -> Path:
-    """Map a file-server path (``/project/task.id/models/file``) to a file under ``root``.
-
-    One leading slash is allowed (the SDK sends one); absolute paths beyond that, ``..``
-    components, backslashes, NUL bytes and anything that resolves outside ``root`` are refused.
-    """
-    if not name or "\x00" in name or "\\" in name:
-        raise UnsafePath(f"invalid file path {name!r}")
-    relative = name[1:] if name.startswith("/") else name
-    parts = relative.split("/")
-    if relative.startswith("/") or re.match(r"^[A-Za-z]:", relative) or any(p in ("..", "") for p in parts):
-        raise UnsafePath(f"invalid file path {name!r}")
-    target = (root / relative).resolve()
-    if not target.is_relative_to(root.resolve()):
-        raise UnsafePath(f"invalid file path {name!r}")
-    return target
 
 
 class ClearMLServer(ThreadingHTTPServer):
@@ -94,7 +72,7 @@ class ClearMLServer(ThreadingHTTPServer):
         self.files_dir = self.data_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / "clearml.sqlite")
-        self.api = Api(self.store)
+        self.api = create_api(self.store, self.issue_token)
         self.access_key, self.secret_key = access_key, secret_key
         key_file = self.data_dir / "token.key"
         if not key_file.exists():
@@ -211,26 +189,17 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _api(self, name: str, version: str | None) -> None:
         body_bytes = self._body()
         auth = self.headers.get("Authorization") or ""
-        if name == "auth.login":
+        known = ENDPOINTS.get(name)
+        if known is not None and known.login:
             if not (auth.startswith("Basic ") and self.server.check_basic(auth)) and not (
                     auth.startswith("Bearer ") and self.server.check_bearer(auth)):
                 self._api_error(name, version, ApiError(401, 20, "Unauthorized (invalid credentials)"))
                 return
-            self._api_ok(name, version, {"token": self.server.issue_token()})
-            return
-        if not (auth.startswith("Bearer ") and self.server.check_bearer(auth)):
+        elif not (auth.startswith("Bearer ") and self.server.check_bearer(auth)):
             self._api_error(name, version, ApiError(401, 21, "Unauthorized (missing or invalid token)"))
             return
         try:
-            if name == "events.add_batch":
-                lines = body_bytes.decode("utf-8").splitlines()
-                data = add_events(self.server.api, [json.loads(line) for line in lines if line.strip()])
-            else:
-                body = json.loads(body_bytes.decode("utf-8")) if body_bytes.strip() else {}
-                data = self.server.api.call(name, body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._api_error(name, version, ApiError(400, 0, f"Invalid JSON body: {exc}"))
-            return
+            data = self.server.api.handle(name, body_bytes)
         except ApiError as exc:
             self._api_error(name, version, exc)
             return
@@ -282,16 +251,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             if self.command == "POST":
                 self._upload()
             elif self.command == "GET":
-                target = safe_file_path(self.server.files_dir, path)
-                if not target.is_file():
+                data = fileserver.read(self.server.files_dir, path)
+                if data is None:
                     self._api_error("files", None, ApiError(404, 0, f"File not found: {path}"))
                     return
-                self._send(200, target.read_bytes(), "application/octet-stream")
+                self._send(200, data, "application/octet-stream")
             elif self.command == "DELETE":
-                target = safe_file_path(self.server.files_dir, path)
-                existed = target.is_file()
-                if existed:
-                    target.unlink()
+                existed = fileserver.delete(self.server.files_dir, path)
                 self._send_json(200 if existed else 404, {"deleted": existed})
             else:
                 self._api_error("files", None, ApiError(405, 0, f"Method {self.command} not allowed"))
@@ -301,26 +267,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _upload(self) -> None:
         content_type = self.headers.get("Content-Type") or ""
         body = self._body()
-        if not content_type.startswith("multipart/form-data"):
-            raise UnsafePath("uploads must be multipart/form-data")
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode() + body)
-        saved = {}
-        targets = []
-        for part in message.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            if not name:
-                continue
-            targets.append((safe_file_path(self.server.files_dir, name), part.get_payload(decode=True) or b""))
-        for target, payload in targets:  # every path is checked before anything is written
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
-            temp.write_bytes(payload)
-            os.replace(temp, target)
-            saved[str(target.relative_to(self.server.files_dir))] = len(payload)
-        if not saved:
-            raise UnsafePath("no file in the upload")
-        self._send_json(200, saved)
+        self._send_json(200, fileserver.store_upload(self.server.files_dir, content_type, body))
 
     # -- results pages (web.py) ----------------------------------------------------------------
     def _web(self, path: str, query: str) -> None:

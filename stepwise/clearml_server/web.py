@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
+from stepwise.clearml_server.fileserver import UnsafePath, safe_file_path
 from stepwise.clearml_server.store import Document, Store
 
 WEB_PATH = re.compile(r"^/(?:$|projects(?:/|$)|compare/?$|static/|view-files/)")
@@ -537,8 +538,6 @@ def _static(parts: list[str]) -> Page:
 
 
 def _view_file(site: Site, path: str) -> Page:
-    from stepwise.clearml_server.server import UnsafePath, safe_file_path
-
     try:
         target = safe_file_path(site.files_dir, path)
     except UnsafePath as exc:
