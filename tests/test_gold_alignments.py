@@ -53,3 +53,18 @@ def test_parse_links_and_read_gold_reject_malformed_input(tmp_path) -> None:
     bad.write_text("Und Gott sprach\tGod said\t0?0 1-0 2-2\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.tsv:1: link 2-2 is outside 3 source × 2 target words"):
         read_gold(bad)
+
+
+def test_alignment_scores_and_symmetrisation() -> None:
+    from bench.alignment import diagonal, grow_diag_final_and, scores
+
+    verse = read_gold()[0]
+    assert scores([set(verse.sure)], [verse]) == (0.0, 1.0, 1.0)
+    aer, precision, recall = scores([set(verse.possible)], [verse])
+    assert precision == 1.0 and recall == 0.0 and aer > 0
+    assert all(len(links) == len(v.target_words) for links, v in zip(diagonal([verse]), [verse], strict=True))
+    forward = {(0, 0), (1, 1), (3, 3)}
+    reverse = {(0, 0), (1, 1), (2, 1), (5, 0)}
+    # the intersection, grown by (2, 1) next to (1, 1); then (3, 3), whose words are both unaligned;
+    # (5, 0) is next to no link and its target word is aligned already
+    assert grow_diag_final_and(forward, reverse) == {(0, 0), (1, 1), (2, 1), (3, 3)}
