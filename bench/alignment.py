@@ -251,7 +251,10 @@ def bench_alignment(checkpoints: list[str], *, config: str = "default", eflomal:
         for direction, links in eflomal_alignments(verses, training).items():
             rows.append([f"eflomal, {direction}", *scores(links, verses)])
         notes.append(f"eflomal aligned {len(training):,} training pairs + {len(verses)} gold verses in "
-                     f"{time.perf_counter() - start:.0f} s.")
+                     f"{time.perf_counter() - start:.0f} s (its samplers are random: a rerun moves its rows "
+                     "by about 0.01).")
+    if not checkpoints:
+        notes.append("No checkpoint given: the model's readings need one (`--checkpoint PATH`).")
     grids = []
     for path in checkpoints:
         model_rows, model_grids = model_sections(path, verses)
