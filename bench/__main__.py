@@ -1,4 +1,4 @@
-"""``python -m bench {all,train,translate,serve,export,headmask} [--checkpoint PATH] [--sentences N]``.
+"""``python -m bench {all,train,translate,serve,export,headmask,alignment} [--checkpoint PATH] [--sentences N]``.
 
 ``serve`` also measures the service against its engine (``OnnxTranslator`` offline on the same
 sentences), the answer's size per ``attention_format``, and the service's resident memory (idle,
@@ -468,7 +468,7 @@ def bench_load(checkpoint: Path, work: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("what", choices=["all", "train", "translate", "serve", "export", "headmask"])
+    parser.add_argument("what", choices=["all", "train", "translate", "serve", "export", "headmask", "alignment"])
     parser.add_argument("--checkpoint", default=None, help="checkpoint to measure (default: production, or fresh)")
     parser.add_argument("--sentences", type=int, default=None,
                         help=f"held-out sentences (default 500; {UNTRAINED_SENTENCES} for an untrained model)")
@@ -482,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--steps", type=int, default=200, help="headmask: decoder steps per graph and round")
     args = parser.parse_args(argv)
+    if args.what == "alignment":  # eflomal and the diagonal on the gold set; the model's readings with --checkpoint
+        from bench.alignment import main as bench_alignment
+
+        bench_alignment([*(["--checkpoint", args.checkpoint] if args.checkpoint else []),
+                         *(["--out", args.out] if args.out else [])])
+        return 0
     if args.what == "headmask":  # needs no corpus: an untrained default-size model unless --checkpoint
         from bench.headmask import bench_headmask
 

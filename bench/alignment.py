@@ -1,51 +1,166 @@
-"""Which cross-attention aligns words best: alignment error rate per layer and head.
+"""How well each reading of the cross-attention aligns words, beside eflomal, on the gold set.
 
-``python -m bench.alignment CHECKPOINT [CHECKPOINT ...]`` teacher-forces each hand-aligned verse
-below (the German source, the English reference) through the model, merges the cross-attention
-into words with :mod:`stepwise.serve.alignment`, takes the argmax link per target word, and prints the
-alignment error rate (Och & Ney; lower is better) of every layer × head, of each layer's head
-average, and of the average of everything, summed over the verses (links pooled, as AER is
-usually reported); each once with the service's rule (a target piece aligned by the attention of
-the step that predicts it) and once shifted (by the step that reads it as input, "Shift-Att",
-Chen et al. 2020), beside a no-model diagonal baseline. The service's default
-(``alignment.DEFAULT_LAYER``) was picked with it.
+``python -m bench alignment [--checkpoint PATH]`` (or ``python -m bench.alignment [PATH ...]``) scores
+word alignments against the hand-made gold links of the 94 validation verses
+(:mod:`bench.gold`, ``bench/gold/GUIDELINES.md``): alignment error rate (Och & Ney; lower is
+better), precision against the possible links and recall of the sure links, each with the links of
+all verses pooled, as AER is usually reported.
 
-The verses come from the validation books (Jonah, Titus): words are the whitespace-separated
-tokens, 0-based, ``sure`` the links anyone would draw, ``possible`` the defensible extras
-(function words, one word for two). Sure links are possible too.
+Systems:
+
+- **diagonal**: no model; target word ``j`` linked to the source word at the same relative place.
+- **eflomal** (Östling & Tiedemann 2016), trained on the training split plus the gold verses
+  (whitespace words, lowercased, punctuation at a word's edges stripped; the words keep their
+  places, so its links index the same words): forward (each English word gets one German word),
+  reverse (each German word gets one English word), their intersection, their union and
+  grow-diag-final-and (Koehn et al. 2005), the usual symmetrisation.
+- **the model** (with ``--checkpoint``): each verse teacher-forced (German source, English
+  reference), the cross-attention merged into words with :mod:`stepwise.serve.alignment` and
+  the argmax link taken per target word, read three ways:
+
+  - *predicting step*: a target piece aligned by the attention of the step that predicts it (the
+    service's rule);
+  - *reading step*: by the step that reads it as input (``t + 1``, "Shift-Att", Chen et al. 2020);
+  - *value-norm*: the predicting step's weights scaled by the norm of what each source position
+    sends through the head, ``‖α·f(x)‖`` with ``f(x) = x W_V W_O`` (Kobayashi et al. 2020), rows
+    renormalised;
+
+  each per layer × head, per layer (head average) and averaged over everything. The summary table
+  gives each reading's best layer × head (picked on these same verses, so an optimistic figure),
+  each layer's head average and the overall average; the AER of every layer × head follows in one
+  grid per reading.
+
+Results go to ``bench/results/alignment-DEVICE.md``.
 """
 
 from __future__ import annotations
 
+import argparse
+import string
 import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
 
-from stepwise.serve.alignment import AVERAGE, alignment_error_rate, attention_source, parse_pharaoh, word_alignment
+import numpy as np
 
-# (source, reference, sure links, possible extra links), links as Pharaoh "source-target"
-VERSES: list[tuple[str, str, str, str]] = [
-    ("Und es verdroß Jona sehr, und er wurde zornig.",
-     "But it displeased Jonah exceedingly, and he was angry.",
-     "0-0 1-1 2-2 3-3 4-4 5-5 6-6 7-7 8-8", ""),
-    ("Und Jehova sprach: Ist es recht, daß du zürnest?",
-     'Yahweh said, "Is it right for you to be angry?"',
-     "1-0 2-1 3-2 4-3 5-4 7-6 8-9", "6-5 6-7 8-7 8-8"),
-    ("Die auf nichtige Götzen achten, verlassen ihre Gnade.",
-     "Those who regard lying vanities forsake their own mercy.",
-     "0-0 4-2 2-3 3-4 5-5 6-6 7-8", "0-1 1-2 6-7"),
-    ("Und das Wort Jehovas geschah zum zweiten Male zu Jona also:",
-     "The word of Yahweh came to Jonah the second time, saying,",
-     "1-0 2-1 3-3 4-4 8-5 9-6 6-8 7-9 10-10", "3-2 5-7"),
-    ("Und Jehova befahl dem Fische, und er spie Jona an das Land aus.",
-     "Yahweh spoke to the fish, and it vomited out Jonah on the dry land.",
-     "1-0 2-1 3-3 4-4 5-5 6-6 7-7 12-8 8-9 9-10 10-11 11-13", "3-2 11-12 7-8"),
-    ("Denn die Gnade Gottes ist erschienen, heilbringend für alle Menschen,",
-     "For the grace of God has appeared, bringing salvation to all men,",
-     "0-0 1-1 2-2 3-4 4-5 5-6 6-7 6-8 7-9 8-10 9-11", "3-3"),
-]
+from bench.common import table, write_results
+from bench.gold import GoldVerse, read_gold
+from stepwise.serve.alignment import AVERAGE, Choice, alignment_error_rate, attention_source, word_alignment
+
+Links = set[tuple[int, int]]
+READINGS = ("predicting step", "reading step", "value-norm")
+_EDGE_PUNCTUATION = string.punctuation + "„“”‚‘’«»–—"
 
 
-def cross_attention(checkpoint_path: str) -> tuple[list[tuple], int, int, int]:
-    """Teacher-forced cross-attention ``[L, H, T, S]`` of every verse, with its pieces."""
+# ---------------------------------------------------------------------------------------------- scores
+
+def scores(hypotheses: list[Links], verses: list[GoldVerse]) -> tuple[float, float, float]:
+    """AER, precision and recall of one system's links, pooled over the verses.
+
+    Precision is ``|A∩P| / |A|`` (a link is right if it is at least possible), recall
+    ``|A∩S| / |S|`` (sure links found); AER is ``1 - (|A∩S| + |A∩P|) / (|A| + |S|)``.
+    """
+    hypothesis, sure, possible = set(), set(), set()
+    for n, (links, verse) in enumerate(zip(hypotheses, verses, strict=True)):
+        hypothesis |= {(n, i, j) for i, j in links}
+        sure |= {(n, i, j) for i, j in verse.sure}
+        possible |= {(n, i, j) for i, j in verse.sure | verse.possible}
+    precision = len(hypothesis & possible) / len(hypothesis) if hypothesis else 0.0
+    recall = len(hypothesis & sure) / len(sure) if sure else 0.0
+    return alignment_error_rate(hypothesis, sure, possible), precision, recall
+
+
+def diagonal(verses: list[GoldVerse]) -> list[Links]:
+    """The no-model baseline: target word ``j`` linked to the source word at the same relative place."""
+    out = []
+    for verse in verses:
+        src, tgt = len(verse.source_words), len(verse.target_words)
+        out.append({(min(int((j + 0.5) * src / tgt), src - 1), j) for j in range(tgt)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- eflomal
+
+def eflomal_words(text: str) -> str:
+    """The whitespace words as eflomal sees them: punctuation at the edges stripped, one per word."""
+    return " ".join(word.strip(_EDGE_PUNCTUATION) or word for word in text.split())
+
+
+def grow_diag_final_and(forward: Links, reverse: Links) -> Links:
+    """Symmetrise two directional alignments (Koehn et al. 2005; Moses' ``grow-diag-final-and``).
+
+    Start from the intersection; add union links next to (also diagonally) an aligned link while
+    either of their words is unaligned, until nothing changes; then add union links of each
+    direction whose words are both unaligned.
+    """
+    union = forward | reverse
+    alignment = forward & reverse
+    source_aligned = {i for i, _ in alignment}
+    target_aligned = {j for _, j in alignment}
+    neighbours = [(-1, 0), (0, -1), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
+    grown = True
+    while grown:
+        grown = False
+        for i, j in sorted(alignment):
+            for di, dj in neighbours:
+                link = (i + di, j + dj)
+                if link in union and link not in alignment and (
+                        link[0] not in source_aligned or link[1] not in target_aligned):
+                    alignment.add(link)
+                    source_aligned.add(link[0])
+                    target_aligned.add(link[1])
+                    grown = True
+    for direction in (forward, reverse):
+        for i, j in sorted(direction):
+            if i not in source_aligned and j not in target_aligned:
+                alignment.add((i, j))
+                source_aligned.add(i)
+                target_aligned.add(j)
+    return alignment
+
+
+def _read_links(path: Path) -> list[Links]:
+    return [{(int(i), int(j)) for i, j in (pair.split("-") for pair in line.split())}
+            for line in path.read_text().splitlines()]
+
+
+def eflomal_alignments(verses: list[GoldVerse], training: Iterable[tuple[str, str]]) -> dict[str, list[Links]]:
+    """eflomal's links for the gold verses, aligned together with ``training`` (the gold verses last).
+
+    Returns:
+        ``{"forward", "reverse", "intersection", "union", "grow-diag-final-and"}`` -> links per verse.
+    """
+    from eflomal import Aligner
+
+    pairs = [*training, *((verse.source, verse.reference) for verse in verses)]
+    source = [eflomal_words(s) for s, _ in pairs]
+    target = [eflomal_words(t) for _, t in pairs]
+    with tempfile.TemporaryDirectory(prefix="stepwise-eflomal-") as tmp:
+        forward_file, reverse_file = Path(tmp) / "forward", Path(tmp) / "reverse"
+        Aligner().align(source, target, links_filename_fwd=str(forward_file),
+                        links_filename_rev=str(reverse_file), quiet=True)
+        forward = _read_links(forward_file)[-len(verses):]
+        reverse = _read_links(reverse_file)[-len(verses):]
+    return {
+        "forward": forward,
+        "reverse": reverse,
+        "intersection": [f & r for f, r in zip(forward, reverse, strict=True)],
+        "union": [f | r for f, r in zip(forward, reverse, strict=True)],
+        "grow-diag-final-and": [grow_diag_final_and(f, r) for f, r in zip(forward, reverse, strict=True)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def cross_attention(checkpoint_path: str, verses: list[GoldVerse]) -> tuple[list[dict], int]:
+    """Teacher-forced cross-attention of every verse, per reading, with its pieces.
+
+    Returns:
+        One dict per verse (``"maps"``: reading -> ``[L, H, T, S]``, ``"source"``/``"target"``:
+        the pieces each map's columns/rows stand for), and the checkpoint's step.
+    """
     import torch
 
     from stepwise.train.checkpoint import load_checkpoint
@@ -53,62 +168,117 @@ def cross_attention(checkpoint_path: str) -> tuple[list[tuple], int, int, int]:
     checkpoint = load_checkpoint(checkpoint_path)
     model, tokenizer = checkpoint.build_model().eval(), checkpoint.tokenizer()
     out = []
-    for source, reference, sure, possible in VERSES:
-        src = tokenizer.encode(source)
-        tgt = tokenizer.encode(reference)  # pieces + EOS: what each decoder position predicts
+    for verse in verses:
+        src = tokenizer.encode(verse.source)
+        tgt = tokenizer.encode(verse.reference)  # pieces + EOS: what each decoder position predicts
         with torch.no_grad():
             _, attention = model(torch.tensor([src]), torch.tensor([[tokenizer.bos_id, *tgt[:-1]]]),
                                  return_attention=True)
+            memory, _ = model.encode(torch.tensor([src]))
+            norms = []  # ‖f_h(x_s)‖ per layer: [H, S], f_h(x) = x W_V^h W_O^h (biases of W_O shared, left out)
+            for layer in model.decoder_layers:
+                mha = layer.cross_attn
+                value = mha.v_proj(memory)[0].view(-1, mha.n_heads, mha.d_k).transpose(0, 1)  # [H, S, d_k]
+                w_out = mha.out_proj.weight.view(mha.d_model, mha.n_heads, mha.d_k).permute(1, 2, 0)  # [H, d_k, d]
+                norms.append(torch.linalg.vector_norm(value @ w_out, dim=-1))
         cross = torch.stack([layer[0] for layer in attention["cross"]]).numpy()  # [L, H, T, S]
-        out.append((cross, tokenizer.pieces(src), tokenizer.pieces(tgt), source, reference, sure, possible))
-    layers, heads = out[0][0].shape[:2]
-    return out, layers, heads, checkpoint.step
+        weighted = cross * torch.stack(norms).numpy()[:, :, None, :]
+        weighted /= np.maximum(weighted.sum(axis=-1, keepdims=True), 1e-12)
+        source_pieces, target_pieces = tokenizer.pieces(src), tokenizer.pieces(tgt)
+        out.append({"maps": {"predicting step": cross, "reading step": cross, "value-norm": weighted},
+                    "source": source_pieces, "target": target_pieces, "verse": verse})
+    return out, checkpoint.step
 
 
-def error_rate(verses: list[tuple], layer: int | str, head: int | str, *, shifted: bool = False) -> float:
-    """AER over all verses (links pooled) of one layer/head choice.
+def model_links(verses: list[dict], reading: str, layer: Choice, head: Choice) -> list[Links]:
+    """The argmax link per target word of one reading, layer and head, for every verse."""
+    out = []
+    for item in verses:
+        weights = attention_source(item["maps"][reading], layer, head)
+        target_pieces = item["target"]
+        if reading == "reading step":  # rows 1..T read pieces 0..T-1; the EOS piece is read by no row
+            weights, target_pieces = weights[1:], target_pieces[:-1]
+        aligned = word_alignment(weights, item["source"], target_pieces)
+        verse = item["verse"]
+        if aligned.source_words != verse.source_words or aligned.target_words != verse.target_words:
+            raise ValueError(f"the tokenizer's words differ from the whitespace words of {verse.source!r}")
+        out.append(set(aligned.hard()))
+    return out
 
-    ``shifted``: align target piece ``t`` with the row of the step that reads it (``t + 1``, as
-    "Shift-Att" does) instead of the row of the step that predicts it (the service's rule).
+
+def model_sections(checkpoint_path: str, verses: list[GoldVerse]) -> tuple[list[list], list[str]]:
+    """Summary rows of every reading of one checkpoint, and the AER grid of each reading."""
+    items, step = cross_attention(checkpoint_path, verses)
+    layers, heads = items[0]["maps"]["predicting step"].shape[:2]
+    rows, grids = [], []
+    for reading in READINGS:
+        grid = {(layer, head): scores(model_links(items, reading, layer, head), verses)
+                for layer in [*range(layers), AVERAGE] for head in [*range(heads), AVERAGE]}
+        best = min(((layer, head) for layer in range(layers) for head in range(heads)), key=lambda key: grid[key][0])
+        name = f"step {step}, {reading}"
+        rows.append([f"{name}, best: layer {best[0]} head {best[1]}", *grid[best]])
+        rows += [[f"{name}, layer {layer} (head average)", *grid[(layer, AVERAGE)]] for layer in range(layers)]
+        rows.append([f"{name}, average of all layers and heads", *grid[(AVERAGE, AVERAGE)]])
+        grids.append(table(f"AER per layer × head: step {step}, {reading}",
+                           ["layer", *(f"head {h}" for h in range(heads)), "head average"],
+                           [[str(layer), *(f"{grid[(layer, head)][0]:.3f}" for head in [*range(heads), AVERAGE])]
+                            for layer in [*range(layers), AVERAGE]]))
+    return rows, grids
+
+
+# ---------------------------------------------------------------------------------------------- the bench
+
+def bench_alignment(checkpoints: list[str], *, config: str = "default", eflomal: bool = True) -> list[str]:
+    """Every system's AER, precision and recall on the gold set, as markdown sections.
+
+    Args:
+        checkpoints: model checkpoints to read attention from (none: the baselines only).
+        config: the preset whose training split eflomal learns from.
+        eflomal: run eflomal (about 1–2 minutes of CPU on the full training split).
     """
-    hypothesis: set[tuple[int, ...]] = set()
-    sure_links: set[tuple[int, ...]] = set()
-    possible_links: set[tuple[int, ...]] = set()
-    for n, (cross, src_pieces, tgt_pieces, source, reference, sure, possible) in enumerate(verses):
-        weights = attention_source(cross, layer, head)
-        if shifted:  # rows 1..T read pieces 0..T-1; the EOS piece is read by no row
-            weights, tgt_pieces = weights[1:], tgt_pieces[:-1]
-        aligned = word_alignment(weights, src_pieces, tgt_pieces)
-        assert aligned.source_words == source.split() and aligned.target_words == reference.split()
-        hypothesis |= {(n, i, j) for i, j in aligned.hard()}
-        sure_links |= {(n, i, j) for i, j in parse_pharaoh(sure)}
-        possible_links |= {(n, i, j) for i, j in parse_pharaoh(possible)}
-    return alignment_error_rate(hypothesis, sure_links, possible_links)
+    from stepwise.config import load_config
+    from stepwise.train.data import load_split
+
+    verses = read_gold()
+    data = load_config(config).data
+    if [(v.source, v.reference) for v in verses] != [tuple(p) for p in load_split(data, "valid")]:
+        raise ValueError(f"the gold verses are not the validation split of the {config!r} preset")
+    rows = [["diagonal (no model)", *scores(diagonal(verses), verses)]]
+    notes = []
+    if eflomal:
+        training = load_split(data, "train")
+        start = time.perf_counter()
+        for direction, links in eflomal_alignments(verses, training).items():
+            rows.append([f"eflomal, {direction}", *scores(links, verses)])
+        notes.append(f"eflomal aligned {len(training):,} training pairs + {len(verses)} gold verses in "
+                     f"{time.perf_counter() - start:.0f} s (its samplers are random: a rerun moves its rows "
+                     "by about 0.01).")
+    if not checkpoints:
+        notes.append("No checkpoint given: the model's readings need one (`--checkpoint PATH`).")
+    grids = []
+    for path in checkpoints:
+        model_rows, model_grids = model_sections(path, verses)
+        rows += model_rows
+        grids += model_grids
+    sure = sum(len(v.sure) for v in verses)
+    possible = sum(len(v.possible) for v in verses)
+    summary = table(f"Word alignment on the gold set ({len(verses)} validation verses, {sure} sure + "
+                    f"{possible} possible links; AER lower is better)",
+                    ["system", "AER", "precision", "recall"],
+                    [[name, *(f"{value:.3f}" for value in values)] for name, *values in rows])
+    return [summary, *(note + "\n" for note in notes), *grids]
 
 
-def diagonal_error_rate() -> float:
-    """AER of the no-model baseline: target word j linked to the source word at the same relative place."""
-    hypothesis, sure_links, possible_links = set(), set(), set()
-    for n, (source, reference, sure, possible) in enumerate(VERSES):
-        src, tgt = len(source.split()), len(reference.split())
-        hypothesis |= {(n, min(int((j + 0.5) * src / tgt), src - 1), j) for j in range(tgt)}
-        sure_links |= {(n, i, j) for i, j in parse_pharaoh(sure)}
-        possible_links |= {(n, i, j) for i, j in parse_pharaoh(possible)}
-    return alignment_error_rate(hypothesis, sure_links, possible_links)
-
-
-def main(paths: list[str]) -> None:
-    print(f"diagonal baseline (no model): AER {diagonal_error_rate():.3f}")
-    for path in paths:
-        verses, layers, heads, step = cross_attention(path)
-        print(f"\nstep {step}: AER (lower is better) over {len(verses)} verses")
-        print("| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " | head average |")
-        print("| --- |" + " --- |" * (heads + 1))
-        for shifted in (False, True):
-            for layer in [*range(layers), AVERAGE]:
-                cells = [error_rate(verses, layer, head, shifted=shifted) for head in [*range(heads), AVERAGE]]
-                name = f"{layer}, shifted" if shifted else str(layer)
-                print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.alignment", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", nargs="*", help="checkpoints to read attention from")
+    parser.add_argument("--checkpoint", action="append", default=[], help="a checkpoint to read (repeatable)")
+    parser.add_argument("--config", default="default", help="preset whose training split eflomal learns from")
+    parser.add_argument("--no-eflomal", action="store_true", help="leave eflomal out")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    sections = bench_alignment([*args.checkpoints, *args.checkpoint], config=args.config, eflomal=not args.no_eflomal)
+    write_results("alignment", sections, "cpu", Path(args.out) if args.out else None)
 
 
 if __name__ == "__main__":
