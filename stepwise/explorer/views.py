@@ -107,7 +107,7 @@ class TranslationView:
         with gr.Row():
             text = gr.Textbox(label="Sentence", value=example, lines=2, elem_id="sentence", scale=4)
             with gr.Column(scale=1):
-                beam = gr.Slider(1, 16, value=1, step=1, label="Beam size", elem_id="beam")  # the service allows 16
+                beam = gr.Slider(1, cls._max_beam(client), value=1, step=1, label="Beam size", elem_id="beam")
                 model = gr.Textbox(label="Model (tag or version id; empty = production)", value="",
                                    elem_id="model")
         button = gr.Button("Translate", variant="primary", elem_id="translate")
@@ -116,6 +116,18 @@ class TranslationView:
         translation = gr.Textbox(label="Translation", interactive=False, elem_id="translation")
         tokens = gr.Markdown(elem_id="tokens")
         return cls(client, result, text, beam, model, button, status, translation, tokens, live)
+
+    @staticmethod
+    def _max_beam(client: TranslationClient) -> int:
+        """The beam limit the service reports in ``/model`` (1 while it is unreachable: greedy search)."""
+        try:
+            return client.max_beam_size()
+        except ServiceError:
+            return 1
+
+    def refresh_limits(self) -> dict[str, Any]:
+        """The beam slider's range from the service's ``/model`` (on each page load: it may have started since)."""
+        return gr.update(maximum=self._max_beam(self.client))
 
     def translate(self, text: str, beam: float, model: str) -> Iterator[Update]:
         """Stream a translation with every attention kind: live tokens and attention, then the result."""
