@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from stepwise.serve.attention_codec import FORMATS, MAX_ERROR, decode, decode_all, encode, encode_all
-from stepwise.serve.store import ATTENTION_FORMATS, json_bytes
+from stepwise.serve.options import ATTENTION_FORMATS
+from stepwise.serve.responses import json_bytes
 
 from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
@@ -53,9 +54,9 @@ def test_json_format_is_unchanged_and_bad_payloads_are_named() -> None:
     with pytest.raises(ValueError, match="zlib"):
         decode({**payload, "data": encode(attention["cross"], "float16")["data"]})
     # the service's schema offers exactly the codec's formats
-    from stepwise.serve.service import _Options
+    from stepwise.serve.options import OptionsSchema
 
-    assert typing.get_args(_Options.model_fields["attention_format"].annotation) == ATTENTION_FORMATS == FORMATS
+    assert typing.get_args(OptionsSchema.model_fields["attention_format"].annotation) == ATTENTION_FORMATS == FORMATS
 
 
 # -- over HTTP, against a real `bentoml serve` ------------------------------------------------------

@@ -282,6 +282,16 @@ def test_sessions_export_into_folders_of_their_own(service: BentoProcess) -> Non
     assert not Path(first[heatmap.folder]).exists() and Path(second[heatmap.png]).exists()
 
 
+def test_the_beam_slider_goes_as_far_as_the_service_allows(service: BentoProcess) -> None:
+    """The beam limit is the one ``/model`` reports (greedy only while the service is unreachable)."""
+    with gr.Blocks():
+        reachable = TranslationView.build(TranslationClient(service.url), "")
+        unreachable = TranslationView.build(TranslationClient(f"http://127.0.0.1:{free_port()}"), "")
+    assert reachable.beam.maximum == service.post("/model", {}).json()["max_beam_size"] > 1
+    assert reachable.beam.interactive is not False and unreachable.beam.interactive is False
+    assert reachable.refresh_limits()["maximum"] == reachable.beam.maximum
+
+
 def test_encoder_deeper_than_decoder(browser: object, tmp_path: Path) -> None:
     """A 4-encoder + 2-decoder-layer model: the encoder's layers 3 and 4 can be opened."""
     server = _serve(tmp_path, n_encoder_layers=4, n_decoder_layers=2)

@@ -165,12 +165,13 @@ def test_all_ones_mask_graph_equals_the_graph_without_mask_inputs(exported: tupl
 
 STORE_GET = """
 import json, sys
-from stepwise.serve.store import ModelStore, translate
+from stepwise.serve.store import ModelStore
+from stepwise.serve.translation import Job, translate
 model_dir, export_root, model_id = sys.argv[1:]
 store = ModelStore(model_dir=model_dir, export_root=export_root, device="cpu")
 loaded = store.get(model_id)
 request = {"text": "Und Gott sprach.", "beam_size": 1, "attention": "none", "mask_heads": {"cross": [[0, 1]]}}
-(result,) = translate(loaded, [request])
+(result,) = translate(loaded, [Job.parse(request)])
 print("RESULT", json.dumps({"export_dir": str(loaded.export_dir), "translation": result["translation"]}))
 """
 

@@ -20,7 +20,16 @@ import torch
 from stepwise.decode.onnx_runtime import available_providers
 from stepwise.errors import ExportError, ExportFormatError, InvalidRequest, ModelNotFound
 from stepwise.export import export_checkpoint
-from stepwise.serve.store import MAX_BEAM_SIZE, ModelStore, check_request, translate
+from stepwise.serve.options import (
+    DECODE_BATCH,
+    MAX_BATCH_TEXTS,
+    MAX_BEAM_SIZE,
+    MAX_OUTPUT_TOKENS,
+    MAX_TEXT_CHARS,
+    check_request,
+)
+from stepwise.serve.store import ModelStore
+from stepwise.serve.translation import Job, translate
 from stepwise.train.checkpoint import load_checkpoint
 from stepwise.train.evaluate import translate_ids
 
@@ -156,6 +165,14 @@ def test_model_endpoint_describes_what_is_loaded(service: BentoProcess, exported
     assert requests.get(f"{service.url}/livez", timeout=30).status_code == 200
 
 
+def test_model_endpoint_reports_every_limit(service: BentoProcess) -> None:
+    described = service.post("/model", {}).json()
+    assert described["limits"] == {"max_text_chars": MAX_TEXT_CHARS, "max_batch_texts": MAX_BATCH_TEXTS,
+                                   "max_output_tokens": MAX_OUTPUT_TOKENS, "max_beam_size": MAX_BEAM_SIZE,
+                                   "decode_batch": DECODE_BATCH}
+    assert described["max_beam_size"] <= described["limits"]["max_beam_size"]  # the default model's own
+
+
 def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     env = {**clearml_server.env, "STEPWISE_ORT_THREADS": "1", "STEPWISE_EXPORT_CACHE": str(tmp_path / "exports")}
     first, second = make_checkpoint(tmp_path / "a.pt", seed=11), make_checkpoint(tmp_path / "b.pt", seed=12)
@@ -245,16 +262,16 @@ def test_requests_are_checked_against_each_attention_kind(tmp_path: Path) -> Non
     assert loaded.layer_counts() == {"encoder": 1, "decoder": 2, "cross": 2}
     request = {"text": "Liebet eure Feinde.", "beam_size": 1, "attention": "all", "layers": [1], "heads": None}
     with pytest.raises(InvalidRequest, match="encoder attention has 1 layers") as raised:
-        check_request(request, loaded)
+        check_request(Job.parse(request).options, loaded)
     assert raised.value.field == "layers"
     cross_only = {**request, "attention": "cross"}
-    check_request(cross_only, loaded)  # the decoder has a second layer
-    (full,) = translate(loaded, [{**request, "layers": None}])
-    (picked,) = translate(loaded, [cross_only])
+    check_request(Job.parse(cross_only).options, loaded)  # the decoder has a second layer
+    (full,) = translate(loaded, [Job.parse({**request, "layers": None})])
+    (picked,) = translate(loaded, [Job.parse(cross_only)])
     assert full["attention"]["encoder"].shape[0] == 1 and full["attention"]["cross"].shape[0] == 2
     np.testing.assert_array_equal(picked["attention"]["cross"], full["attention"]["cross"][[1]])
     with pytest.raises(InvalidRequest, match="beam_size"):
-        check_request({**cross_only, "beam_size": loaded.translator.top_k + 1}, loaded)
+        check_request(Job.parse({**cross_only, "beam_size": loaded.translator.top_k + 1}).options, loaded)
 
 
 def test_unusable_export_directories_are_named_errors(exported: tuple[Path, Path], tmp_path: Path) -> None:

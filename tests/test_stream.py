@@ -21,7 +21,9 @@ from test_search import BOS, EOS, PAD, TableSteps
 from stepwise.decode.search import Progress, search
 from stepwise.serve.attention_codec import MAX_ERROR, decode
 from stepwise.serve.client import Decoding, TranslationClient, server_sent_events
-from stepwise.serve.store import Emit, LoadedModel, ModelStore, StreamClosed, translate
+from stepwise.serve.store import LoadedModel, ModelStore
+from stepwise.serve.streams import Emit, StreamClosed
+from stepwise.serve.translation import Job, translate
 
 from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
 
@@ -88,7 +90,7 @@ def test_each_steps_best_hypothesis_and_its_attention(beam_size: int, can_drop_r
 # -- streamed requests in serving.translate, in process -------------------------------------------
 def translate_stream(loaded: LoadedModel, request: dict[str, Any], emit: Emit) -> dict[str, Any] | None:
     """One streamed request decoded alone: its answer (None when its reader left)."""
-    (answer,) = translate(loaded, [request], [emit])
+    (answer,) = translate(loaded, [Job.parse(request, emit)])
     return answer
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_translate_stream_ends_as_translate_for_a_split_paragraph(exported: tupl
     request = request_of(PARAGRAPH, beam_size=beam, split="sentences", layers=[1], heads=[0, 2])
     events: list[tuple[str, dict[str, Any]]] = []
     streamed = translate_stream(loaded, request, lambda event, data: events.append((event, data)))
-    (answer,) = translate(loaded, [request])
+    (answer,) = translate(loaded, [Job.parse(request)])
     want_rows = np.concatenate([np.asarray(s["attention"]["cross"]).reshape(1, 2, -1) for s in answer["sentences"]],
                                axis=-1)
     assert set(streamed.pop("timings")) == set(answer.pop("timings"))
@@ -178,10 +180,11 @@ def test_a_stream_leaving_a_shared_search_leaves_the_others_decoding(exported: t
                 raise StreamClosed
             leaving.append(data)
 
-    answers = translate(loaded, requests_, [leave_after_two, None, lambda event, data: staying.append((event, data))])
+    emits = [leave_after_two, None, lambda event, data: staying.append((event, data))]
+    answers = translate(loaded, [Job.parse(request, emit) for request, emit in zip(requests_, emits, strict=True)])
     assert answers[0] is None and len(leaving) == 2
     for request, answer in zip(requests_[1:], answers[1:], strict=True):
-        (alone,) = translate(loaded, [request])
+        (alone,) = translate(loaded, [Job.parse(request)])
         assert answer is not None and answer["target_tokens"] == alone["target_tokens"]
     assert replay(staying).tokens == answers[2]["target_tokens"]
 

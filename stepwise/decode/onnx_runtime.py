@@ -87,7 +87,7 @@ def head_mask_from_pairs(pairs: dict[str, list[list[int]]], layers: dict[str, in
     """Heads to switch off, ``{kind: [[layer, head], ...]}`` (0-based), as ``[L, H]`` masks of ones
     with zeros at those heads, for every kind in ``layers`` (a kind not named stays all ones).
 
-    The indices are taken as checked (``serving.check_request`` does it against the model).
+    The indices are taken as checked (``stepwise.serve.options.check_request`` does it against the model).
     """
     masks = {kind: np.ones((count, heads), dtype=np.float32) for kind, count in layers.items()}
     for kind, listed in pairs.items():

@@ -75,4 +75,5 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
         training.wire()
         registry.wire(demo)
         ablation.wire()
+        demo.load(translation.refresh_limits, None, translation.beam)
     return demo

@@ -107,7 +107,7 @@ class TranslationView:
         with gr.Row():
             text = gr.Textbox(label="Sentence", value=example, lines=2, elem_id="sentence", scale=4)
             with gr.Column(scale=1):
-                beam = gr.Slider(1, 16, value=1, step=1, label="Beam size", elem_id="beam")  # the service allows 16
+                beam = gr.Slider(1, value=1, step=1, label="Beam size", elem_id="beam", **cls._beam_range(client))
                 model = gr.Textbox(label="Model (tag or version id; empty = production)", value="",
                                    elem_id="model")
         button = gr.Button("Translate", variant="primary", elem_id="translate")
@@ -116,6 +116,20 @@ class TranslationView:
         translation = gr.Textbox(label="Translation", interactive=False, elem_id="translation")
         tokens = gr.Markdown(elem_id="tokens")
         return cls(client, result, text, beam, model, button, status, translation, tokens, live)
+
+    @staticmethod
+    def _beam_range(client: TranslationClient) -> dict[str, Any]:
+        """The beam slider up to the limit the service reports in ``/model``; fixed at 1 (greedy search)
+        while the service is unreachable or allows no wider beam (a slider needs two values)."""
+        try:
+            limit = client.max_beam_size()
+        except ServiceError:
+            limit = 1
+        return {"maximum": max(limit, 2), "interactive": limit > 1}
+
+    def refresh_limits(self) -> dict[str, Any]:
+        """The beam slider's range from the service's ``/model`` (on each page load: it may have started since)."""
+        return gr.update(**self._beam_range(self.client))
 
     def translate(self, text: str, beam: float, model: str) -> Iterator[Update]:
         """Stream a translation with every attention kind: live tokens and attention, then the result."""

@@ -189,8 +189,19 @@ class TranslationClient:
         return result
 
     def describe(self) -> dict[str, Any]:
-        """``POST /model``: the version that answers by default, and on which provider."""
+        """``POST /model``: the version that answers by default, on which provider, and the limits."""
         return self._post("/model", {})
+
+    def max_beam_size(self) -> int:
+        """The widest beam the service's default model takes (``/model``'s ``max_beam_size``).
+
+        Raises:
+            ServiceError: the service cannot be reached or does not say.
+        """
+        try:
+            return int(self.describe()["max_beam_size"])
+        except (KeyError, TypeError, ValueError):
+            raise ServiceError("The service's /model does not report max_beam_size.") from None
 
     def reload(self) -> dict[str, Any]:
         """``POST /reload``: re-resolve ``production`` and swap it in if it changed."""

@@ -7,16 +7,18 @@ plus BentoML's ``/readyz``, ``/livez`` and ``/metrics``. It owns the models
 (``stepwise.serve.store.ModelStore``) and decodes in the same process: every translation request
 joins one queue (``stepwise.serve.batching.BatchQueue``), whose thread decodes the requests that
 arrived while the last batch decoded as the next batch (adaptive batching, continuous form;
-``STEPWISE_ADAPTIVE_BATCHING=0`` decodes them one at a time, only to measure it). There each
-request is checked against the model that will run it (``serving.check_request``) and
-translated (``serving.serve_batch``). An earlier design decoded in a second BentoML service
+``STEPWISE_ADAPTIVE_BATCHING=0`` decodes them one at a time, only to measure it). A request's
+options (``stepwise.serve.options``: the schema, the limits, the check against the model) become
+one ``TranslateOptions`` here, which travels with the request to the search
+(``stepwise.serve.translation``), the stream events (``stepwise.serve.streams``) and the shaping
+of the answer (``stepwise.serve.responses``). An earlier design decoded in a second BentoML service
 behind the first: that hop (HTTP, pickling, the batching dispatcher) cost ~3 ms a request, a
 fifth of a sentence's decoding time (``bench/results/serve-cpu.md``).
 
 ``POST /translate_stream`` takes ``/translate``'s body and answers server-sent events
 (``text/event-stream``) as the search decodes: ``event: start`` (the sentences and their source
 tokens), ``event: token`` per target token (with its cross-attention row when asked),
-``event: replace`` when a beam's best hypothesis changes its mind (``serving.translate``
+``event: replace`` when a beam's best hypothesis changes its mind (``stepwise.serve.streams``
 defines them), then one ``event: done`` whose data is what ``/translate`` answers for the same
 request (only the ``timings`` differ), or ``event: error`` with ``{"error": message}`` if decoding
 fails midway. A request that fails its checks is a normal JSON 4xx before any event. A stream
@@ -39,14 +41,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
 import bentoml
 from bentoml.validators import ContentType
-from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import BaseModel, Field, RootModel, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -54,27 +55,21 @@ from starlette.routing import Route
 
 from stepwise.errors import DeviceUnavailable, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
 from stepwise.serve.batching import BatchQueue
-from stepwise.serve.store import (
+from stepwise.serve.options import (
     DECODE_BATCH,
     MAX_BATCH_TEXTS,
-    MAX_BEAM_SIZE,
-    MAX_OUTPUT_TOKENS,
     MAX_TEXT_CHARS,
-    Job,
-    ModelStore,
-    StreamClosed,
+    OptionsSchema,
+    TranslateOptions,
     check_request,
-    encode_attention,
-    json_bytes,
-    model_cache_limits,
-    serve_batch,
 )
+from stepwise.serve.responses import as_error, finish, json_bytes
+from stepwise.serve.store import ModelStore, model_cache_limits
+from stepwise.serve.streams import ServerSentEvents
+from stepwise.serve.translation import Job, serve_batch
 
 RELOAD_INTERVAL = float(os.environ.get("STEPWISE_RELOAD_INTERVAL", "0"))
 ADAPTIVE_BATCHING = os.environ.get("STEPWISE_ADAPTIVE_BATCHING", "1") != "0"  # off only to measure it
-# A stream's events leave at most this late (the first token at once): each hand-over wakes the
-# event loop and writes to the socket, which on two cores slows the search that shares them.
-STREAM_FLUSH_S = float(os.environ.get("STEPWISE_STREAM_FLUSH_MS", "10")) / 1000
 try:  # checked here, at start, so a bad value is one line and not a worker's traceback
     model_cache_limits(os.environ.get("STEPWISE_MODEL_CACHE"))
 except ValueError as exc:  # ConfigError
@@ -100,57 +95,7 @@ def _not_blank(text: str, where: str = "") -> str:
     return text
 
 
-class _Options(bentoml.IODescriptor):
-    """Options shared by both translation endpoints."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    beam_size: int = Field(default=1, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
-    max_length: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS,
-                                   description="most target tokens (default 2 x source + 10)")
-    attention: Literal["none", "cross", "all"] = Field(default="cross", description="attention kinds to return")
-    layers: list[int] | None = Field(default=None, description="only these layers (0-based)")
-    heads: list[int] | None = Field(default=None, description="only these heads (0-based)")
-    model: str | None = Field(default=None, description="a registry tag or version id (default: production)")
-    mask_heads: dict[Literal["encoder", "decoder", "cross"], list[list[int]]] | None = Field(
-        default=None, description="heads to switch off (ablation): per kind [[layer, head], ...], 0-based")
-    attention_format: Literal["json", "float16", "uint10"] = Field(
-        default="json", description="json: nested lists; float16 / uint10: compact base64 arrays "
-                                    "(stepwise.serve.attention_codec)")
-    alignment: Literal["none", "soft", "hard"] = Field(
-        default="none", description="word alignment from cross-attention: soft = word matrix, hard = Pharaoh i-j")
-    alignment_layer: int | Literal["average"] | None = Field(
-        default=None, description="cross-attention layer to align with, or average (the default)")
-    alignment_head: int | Literal["average"] | None = Field(
-        default=None, description="head to align with, or average (the default)")
-    split: Literal["none", "sentences"] = Field(
-        default="none", description="sentences: split a paragraph, translate the sentences as one batch, join")
-
-    @field_validator("layers", "heads")
-    @classmethod
-    def _indices(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or any(i < 0 for i in value)):
-            raise ValueError("must be a non-empty list of indices >= 0")
-        return value
-
-    @field_validator("alignment_layer", "alignment_head")
-    @classmethod
-    def _index_or_average(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value < 0:
-            raise ValueError('must be an index >= 0 or "average"')
-        return value
-
-    @field_validator("mask_heads")
-    @classmethod
-    def _pairs(cls, value: dict[str, list[list[int]]] | None) -> dict[str, list[list[int]]] | None:
-        for kind, pairs in (value or {}).items():
-            for pair in pairs:
-                if len(pair) != 2 or any(i < 0 for i in pair):
-                    raise ValueError(f"{kind}: each item must be [layer, head], indices >= 0 (got {pair})")
-        return value
-
-
-class TranslateRequest(_Options):
+class TranslateRequest(OptionsSchema, bentoml.IODescriptor):
     """``POST /translate``."""
 
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the sentence to translate")
@@ -161,7 +106,7 @@ class TranslateRequest(_Options):
         return _not_blank(value)
 
 
-class TranslateBatchRequest(_Options):
+class TranslateBatchRequest(OptionsSchema, bentoml.IODescriptor):
     """``POST /translate_batch``."""
 
     texts: list[str] = Field(min_length=1, max_length=MAX_BATCH_TEXTS, description="sentences to translate")
@@ -225,70 +170,6 @@ EventStream = Annotated[str, ContentType("text/event-stream")]
 
 
 # -- the HTTP side ---------------------------------------------------------------------------------
-def server_sent_event(event: str, data: dict[str, Any]) -> bytes:
-    """One server-sent event: its name and its data as one line of JSON."""
-    return b"event: " + event.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
-
-
-class ServerSentEvents:
-    """One ``/translate_stream`` answer: events from the decoding thread to the client's connection.
-
-    ``emit`` (the decoding thread) encodes each event and hands them to the event loop in
-    groups: ``start`` and the first token at once, later ones with the first event emitted
-    ``STREAM_FLUSH_S`` or more after the last hand-over, or at the end (each hand-over wakes the
-    event loop and writes to the socket, which on two cores slows the search sharing them; one
-    per token made a one-client stream 1.47x ``/translate``'s time, one per 10 ms 1.27x).
-    ``finish`` (the event loop, when the request's future resolves) adds ``done`` or ``error``.
-    ``relay`` is the response body; when it stops early (the client left), the next ``emit``
-    raises :class:`stepwise.serve.store.StreamClosed`.
-    """
-
-    def __init__(self, request: dict[str, Any], started: float) -> None:
-        self.request, self.started = request, started
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.reader_left = threading.Event()
-        self.lock = threading.Lock()
-        self.held: list[bytes] = []  # encoded events not yet handed to the event loop
-        self.handed_at = 0.0
-        self.tokens = 0
-
-    def emit(self, event: str, data: dict[str, Any]) -> None:
-        """The search's callback (decoding thread)."""
-        if self.reader_left.is_set():
-            raise StreamClosed
-        with self.lock:
-            self.held.append(server_sent_event(event, data))
-            self.tokens += event == "token"
-            if self.tokens <= 1 or time.perf_counter() - self.handed_at >= STREAM_FLUSH_S:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, b"".join(self.held))
-                self.held.clear()
-                self.handed_at = time.perf_counter()
-
-    def finish(self, future: asyncio.Future[Any]) -> None:
-        """The events still held, then ``done`` with the answer or ``error``, then the end (event loop)."""
-        with self.lock:
-            if self.held:
-                self.events.put_nowait(b"".join(self.held))
-                self.held.clear()
-        outcome = None if future.cancelled() else _as_error(future.exception() or future.result())
-        if isinstance(outcome, StepwiseError):
-            self.events.put_nowait(server_sent_event("error", {"error": str(outcome)}))
-        elif outcome is not None:  # None: the reader left
-            encode_attention([outcome], self.request.get("attention_format", "json"))
-            outcome["timings"]["total_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
-            self.events.put_nowait(server_sent_event("done", outcome))
-        self.events.put_nowait(None)
-
-    async def relay(self) -> AsyncIterator[bytes]:
-        """The response body, chunk by chunk."""
-        try:
-            while (chunk := await self.events.get()) is not None:
-                yield chunk
-        finally:  # finished, or the client left (Starlette cancels or closes this generator)
-            self.reader_left.set()
-
-
 def error_response(error: StepwiseError) -> JSONResponse:
     """The one mapping: a ``stepwise.errors`` exception as a status and a body naming the field."""
     status = next(code for kind, code in STATUS if isinstance(error, kind))
@@ -301,30 +182,18 @@ def error_response(error: StepwiseError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _respond(results: list[Any], started: float, *, single: bool, attention_format: str = "json") -> Response:
-    """The first failed request's error, or the results as JSON with the total time."""
+def _respond(results: list[Any], options: TranslateOptions, started: float, *, single: bool) -> Response:
+    """The first failed request's error, or the answers made ready (:func:`finish`) as JSON."""
     for result in results:
         if isinstance(result, StepwiseError):
             return error_response(result)
-    encode_attention(results, attention_format)
-    total = round((time.perf_counter() - started) * 1000, 3)
-    for result in results:
-        result["timings"]["total_ms"] = total
+    finish(results, options, started)
     return Response(json_bytes(results[0] if single else results), media_type="application/json")
 
 
-def _as_error(outcome: Any) -> Any:
-    """A queued request's outcome with any exception that is not a ``stepwise.errors`` one (a bug,
-    an ONNX Runtime failure) logged and replaced by a StepwiseError (a 500 or an ``error`` event)."""
-    if isinstance(outcome, BaseException) and not isinstance(outcome, StepwiseError):
-        log.error("translation failed", exc_info=outcome)
-        return StepwiseError("translation failed; see the server log")
-    return outcome
-
-
 async def _outcomes(futures: list[asyncio.Future[Any]]) -> list[Any]:
-    """Each queued request's answer, or the ``stepwise.errors`` exception it failed with (:func:`_as_error`)."""
-    return [_as_error(outcome) for outcome in await asyncio.gather(*futures, return_exceptions=True)]
+    """Each queued request's answer, or the ``stepwise.errors`` exception it failed with (``as_error``)."""
+    return [as_error(outcome) for outcome in await asyncio.gather(*futures, return_exceptions=True)]
 
 
 async def _model_info(_: Request) -> JSONResponse:
@@ -359,50 +228,50 @@ class Translator:
             except Exception as exc:  # noqa: BLE001 - keep serving the current model
                 log.warning("periodic reload failed: %s", exc)
 
-    def _check(self, request: dict[str, Any]) -> StepwiseError | None:
+    def _check(self, options: TranslateOptions) -> StepwiseError | None:
         """A stream's check against its model before the first event (None: it may start)."""
         try:
-            check_request(request, self.store.get(request.get("model")))
+            check_request(options, self.store.get(options.model))
         except StepwiseError as exc:
             return exc
         return None
 
     @bentoml.api(route="/translate", input_spec=TranslateRequest, output_spec=TranslationResult)
-    async def translate(self, **request: Any) -> Response:
+    async def translate(self, text: str, **options: Any) -> Response:
         """Translate one sentence; attention as ``[layer][head][query][key]`` for the kinds asked."""
         started = time.perf_counter()
-        attention_format = request.pop("attention_format", "json")
-        results = await _outcomes([self.queue.submit(Job(request))])
-        return _respond(results, started, single=True, attention_format=attention_format)
+        job = Job(text, TranslateOptions.from_schema(options))
+        results = await _outcomes([self.queue.submit(job)])
+        return _respond(results, job.options, started, single=True)
 
     @bentoml.api(route="/translate_batch", input_spec=TranslateBatchRequest, output_spec=TranslationResults)
-    async def translate_batch(self, **request: Any) -> Response:
+    async def translate_batch(self, texts: list[str], **options: Any) -> Response:
         """Translate several sentences with the same options; one result per text."""
         started = time.perf_counter()
-        texts = request.pop("texts")
-        attention_format = request.pop("attention_format", "json")
-        results = await _outcomes([self.queue.submit(Job({**request, "text": text})) for text in texts])
-        return _respond(results, started, single=False, attention_format=attention_format)
+        shared = TranslateOptions.from_schema(options)
+        results = await _outcomes([self.queue.submit(Job(text, shared)) for text in texts])
+        return _respond(results, shared, started, single=False)
 
     @bentoml.api(route="/translate_stream", input_spec=TranslateRequest)
-    async def translate_stream(self, **request: Any) -> EventStream:
+    async def translate_stream(self, text: str, **options: Any) -> EventStream:
         """Translate one sentence as server-sent events: ``token`` (and ``replace``) events, then ``done``.
 
         The body is ``/translate``'s; ``done`` carries ``/translate``'s answer. A request that
         fails the check against its model is a JSON 4xx before any event is sent.
         """
         started = time.perf_counter()
-        problem = await anyio.to_thread.run_sync(self._check, request)
+        job_options = TranslateOptions.from_schema(options)
+        problem = await anyio.to_thread.run_sync(self._check, job_options)
         if problem is not None:
             return error_response(problem)  # type: ignore[return-value]
-        stream = ServerSentEvents(request, started)
-        self.queue.submit(Job(request, stream.emit)).add_done_callback(stream.finish)
+        stream = ServerSentEvents(job_options, started)
+        self.queue.submit(Job(text, job_options, stream.emit)).add_done_callback(stream.finish)
         return StreamingResponse(stream.relay(), media_type="text/event-stream",  # type: ignore[return-value]
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:
-        """What is loaded: manifest, registry identity and state, execution provider, load time."""
+        """What is loaded: manifest, registry identity and state, execution provider, load time, limits."""
         return await anyio.to_thread.run_sync(self.store.describe)
 
     @bentoml.api(route="/reload")

@@ -1,4 +1,4 @@
-"""What the BentoML service holds and does: loaded ONNX exports, and translation with them.
+"""The models the BentoML service holds: loaded ONNX exports, the default one and a cache of others.
 
 ``ModelStore`` keeps the default model (``STEPWISE_MODEL_DIR``, or the registry's
 ``production`` version) plus others asked for by tag or id in an LRU cache bounded by count and
@@ -7,14 +7,7 @@ atomically on :meth:`ModelStore.reload` when the ``production`` tag has moved. I
 keeps the translator it started with, so nothing is dropped during a swap. When the registry
 cannot be reached (at a reload, a periodic check or a lookup), the store keeps what it has and
 remembers since when the registry has been unreachable; :meth:`ModelStore.describe` says so.
-
-:func:`serve_batch` is what the service's decoding thread runs for each batch of requests
-(:mod:`stepwise.serve.batching` forms the batches): each request is checked against the model that
-will run it (:func:`check_request`), then :func:`translate` turns the requests into JSON-ready
-results; on request it splits a paragraph into sentences (:mod:`stepwise.serve.sentences`) and adds
-word alignments (:mod:`stepwise.serve.alignment`). A streamed request decodes in the same batch as the
-others and is told each target token (and its cross-attention row) as the search finds it. The
-request limits are defined here, once.
+Translating with a loaded model is :mod:`stepwise.serve.translation`'s.
 
 This module imports no torch: when a version has no ONNX export yet, the exporter runs in a
 subprocess (``python -m stepwise export``), which needs torch installed.
@@ -29,39 +22,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
-
-from stepwise.decode.onnx_runtime import (
-    EXPORT_FORMAT,
-    TOP_K,
-    OnnxTranslator,
-    Translation,
-    export_format,
-    head_mask_from_pairs,
-)
-from stepwise.decode.search import Progress
-from stepwise.errors import ConfigError, ExportError, InvalidRequest, ModelNotFound, RegistryUnavailable, StepwiseError
+from stepwise.decode.onnx_runtime import EXPORT_FORMAT, OnnxTranslator, export_format
+from stepwise.errors import ConfigError, ExportError, ModelNotFound, RegistryUnavailable, StepwiseError
 from stepwise.registry import tracking
-from stepwise.serve import alignment, attention_codec
-from stepwise.serve.sentences import DEFAULT_LANGUAGE, split_sentences
+from stepwise.serve.options import limits
+from stepwise.serve.sentences import DEFAULT_LANGUAGE
 
 log = logging.getLogger(__name__)
-
-# -- request limits (the service's schemas and the check against the model use these) ----------
-MAX_TEXT_CHARS = int(os.environ.get("STEPWISE_MAX_TEXT_CHARS", "2000"))  # characters per sentence
-MAX_BATCH_TEXTS = int(os.environ.get("STEPWISE_MAX_BATCH_TEXTS", "64"))  # sentences per /translate_batch
-MAX_OUTPUT_TOKENS = 1024  # most target tokens a request may ask for (the model's positions cut it further)
-MAX_BEAM_SIZE = TOP_K  # the exporter's top-K: the widest beam a decoder graph supports
-DECODE_BATCH = 64  # sentences decoded together (and most requests the service's queue merges into one batch)
-ATTENTION_KINDS = {"none": (), "cross": ("cross",), "all": ("encoder", "decoder", "cross")}
-ATTENTION_FORMATS = attention_codec.FORMATS  # how a response carries attention ("json": nested lists)
 
 MODEL_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_CACHE_DEFAULT = "3,2GB"  # versions besides the default model, and their ONNX files' bytes
@@ -294,7 +266,8 @@ class ModelStore:
         return {"changed": changed, "previous": before.identity(), "model": self.default.identity()}
 
     def describe(self) -> dict[str, Any]:
-        """``/model``: the default model's manifest, provider and load time, the registry's state, cached ones."""
+        """``/model``: the default model's manifest, provider and load time, the registry's state, cached
+        ones, and every request limit (``limits``; ``max_beam_size`` is the default model's own)."""
         default = self.default
         if self.model_dir:
             registry_state: dict[str, Any] = {"status": "not used (STEPWISE_MODEL_DIR)"}
@@ -315,392 +288,10 @@ class ModelStore:
             "manifest": default.translator.manifest,
             "layers": default.translator.n_layers, "heads": default.translator.n_heads,
             "encoder_layers": default.layer_counts()["encoder"], "max_beam_size": default.translator.top_k,
+            "limits": limits(),
             "cached": [{**m.identity(), "bytes": m.size_bytes, "loaded_at": _utc(m.loaded_at)}
                        for m in self._cache.values()],
             "cache": {"versions": len(self._cache), "bytes": self.cached_bytes(), "max_versions": self.cache_size,
                       "max_bytes": self.cache_bytes, "default_bytes": default.size_bytes},
         }
 
-
-# -- translation ----------------------------------------------------------------------------------
-def check_request(request: dict[str, Any], loaded: LoadedModel) -> None:
-    """The request's options against the model that will run it (the schema checked the rest).
-
-    Raises:
-        InvalidRequest: a beam wider than the export's top-K, or a layer or head the model lacks
-            (``layers``, ``heads``, or a ``mask_heads`` pair).
-    """
-    translator = loaded.translator
-    if request["beam_size"] > translator.top_k:
-        raise InvalidRequest(f"{request['beam_size']} is wider than this model's export supports "
-                             f"({translator.top_k})", field="beam_size")
-    counts = loaded.layer_counts()
-    for index in request.get("layers") or []:
-        for kind in ATTENTION_KINDS[request["attention"]]:
-            if index >= counts[kind]:
-                raise InvalidRequest(f"index {index} out of range ({kind} attention has {counts[kind]} layers)",
-                                     field="layers")
-    bad_heads = [i for i in request.get("heads") or [] if i >= translator.n_heads]
-    if bad_heads:
-        raise InvalidRequest(f"index {bad_heads[0]} out of range (the model has {translator.n_heads} heads)",
-                             field="heads")
-    for kind, pairs in (request.get("mask_heads") or {}).items():
-        for layer, head in pairs:
-            if layer >= counts[kind] or head >= translator.n_heads:
-                raise InvalidRequest(f"{kind} [{layer}, {head}] out of range ({kind} attention has {counts[kind]} "
-                                     f"layers of {translator.n_heads} heads)", field="mask_heads")
-    _check_alignment(request, counts["cross"], translator.n_heads)
-
-
-def _check_alignment(request: dict[str, Any], layers: int, heads: int) -> None:
-    """``alignment_layer``/``alignment_head``: in range, and only with an alignment asked for."""
-    for field, count, what in (("alignment_layer", layers, "cross-attention layers"),
-                               ("alignment_head", heads, "heads")):
-        value = request.get(field)
-        if value is None:
-            continue
-        if request.get("alignment", "none") == "none":
-            raise InvalidRequest('only with alignment "soft" or "hard"', field=field)
-        if value != alignment.AVERAGE and value >= count:
-            raise InvalidRequest(f"index {value} out of range (the model has {count} {what})", field=field)
-
-
-def mask_key(request: dict[str, Any]) -> tuple | None:
-    """The heads a request switches off, as a hashable key (None: none off, the plain model)."""
-    pairs = request.get("mask_heads") or {}
-    key = tuple(sorted((kind, tuple(sorted({(int(layer), int(head)) for layer, head in listed})))
-                       for kind, listed in pairs.items() if listed))
-    return key or None
-
-
-def serve_batch(store: ModelStore, jobs: Sequence[Job]) -> list[dict[str, Any] | StepwiseError | None]:
-    """What the service's decoding thread runs for each batch (:class:`stepwise.serve.batching.BatchQueue`).
-
-    Each job is checked against the model that will run it (:func:`check_request`), then the jobs
-    are translated per model (:func:`translate`). One result per job, in order: its answer, the
-    ``stepwise.errors`` exception it failed with (the others still decode), or None for a stream
-    whose reader left. ``timings.requests_in_batch`` counts the jobs of the batch.
-    """
-    log.info("translating a batch of %d request(s)", len(jobs))
-    results: list[dict[str, Any] | StepwiseError | None] = [None] * len(jobs)
-    by_model: dict[str, tuple[LoadedModel, list[int]]] = {}
-    for i, job in enumerate(jobs):
-        try:
-            loaded = store.get(job.request.get("model"))
-            check_request(job.request, loaded)
-        except StepwiseError as exc:
-            results[i] = exc
-            continue
-        by_model.setdefault(loaded.id, (loaded, []))[1].append(i)
-    for loaded, members in by_model.values():
-        answers = translate(loaded, [jobs[i].request for i in members], [jobs[i].emit for i in members])
-        for i, answer in zip(members, answers, strict=True):
-            if answer is not None:
-                answer["timings"]["requests_in_batch"] = len(jobs)
-            results[i] = answer
-    return results
-
-
-@dataclass
-class Job:
-    """One request for the decoding thread; ``emit`` set for a stream (see :func:`translate`)."""
-
-    request: dict[str, Any]
-    emit: Emit | None = None
-
-
-def translate(loaded: LoadedModel, requests: list[dict[str, Any]],
-              emits: Sequence[Emit | None] | None = None) -> list[dict[str, Any] | None]:
-    """Translate checked requests with one model; those that share search settings decode together.
-
-    With ``split: "sentences"`` a request's text is cut into sentences first; all the sentences
-    of a group go to the translator in one call (one batch up to ``DECODE_BATCH``). A text that
-    is one sentence is translated as it came, so its answer is the unsplit one.
-    The head mask is part of the settings: requests switching off different heads (``mask_heads``)
-    run as separate batches, each graph run with its own ``[L, H]`` masks.
-
-    A request with an ``emit`` (``emits[i]``, a stream) decodes in the same batch as the others
-    and is told its tokens as the search finds them, ``emit(event, data)``:
-
-    * ``start``: ``{"sentences": [{"source": text, "source_tokens": [...]}, ...]}``, before the
-      first step: what will be translated (one sentence, or a split paragraph's), so a reader
-      can label the attention rows that follow.
-    * ``token``: ``{"index": i, "token": piece, "id": id, "sentence": j, "cross_attention": row}``,
-      the target token at position ``i`` of the answer's ``target_tokens``; ``sentence`` is the
-      sentence of a split paragraph it belongs to (0 otherwise); ``cross_attention`` (only when
-      ``attention`` is ``cross`` or ``all``) is that position's row ``[layer][head][source]``
-      over the sentence's own source tokens, the ``layers``/``heads`` asked for, in
-      ``attention_format`` (nested lists, or a compact object of :mod:`stepwise.serve.attention_codec`).
-    * ``replace``: ``{"from": i}``, beam search only: the best hypothesis so far (the one the
-      search would return if it stopped now) has parted from what was sent at position ``i``;
-      the reader drops its tokens from ``i`` on, and ``token`` events from ``i`` follow. Greedy
-      search never replaces.
-
-    A split paragraph's sentences are streamed in order, a sentence once the ones before it are
-    finished. The answer (what the caller sends as the stream's last event) is the one
-    ``/translate`` gives for the same request. When an ``emit`` raises :class:`StreamClosed` (its
-    reader left), that stream gets no more events and its answer is None; when every request of
-    a search has left, the search stops at that step.
-    """
-    emits = list(emits) if emits is not None else [None] * len(requests)
-    results: list[dict[str, Any] | None] = [None] * len(requests)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, request in enumerate(requests):
-        settings = (request["beam_size"], request.get("max_length"), _needs_attention(request), mask_key(request))
-        groups[settings].append(i)
-    translator = loaded.translator
-    for (beam_size, max_length, need_attention, masked), members in groups.items():
-        head_mask = _head_mask(loaded, masked)
-        texts = {i: _sentences(loaded, requests[i]) for i in members}
-        flat = [(i, text) for i in members for text in texts[i]]
-        follow = _Streams(loaded, requests, texts, emits, members)
-        try:
-            outputs = translator.translate([text for _, text in flat], beam_size=beam_size, max_length=max_length,
-                                           return_attention=need_attention, batch_size=DECODE_BATCH,
-                                           head_mask=head_mask, on_step=follow if follow.followers else None)
-        except StreamClosed:  # every request of this search was a stream whose reader left
-            continue
-        by_request: dict[int, list[Translation]] = defaultdict(list)
-        for (i, _), out in zip(flat, outputs, strict=True):
-            by_request[i].append(out)
-        for i in members:
-            if i not in follow.left:
-                results[i] = _result(loaded, requests[i], texts[i], by_request[i])
-    return results
-
-
-def _needs_attention(request: dict[str, Any]) -> bool:
-    """Whether the search must record attention: some is returned, or an alignment is made of it."""
-    return request["attention"] != "none" or request.get("alignment", "none") != "none"
-
-
-def _head_mask(loaded: LoadedModel, masked: tuple | None) -> dict[str, np.ndarray] | None:
-    """A :func:`mask_key` as the translator's ``[L, H]`` masks (None: no head switched off)."""
-    if masked is None:
-        return None
-    translator = loaded.translator
-    return head_mask_from_pairs({kind: [list(pair) for pair in pairs] for kind, pairs in masked},
-                                translator.layers, translator.n_heads)
-
-
-class StreamClosed(Exception):  # noqa: N818 - control flow, not an error: the stream's reader left
-    """Raised by a stream's ``emit`` when nobody reads the stream any more."""
-
-
-Emit = Callable[[str, dict[str, Any]], None]
-
-
-class _Streams:
-    """The ``on_step`` of one search: hands each stream of it its own sentences' progress.
-
-    ``texts`` are each member's sentences; the search numbers the flattened list of them, member
-    by member. Sends every stream its ``start`` event when built.
-    """
-
-    def __init__(self, loaded: LoadedModel, requests: list[dict[str, Any]], texts: dict[int, list[str]],
-                 emits: list[Emit | None], members: list[int]) -> None:
-        self.followers: dict[int, tuple[range, _Follower]] = {}
-        self.left: set[int] = set()
-        self._chunk: list[int] | None = None  # the search batch the mapping below is for
-        self._batches: dict[int, dict[int, int]] = {}  # per member: its sentence -> number in progress
-        self.all_streams = all(emits[i] is not None for i in members)
-        translator = loaded.translator
-        start = 0
-        for i in members:
-            count, emit = len(texts[i]), emits[i]
-            if emit is not None:
-                try:
-                    emit("start", {"sentences": [{"source": text, "source_tokens": translator.tokenizer.pieces(
-                        translator.encode_text(text))} for text in texts[i]]})
-                    self.followers[i] = (range(start, start + count), _Follower(loaded, requests[i], count, emit))
-                except StreamClosed:
-                    self._leave(i, 0)
-            start += count
-
-    def _leave(self, member: int, tokens: int) -> None:
-        self.left.add(member)
-        self.followers.pop(member, None)
-        log.info("stream closed by its client after %d token event(s)", tokens)
-
-    def __call__(self, chunk: list[int], progress: Progress) -> None:
-        """``chunk``: the flat indices of the search's sentences, in the order ``progress`` numbers them
-        (the same list for every step of one translator batch: mapped once per batch)."""
-        if chunk is not self._chunk:
-            self._chunk, self._batches = chunk, {}
-            owner = {flat: member for member, (own, _) in self.followers.items() for flat in own}
-            for b, flat in enumerate(chunk):
-                if flat in owner:
-                    member = owner[flat]
-                    self._batches.setdefault(member, {})[flat - self.followers[member][0].start] = b
-        for member, (_, follower) in list(self.followers.items()):
-            batch = self._batches.get(member)
-            if not batch:
-                continue
-            try:
-                follower(batch, progress)
-            except StreamClosed:
-                self._leave(member, follower.tokens_sent)
-        if self.all_streams and not self.followers:
-            log.info("every reader of this search left: decoding stopped")
-            raise StreamClosed
-
-
-class _Follower:
-    """Turns each step's :class:`stepwise.decode.search.Progress` into ``token``/``replace`` events (see above)."""
-
-    def __init__(self, loaded: LoadedModel, request: dict[str, Any], sentences: int, emit: Emit) -> None:
-        self.pieces = loaded.translator.tokenizer.pieces
-        self.request, self.emit, self.sentences = request, emit, sentences
-        self.with_rows = request["attention"] in ("cross", "all")
-        self.fmt = request.get("attention_format", "json")
-        self.sent: list[list[int]] = [[] for _ in range(sentences)]  # token ids sent, per sentence
-        self.waiting: dict[int, tuple[list[int], np.ndarray | None]] = {}  # finished before their turn
-        self.current = 0  # the sentence being streamed: the ones before it are sent in full
-        self.offset = 0  # the answer's target position of its first token
-        self.tokens_sent = 0
-
-    def __call__(self, batch: dict[int, int], progress: Progress) -> None:
-        """``batch``: this request's sentences in this search, each sentence's number in ``progress``."""
-        while self.current < self.sentences:
-            j = self.current
-            if j in self.waiting:
-                ids, rows = self.waiting.pop(j)
-                self._send(j, ids, lambda start, rows=rows: rows[:, :, start:])  # type: ignore[index]
-            elif j in batch:
-                b = batch[j]
-                self._send(j, progress.best(b), lambda start, b=b: progress.cross_attention(b, start))
-                if not progress.done(b):
-                    break
-            else:
-                break
-            self.offset += len(self.sent[j])
-            self.current += 1
-        for j, b in batch.items():  # later sentences that finished first wait for their turn
-            if j > self.current and j not in self.waiting and progress.done(b):
-                self.waiting[j] = (progress.best(b), progress.cross_attention(b) if self.with_rows else None)
-
-    def _send(self, sentence: int, ids: list[int], rows_from: Callable[[int], np.ndarray]) -> None:
-        """Bring what was sent of ``sentence`` to ``ids``: a ``replace`` if they part, then new tokens."""
-        sent = self.sent[sentence]
-        keep = 0
-        while keep < min(len(sent), len(ids)) and sent[keep] == ids[keep]:
-            keep += 1
-        if keep < len(sent):
-            self.emit("replace", {"from": self.offset + keep, "sentence": sentence})
-            del sent[keep:]
-        if len(ids) == keep:
-            return
-        rows = rows_from(keep) if self.with_rows else None
-        for n, (token_id, piece) in enumerate(zip(ids[keep:], self.pieces(ids[keep:]), strict=True)):
-            data: dict[str, Any] = {"index": self.offset + keep + n, "token": piece, "id": token_id,
-                                    "sentence": sentence}
-            if rows is not None:
-                row = select_attention({"cross": rows[:, :, n]}, "cross", self.request.get("layers"),
-                                       self.request.get("heads"))["cross"]
-                data["cross_attention"] = row if self.fmt == "json" else attention_codec.encode(row, self.fmt)
-            self.emit("token", data)
-            sent.append(token_id)
-            self.tokens_sent += 1
-
-
-def _result(loaded: LoadedModel, request: dict[str, Any], texts: list[str], outs: list[Translation]) -> dict[str, Any]:
-    """One request's answer from its translated sentences (one, or a split paragraph's)."""
-    if len(outs) == 1:
-        return {**_sentence_result(loaded, request, outs[0]), "model": loaded.identity(),
-                "score": outs[0].score, "timings": dict(outs[0].timings)}
-    sentences = [{"source": text, **_sentence_result(loaded, request, out), "score": out.score}
-                 for text, out in zip(texts, outs, strict=True)]
-    return {
-        "translation": " ".join(out.translation for out in outs),
-        "source_tokens": [t for out in outs for t in out.source_tokens],
-        "target_tokens": [t for out in outs for t in out.target_tokens],
-        "attention": {},  # per sentence: attention crosses no sentence boundary
-        "model": loaded.identity(), "score": sum(out.score for out in outs),
-        "timings": {"decode_ms": max(out.timings["decode_ms"] for out in outs),
-                    "batch_size": max(out.timings["batch_size"] for out in outs)},
-        "sentences": sentences,
-    }
-
-
-def _sentences(loaded: LoadedModel, request: dict[str, Any]) -> list[str]:
-    """The texts to translate for one request: its sentences, or the text itself."""
-    if request.get("split", "none") == "none":
-        return [request["text"]]
-    sentences = split_sentences(request["text"], loaded.source_language())
-    return sentences if len(sentences) > 1 else [request["text"]]
-
-
-def _sentence_result(loaded: LoadedModel, request: dict[str, Any], out: Translation) -> dict[str, Any]:
-    """One translated sentence: text, tokens, the attention asked for, and its word alignment if asked."""
-    result: dict[str, Any] = {
-        "translation": out.translation, "source_tokens": out.source_tokens, "target_tokens": out.target_tokens,
-        "attention": select_attention(out.attention, request["attention"], request.get("layers"),
-                                      request.get("heads")),
-    }
-    if request.get("alignment", "none") != "none":
-        result["alignment"] = word_alignment(loaded, request, out)
-    return result
-
-
-def word_alignment(loaded: LoadedModel, request: dict[str, Any], out: Translation) -> dict[str, Any]:
-    """``alignment``: the words of both sides, which layer/head aligned, and ``soft`` or ``hard``.
-
-    ``soft`` is ``[target word][source word]`` with rows summing to 1 (EOS dropped, rows
-    renormalised; see :mod:`stepwise.serve.alignment`); ``hard`` is a Pharaoh line ``"i-j ..."``.
-    """
-    layer = request.get("alignment_layer")
-    layer = alignment.DEFAULT_LAYER if layer is None else layer
-    head = request.get("alignment_head")
-    head = alignment.DEFAULT_HEAD if head is None else head
-    eos = loaded.translator.tokenizer.pieces([loaded.translator.tokenizer.eos_id])[0]
-    assert out.attention is not None  # decoded with attention whenever an alignment is asked for
-    words = alignment.word_alignment(alignment.attention_source(out.attention["cross"], layer, head),
-                                     out.source_tokens, out.target_tokens, eos=eos)
-    result: dict[str, Any] = {"source_words": words.source_words, "target_words": words.target_words,
-                              "layer": layer, "head": head}
-    if request["alignment"] == "soft":
-        result["soft"] = np.round(words.soft, 5).astype(np.float32)
-    else:
-        result["hard"] = words.pharaoh()
-    return result
-
-
-def select_attention(
-    attention: dict[str, np.ndarray] | None, kinds: str, layers: list[int] | None, heads: list[int] | None,
-) -> dict[str, np.ndarray]:
-    """Pick the kinds asked for (``none``, ``cross``, ``all``) and optional layer/head subsets.
-
-    The indices were checked by :func:`check_request`. Returned as float32 arrays
-    ``[layer][head][query][key]`` rounded to 5 decimals (shorter JSON); they stay arrays until the
-    response is written and become nested JSON lists once, in :func:`json_bytes` (or a compact
-    object, :func:`encode_attention`).
-    """
-    if attention is None:
-        return {}
-    result = {}
-    for kind in ATTENTION_KINDS[kinds]:
-        weights = attention[kind]
-        if layers is not None:
-            weights = weights[layers]
-        if heads is not None:
-            weights = weights[:, heads]
-        result[kind] = np.round(weights, 5).astype(np.float32)
-    return result
-
-
-def encode_attention(results: list[dict[str, Any]], fmt: str) -> None:
-    """The response encoding's attention step: each result's arrays in ``fmt`` (``json`` keeps them).
-
-    ``float16`` and ``uint10`` replace each kind's array with a compact base64 object
-    (:mod:`stepwise.serve.attention_codec`); :func:`json_bytes` then writes the rest as before.
-    """
-    if fmt == "json":
-        return
-    for result in results:
-        for part in (result, *result.get("sentences", ())):  # a split paragraph carries attention per sentence
-            part["attention"] = attention_codec.encode_all(part["attention"], fmt)
-
-
-def json_bytes(value: Any) -> bytes:
-    """JSON for a response, numpy arrays as nested lists (orjson: ~10x faster than ``json``)."""
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
