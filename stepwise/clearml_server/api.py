@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,12 @@ HIDDEN = "hidden"
 DEVELOPMENT = "development"
 HIDEABLE = ("project", "task")
 INVALID_ID_SUBCODE = {"task": 101, "model": 201, "project": 401, "queue": 701}
+
+# Fields that name an entity or carry its name: a string (or null) wherever they are sent; a
+# look-up (``*.get*``) may send a list of strings instead. Checked before any handler runs, so a
+# wrong type is a 400 and never reaches a stored document or a page.
+STRING_FIELDS = ("id", "name", "project", "task", "parent", "model", "queue", "worker", "comment")
+INTEGER_FIELDS = ("iteration", "last_iteration", "page", "page_size", "batch_size", "iters")
 
 Handler = Callable[["Api", Any], dict[str, Any]]
 BodyKind = Literal["json", "lines", "none"]
@@ -142,8 +149,10 @@ class Api:
         found = ENDPOINTS.get(name)
         if found is None:
             raise ApiError(400, 0, f"Invalid request path /{name}")
-        if found.body == "json" and not isinstance(body, dict):
-            raise ApiError(400, 0, "Request body must be a JSON object")
+        if found.body == "json":
+            if not isinstance(body, dict):
+                raise ApiError(400, 0, "Request body must be a JSON object")
+            check_field_types(name, body)
         return found.handler(self, body)
 
     # -- helpers shared by the handlers -------------------------------------------------------
@@ -173,6 +182,45 @@ class Api:
         return {"updated": int(updated is not None), "fields": fields}
 
 
+# -- request validation ------------------------------------------------------------------------
+def validation_error(field: str, expected: str) -> ApiError:
+    """ClearML's 400 validation error naming ``field``."""
+    return ApiError(400, 12, f"Validation error: '{field}' must be {expected}")
+
+
+def is_integer(value: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float that is neither a bool, NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field_types(name: str, body: dict[str, Any]) -> None:
+    """Refuse a request whose id, name or integer fields have the wrong type.
+
+    Raises:
+        ApiError: 400 (ClearML's validation error) naming the field.
+    """
+    lookup = name.split(".", 1)[1].startswith("get")
+    for field in STRING_FIELDS:
+        value = body.get(field)
+        if value is None or isinstance(value, str):
+            continue
+        if lookup and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            continue
+        raise validation_error(field, "a string or a list of strings" if lookup else "a string")
+    ids = body.get("ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(v, str) for v in ids)):
+        raise validation_error("ids", "a list of strings")
+    for field in INTEGER_FIELDS:
+        value = body.get(field)
+        if value is not None and not is_integer(value):
+            raise validation_error(field, "an integer")
+
+
 # -- documents ---------------------------------------------------------------------------------
 def set_path(doc: Document, path: str, value: Any) -> None:
     """Set a dotted field (``execution.queue``), creating the parents on the way."""
@@ -195,7 +243,7 @@ def get_path(doc: Document, path: str) -> Any:
 
 def create_unique(api: Api, kind: str, doc: Document, *, subcode: int) -> str:
     """Store ``doc`` unless a document of that kind already has its name (ClearML refuses those)."""
-    with api.store.lock:
+    with api.store.transaction():
         if any(other["name"] == doc["name"] for other in api.store.all(kind)):
             raise ApiError(400, subcode, f"{kind.title()} with the same name already exists: name={doc['name']}")
         api.store.put(kind, doc)
