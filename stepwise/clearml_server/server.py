@@ -27,12 +27,15 @@ Set ``CLEARML_API_HOST=http://HOST:PORT``, ``CLEARML_WEB_HOST=http://HOST:PORT``
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -53,9 +56,79 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ACCESS_KEY = "stepwise-local-key"
 DEFAULT_SECRET_KEY = "stepwise-local-secret"
-TOKEN_LIFETIME_S = 30 * 24 * 3600
+CREDENTIALS_FILE = "credentials.json"  # generated in the data folder for a network bind (mode 0600)
+TOKEN_LIFETIME_S = 24 * 3600
 MAX_BODY_BYTES = 2 * 1024**3
 API_PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<name>[a-z_]+\.[a-z_]+)$")
+
+
+class InsecureBind(ValueError):
+    """A network bind with the documented default key pair: refused before anything listens."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or name) only reaches this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it readable by its owner only (0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` into a new file readable by its owner only (0600)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    path.chmod(0o600)
+
+
+class DataInUse(RuntimeError):
+    """Another server holds the data folder's lock."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take ``DATA/server.lock`` for this process (one server per data folder); returns its descriptor.
+
+    Raises:
+        DataInUse: another server holds it.
+    """
+    fd = os.open(data_dir / "server.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        return fd
+    except OSError:
+        os.close(fd)
+        raise DataInUse(f"another stepwise clearml-server is running on {data_dir}") from None
+    return fd
+
+
+def host_name(header: str) -> str:
+    """The name part of a ``Host`` header (``[::1]:8008`` -> ``::1``), lower-cased."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_ip_literal(name: str) -> bool:
+    """Whether ``name`` is an IP address (which DNS rebinding cannot use)."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class ClearMLServer(ThreadingHTTPServer):
@@ -65,20 +138,27 @@ class ClearMLServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, host: str, port: int, data_dir: Path, access_key: str, secret_key: str,
-                 trace: Path | None = None) -> None:
+                 trace: Path | None = None, allowed_hosts: tuple[str, ...] = ()) -> None:
         self.trace = trace
         self.trace_lock = threading.Lock()
-        self.data_dir = data_dir.resolve()
-        self.files_dir = self.data_dir / "files"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = private_dir(data_dir).resolve()
+        self._lock_fd = lock_data_dir(self.data_dir)
+        # names a Host header may carry (IP literals always may): loopback, the bound name, the
+        # configured ones, and on a network bind this machine's names
+        self.allowed_hosts = {"localhost", host.lower(), *(h.lower() for h in allowed_hosts)}
+        if not is_loopback(host):
+            self.allowed_hosts |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        self.files_dir = private_dir(self.data_dir / "files")
         self.store = Store(self.data_dir / "clearml.sqlite")
         self.api = create_api(self.store, self.issue_token)
         self.access_key, self.secret_key = access_key, secret_key
+        self._login = threading.local()  # the expiry a token minted from a token may not pass
         key_file = self.data_dir / "token.key"
         if not key_file.exists():
-            key_file.write_text(secrets.token_hex(32))
-            key_file.chmod(0o600)
-        self.token_key = key_file.read_text().strip()
+            write_private(key_file, secrets.token_hex(32))
+        # tokens are signed with a key derived from the secret: a new key pair invalidates them
+        self.token_key = hmac.new(key_file.read_text().strip().encode(),
+                                  f"{access_key}:{secret_key}".encode(), hashlib.sha256).hexdigest()
         super().__init__((host, port), RequestHandler)
 
     @property
@@ -91,30 +171,51 @@ class ClearMLServer(ThreadingHTTPServer):
         return sdk_environment(self.url, self.access_key, self.secret_key)
 
     def issue_token(self) -> str:
+        """A session token (``auth.login``), valid :data:`TOKEN_LIFETIME_S`; one minted from a token
+        (``auth.login`` with ``Bearer``) expires when that token does, so tokens cannot renew themselves."""
         now = int(time.time())
+        expires = now + TOKEN_LIFETIME_S
+        limit = getattr(self._login, "expires", None)
+        if limit is not None:
+            expires = min(expires, limit)
         claims = {"api_version": API_VERSION, "server_version": SERVER_VERSION, "feature_set": "basic",
-                  "env": "local", "iat": now, "exp": now + TOKEN_LIFETIME_S,
+                  "env": "local", "iat": now, "exp": expires,
                   "identity": {"user": "stepwise-local-user", "company": "stepwise-local", "role": "admin"}}
         return jwt.encode(claims, self.token_key, algorithm="HS256")
 
     def check_basic(self, header: str) -> bool:
+        """Whether an ``Authorization: Basic`` header carries the key and secret."""
         try:
-            decoded = base64.b64decode(header.split(" ", 1)[1]).decode()
-        except Exception:  # noqa: BLE001 - any malformed header is simply not authorised
+            decoded = base64.b64decode(header.split(" ", 1)[1], validate=True)
+        except (ValueError, IndexError):  # any malformed header is simply not authorised
             return False
-        key, _, secret = decoded.partition(":")
-        return hmac.compare_digest(key, self.access_key) and hmac.compare_digest(secret, self.secret_key)
+        key, _, secret = decoded.partition(b":")
+        return hmac.compare_digest(key, self.access_key.encode()) & hmac.compare_digest(
+            secret, self.secret_key.encode())
+
+    def bearer_claims(self, header: str) -> dict[str, Any] | None:
+        """The claims of a valid ``Authorization: Bearer`` token, or None."""
+        try:
+            return jwt.decode(header.split(" ", 1)[1], self.token_key, algorithms=["HS256"],
+                              options={"require": ["exp"]})
+        except (jwt.PyJWTError, IndexError):
+            return None
 
     def check_bearer(self, header: str) -> bool:
-        try:
-            jwt.decode(header.split(" ", 1)[1], self.token_key, algorithms=["HS256"])
-        except Exception:  # noqa: BLE001
-            return False
-        return True
+        """Whether an ``Authorization: Bearer`` header carries a valid token."""
+        return self.bearer_claims(header) is not None
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a request's ``Host`` names this server (against DNS rebinding)."""
+        if header is None:
+            return True
+        name = host_name(header)
+        return is_ip_literal(name) or name in self.allowed_hosts
 
     def server_close(self) -> None:
         super().server_close()
         self.store.close()
+        os.close(self._lock_fd)
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -146,6 +247,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         self._unread = 0
         try:
+            if not self.server.host_allowed(self.headers.get("Host")):
+                self._api_error(path.lstrip("/"), None, ApiError(421, 0, "Misdirected request: unknown Host"))
+                return
             self._unread = int(self.headers.get("Content-Length") or 0)
             if path == "/files" or path.startswith("/files/"):
                 self._files(path[len("/files"):])
@@ -190,9 +294,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         body_bytes = self._body()
         auth = self.headers.get("Authorization") or ""
         known = ENDPOINTS.get(name)
+        self.server._login.expires = None
         if known is not None and known.login:
-            if not (auth.startswith("Basic ") and self.server.check_basic(auth)) and not (
-                    auth.startswith("Bearer ") and self.server.check_bearer(auth)):
+            claims = self.server.bearer_claims(auth) if auth.startswith("Bearer ") else None
+            if claims is not None:  # a token renewed from a token keeps its expiry
+                self.server._login.expires = claims["exp"]
+            elif not (auth.startswith("Basic ") and self.server.check_basic(auth)):
                 self._api_error(name, version, ApiError(401, 20, "Unauthorized (invalid credentials)"))
                 return
         elif not (auth.startswith("Bearer ") and self.server.check_bearer(auth)):
@@ -203,6 +310,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._api_error(name, version, exc)
             return
+        finally:
+            self.server._login.expires = None
         self._api_ok(name, version, data)
 
     def _meta(self, name: str, version: str | None, code: int, subcode: int, message: str) -> dict[str, Any]:
@@ -222,7 +331,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _answer(self, name: str, status: int, payload: dict[str, Any]) -> None:
         if self.server.trace is not None:
             with self.server.trace_lock, open(self.server.trace, "a", encoding="utf-8") as out:
-                out.write(json.dumps({"endpoint": name, "status": status, "response": payload}) + "\n")
+                data = payload.get("data")
+                recorded = {**payload, "data": {**data, "token": "[hidden]"}} \
+                    if isinstance(data, dict) and "token" in data else payload
+                out.write(json.dumps({"endpoint": name, "status": status, "response": recorded}) + "\n")
         self._send_json(status, payload)
 
     def _send_json(self, status: int, payload: dict[str, Any]) -> None:
@@ -272,7 +384,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     # -- results pages (web.py) ----------------------------------------------------------------
     def _web(self, path: str, query: str) -> None:
         self._body()
-        if web.needs_credentials(self.server.server_address[0]) and not self._authorised_for_files():
+        private = path.startswith("/view-files/") or web.needs_credentials(self.server.server_address[0])
+        if private and not self._authorised_for_files():  # the file view: as /files, on loopback too
             self._start_answer(401)
             self.send_header("WWW-Authenticate", 'Basic realm="stepwise ClearML server (access key and secret)"')
             self.send_header("Content-Length", "0")
@@ -289,7 +402,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
 
 def local_credentials() -> tuple[str, str]:
-    """The key and secret a server started here accepts (unless given others).
+    """The key and secret a server started here on loopback accepts (unless given others).
 
     ``STEPWISE_CLEARML_ACCESS_KEY``/``STEPWISE_CLEARML_SECRET_KEY`` when set, else the built-in
     local pair. Whoever starts ``stepwise clearml-server`` in a child process (``stepwise up``,
@@ -297,6 +410,45 @@ def local_credentials() -> tuple[str, str]:
     """
     return (os.environ.get("STEPWISE_CLEARML_ACCESS_KEY") or DEFAULT_ACCESS_KEY,
             os.environ.get("STEPWISE_CLEARML_SECRET_KEY") or DEFAULT_SECRET_KEY)
+
+
+def server_credentials(host: str, data_dir: Path, access_key: str | None = None,
+                       secret_key: str | None = None) -> tuple[str, str, str]:
+    """The key pair a server on ``host`` accepts, and where its secret comes from.
+
+    In order: the arguments (``--access-key``/``--secret-key``), the environment
+    (``STEPWISE_CLEARML_ACCESS_KEY``/``STEPWISE_CLEARML_SECRET_KEY``), then on loopback the
+    documented local pair, and on any other address a pair generated on first start into
+    ``DATA/credentials.json`` (mode 0600) and read from there afterwards.
+
+    Returns:
+        ``(access_key, secret_key, origin)``, ``origin`` saying where the secret is (printed at
+        start-up instead of the secret).
+
+    Raises:
+        InsecureBind: a non-loopback ``host`` with the documented default key or secret.
+    """
+    access_key = access_key or os.environ.get("STEPWISE_CLEARML_ACCESS_KEY")
+    secret_key = secret_key or os.environ.get("STEPWISE_CLEARML_SECRET_KEY")
+    origin = "the secret this server was started with"
+    if not (access_key or secret_key) and not is_loopback(host):
+        stored = private_dir(data_dir) / CREDENTIALS_FILE
+        if not stored.exists():
+            write_private(stored, json.dumps({"access_key": "stepwise-" + secrets.token_hex(8),
+                                              "secret_key": secrets.token_urlsafe(32)}) + "\n")
+            log.info("generated a key pair in %s", stored)
+        pair = json.loads(stored.read_text(encoding="utf-8"))
+        access_key, secret_key = pair["access_key"], pair["secret_key"]
+        origin = f"in {stored}"
+    access_key, secret_key = access_key or DEFAULT_ACCESS_KEY, secret_key or DEFAULT_SECRET_KEY
+    if secret_key == DEFAULT_SECRET_KEY:
+        origin = "the documented local default"
+    if not is_loopback(host) and secret_key == DEFAULT_SECRET_KEY:
+        raise InsecureBind(
+            f"refusing to listen on {host} with the documented default key pair: set --access-key and "
+            "--secret-key (or STEPWISE_CLEARML_ACCESS_KEY/STEPWISE_CLEARML_SECRET_KEY), or set neither to "
+            f"have a pair generated into {Path(data_dir) / CREDENTIALS_FILE}")
+    return access_key, secret_key, origin
 
 
 def sdk_environment(url: str, access_key: str | None = None, secret_key: str | None = None) -> dict[str, str]:
@@ -319,22 +471,30 @@ def sdk_environment(url: str, access_key: str | None = None, secret_key: str | N
 
 def serve(host: str = "127.0.0.1", port: int = 8008, data_dir: str | Path = ".stepwise/clearml",
           access_key: str | None = None, secret_key: str | None = None, trace: str | Path | None = None,
-          ready: threading.Event | None = None) -> None:
+          ready: threading.Event | None = None, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Run the server until interrupted.
 
     ``trace`` names a JSON-lines file that receives every API answer (for schema checks and
-    debugging). Credentials default to ``STEPWISE_CLEARML_ACCESS_KEY``/``STEPWISE_CLEARML_SECRET_KEY`` or the
-    built-in local pair; the server prints the environment to point the SDK at it.
+    debugging; tokens are left out). Credentials: see :func:`server_credentials`. The server
+    prints the environment to point the SDK at it, with the access key but never the secret.
+    ``allowed_hosts`` are names (``Host`` header values) accepted besides loopback and the bound
+    address.
+
+    Raises:
+        InsecureBind: a network bind with the documented default key pair.
+        DataInUse: another server is running on ``data_dir``.
     """
-    default_key, default_secret = local_credentials()
-    access_key, secret_key = access_key or default_key, secret_key or default_secret
+    access_key, secret_key, origin = server_credentials(host, Path(data_dir), access_key, secret_key)
     server = ClearMLServer(host, port, Path(data_dir), access_key, secret_key,
-                           trace=Path(trace) if trace else None)
+                           trace=Path(trace) if trace else None, allowed_hosts=allowed_hosts)
     env = server.environment()
     print(f"stepwise ClearML server on {server.url} (data in {server.data_dir})", flush=True)
     print("point the clearml SDK at it with:", flush=True)
     for key, value in env.items():
-        print(f"  export {key}={value}", flush=True)
+        if key == "CLEARML_API_SECRET_KEY":
+            print(f"  export {key}=...  # {origin}", flush=True)
+        else:
+            print(f"  export {key}={value}", flush=True)
     if ready is not None:
         ready.set()
     try:
