@@ -171,3 +171,33 @@ def test_tokens_follow_the_secret_and_cannot_renew_themselves(tmp_path: Path) ->
         assert requests.get(f"{server.url}/auth.login", auth=(KEY, "a-new-secret"), timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+# -- row 3: DNS rebinding --------------------------------------------------------------------------
+def test_unknown_host_names_are_misdirected(clearml_server: ClearMLServerProcess) -> None:
+    url = clearml_server.url
+    for host in ("attacker.example", "attacker.example:8008", "localhost.attacker.example"):
+        for path in ("/", "/projects", "/debug.ping", "/auth.login"):
+            answer = requests.get(f"{url}{path}", headers={"Host": host}, auth=(KEY, SECRET), timeout=10)
+            assert answer.status_code == 421, (host, path, answer.status_code)
+    for host in (f"127.0.0.1:{clearml_server.port}", f"localhost:{clearml_server.port}", "[::1]:8008"):
+        assert requests.get(f"{url}/", headers={"Host": host}, timeout=10).status_code == 200, host
+
+
+def test_named_hosts_are_allowed_when_configured(tmp_path: Path) -> None:
+    server = _Server(tmp_path / "data", "--allow-host", "gpu-box.lan")
+    try:
+        server.wait_ready()
+        assert requests.get(f"{server.url}/", headers={"Host": "gpu-box.lan:8008"}, timeout=10).status_code == 200
+        assert requests.get(f"{server.url}/", headers={"Host": "other.lan"}, timeout=10).status_code == 421
+    finally:
+        server.stop()
+
+
+# -- row 11: one server per data folder ----------------------------------------------------------------
+def test_a_second_server_on_the_same_data_exits_with_one_line(clearml_server: ClearMLServerProcess) -> None:
+    second = _Server(clearml_server.data)
+    assert second.process.wait(timeout=60) != 0
+    lines = second.output.read_text().strip().splitlines()
+    assert len(lines) == 1 and "another stepwise clearml-server" in lines[0], lines
+    assert requests.get(f"{clearml_server.url}/", timeout=10).status_code == 200  # the first one still answers
