@@ -7,12 +7,17 @@ process (and the real ``clearml`` SDK where the row involves it).
 from __future__ import annotations
 
 import base64
+import hashlib
+import html
 import json
 import os
+import re
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jwt
@@ -160,6 +165,13 @@ def test_tokens_follow_the_secret_and_cannot_renew_themselves(tmp_path: Path) ->
                       headers={"Authorization": f"Bearer {token}"}, timeout=10).raise_for_status()
         assert requests.get(f"{server.url}/view-files/p/t/a.txt", timeout=10).status_code == 401
         assert requests.get(f"{server.url}/view-files/p/t/a.txt", auth=(KEY, SECRET), timeout=10).content == b"private"
+        # ... or the signed link a page shows (the pages are open on loopback), for that file only
+        bearer = {"Authorization": f"Bearer {token}"}
+        model = _call(server.url, bearer, "models.create", {"name": "m", "uri": f"{server.url}/files/p/t/a.txt"})
+        page = requests.get(f"{server.url}/projects/*/models/{model.json()['data']['id']}/general", timeout=10).text
+        link = html.unescape(re.search(r'href="(/view-files/[^"]+)"', page).group(1))
+        assert requests.get(f"{server.url}{link}", timeout=10).content == b"private"
+        assert requests.get(f"{server.url}{link.replace('a.txt', 'b.txt')}", timeout=10).status_code == 401
     finally:
         server.stop()
     server = _Server(data, "--secret-key", "a-new-secret")
@@ -201,3 +213,172 @@ def test_a_second_server_on_the_same_data_exits_with_one_line(clearml_server: Cl
     lines = second.output.read_text().strip().splitlines()
     assert len(lines) == 1 and "another stepwise clearml-server" in lines[0], lines
     assert requests.get(f"{clearml_server.url}/", timeout=10).status_code == 200  # the first one still answers
+
+
+# -- rows 4 and 7: memory and connections ---------------------------------------------------------
+def _status(pid: int, field: str) -> int:
+    """A number from /proc/PID/status (``VmHWM`` in kB: the peak resident memory; ``Threads``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _raw(port: int, head: str, body: bytes = b"", timeout: float = 10) -> bytes:
+    """Send a request head (and part of a body) on a fresh socket; the answer's first bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        return sock.recv(4096)
+
+
+def test_credentials_and_lengths_are_checked_before_the_body_is_read(clearml_server: ClearMLServerProcess) -> None:
+    port = clearml_server.port
+    head = f"POST /debug.ping HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {200 * 1024**2}\r\n"
+    assert _raw(port, head, b"x" * 1024).startswith(b"HTTP/1.1 401")  # answered without the 200 MB
+    token = _token(clearml_server.url)["Authorization"]
+    head = (f"POST /v2.23/tasks.get_all HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {token}\r\n"
+            f"Content-Length: {200 * 1024**2}\r\n")
+    assert _raw(port, head, b"{").startswith(b"HTTP/1.1 413")
+    for length in ("-1", "abc", "1, 2"):
+        head = (f"POST /v2.23/tasks.get_all HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {token}\r\n"
+                f"Content-Length: {length}\r\n")
+        assert _raw(port, head, b"{}").startswith(b"HTTP/1.1 400"), length
+
+
+UPLOAD_AND_DOWNLOAD = """
+import hashlib, sys
+from clearml import StorageManager
+url, local = sys.argv[1], sys.argv[2]
+StorageManager.upload_file(local, f"{url}/files/big/blob.bin")
+copy = StorageManager.get_local_copy(f"{url}/files/big/blob.bin", extract_archive=False)
+print("DIGEST", hashlib.sha256(open(copy, "rb").read()).hexdigest())
+"""
+
+
+def test_uploads_and_downloads_stream_through_bounded_memory(clearml_server: ClearMLServerProcess,
+                                                             tmp_path: Path) -> None:
+    local = tmp_path / "blob.bin"
+    with local.open("wb") as out:
+        for i in range(96):
+            out.write(hashlib.sha256(str(i).encode()).digest() * (1024**2 // 32))
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    pid = clearml_server.process.pid
+    requests.get(f"{clearml_server.url}/", timeout=10)
+    before = _status(pid, "VmHWM")
+    result = subprocess.run([sys.executable, "-c", UPLOAD_AND_DOWNLOAD, clearml_server.url, str(local)],
+                            env=clearml_server.env, capture_output=True, text=True, timeout=300)
+    assert f"DIGEST {digest}" in result.stdout, result.stdout + result.stderr
+    assert (clearml_server.data / "files/big/blob.bin").stat().st_size == 96 * 1024**2
+    grown_mb = (_status(pid, "VmHWM") - before) / 1024
+    assert grown_mb < 32, f"a 96 MiB upload and download raised the server's peak memory by {grown_mb:.0f} MB"
+
+
+def test_idle_and_half_sent_connections_hold_no_thread_and_are_dropped(clearml_server: ClearMLServerProcess) -> None:
+    port, pid = clearml_server.port, clearml_server.process.pid
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(100)]
+    half = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(100)]
+    try:
+        for sock in half:
+            sock.sendall(b"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        assert requests.get(f"{clearml_server.url}/", timeout=30).status_code == 200  # another client
+        assert _status(pid, "Threads") < 16  # none of them holds a thread
+        # an idle connection is closed by the server (a closed socket reads as b"")
+        assert idle[0].recv(1) == b""
+    finally:
+        for sock in idle + half:
+            sock.close()
+
+
+# -- row 5: name patterns ------------------------------------------------------------------------------
+def test_costly_name_patterns_are_refused_and_plain_ones_still_match(clearml_server: ClearMLServerProcess) -> None:
+    url = clearml_server.url
+    auth = _token(url)
+    assert _call(url, auth, "projects.create", {"name": "a" * 40, "description": ""}).status_code == 200
+    for pattern in ("(a+)+$", "(a|aa)*$", "(\\w+\\s?)*$", "(a)\\1", "a" * 300):
+        answer = _call(url, auth, "projects.get_all", {"name": pattern})
+        assert answer.status_code == 400 and "'name'" in answer.json()["meta"]["result_msg"], pattern
+    for pattern in ("a+$", "^a{40}$", "^" + "a" * 40 + "$", "a|b"):
+        answer = _call(url, auth, "projects.get_all", {"name": pattern})
+        assert len(answer.json()["data"]["projects"]) == 1, pattern
+
+
+# -- row 6: what pages are given ------------------------------------------------------------------------
+def test_pages_survive_strings_nan_and_wrong_types(clearml_server: ClearMLServerProcess) -> None:
+    url = clearml_server.url
+    auth = _token(url)
+    task_id = _call(url, auth, "tasks.create", {"name": "plots", "type": "training"}).json()["data"]["id"]
+    figure = '{"data": [{"type": "heatmap", "z": [[NaN, 1], [Infinity, 0.5]]}], "layout": {}}'
+    lines = [json.dumps({"type": "plot", "task": task_id, "metric": "confusion", "variant": "v", "iter": 3,
+                         "plot_str": figure}),
+             json.dumps({"type": "plot", "task": task_id, "metric": "xss", "variant": "v",
+                         "iter": "<img src=x onerror=alert(1)>", "plot_str": "{}"}),
+             json.dumps({"type": "training_stats_scalar", "task": task_id, "metric": "loss", "variant": "v",
+                         "iter": float("nan"), "value": 1.0})]
+    for line in lines[1:]:  # an iteration that is not an integer is refused
+        answer = requests.post(f"{url}/v2.23/events.add_batch", data=line, headers=auth, timeout=10)
+        assert answer.status_code == 400, answer.text
+    assert requests.post(f"{url}/v2.23/events.add_batch", data=lines[0], headers=auth, timeout=10).json()[
+        "data"]["added"] == 1
+    assert _call(url, auth, "models.create", {"name": "m", "uri": "x", "project": 5}).status_code == 400
+    base = f"/projects/*/experiments/{task_id}"
+    for path in ("/", "/projects", "/projects/*/models", f"{base}/info-output/metrics/plots",
+                 f"{base}/info-output/metrics/scalar", f"/compare?ids={task_id}"):
+        page = requests.get(f"{url}{path}", timeout=10)
+        assert page.status_code == 200, (path, page.status_code)
+        assert "onerror=alert" not in page.text
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+        assert page.headers["X-Frame-Options"] == "DENY"
+        assert "<script>" not in page.text  # no inline script: the CSP allows none
+    plots = requests.get(f"{url}{base}/info-output/metrics/plots", timeout=10).text
+    assert "NaN" not in plots and "Infinity" not in plots
+
+
+def test_secrets_are_masked_in_values_not_in_the_page(tmp_path: Path) -> None:
+    server = _Server(tmp_path / "data", "--access-key", "a", "--secret-key", '"')
+    try:
+        server.wait_ready()
+        token = requests.get(f"{server.url}/auth.login", auth=("a", '"'), timeout=10).json()["data"]["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        _call(server.url, auth, "tasks.create", {"name": 'say "a"', "type": "training"}).raise_for_status()
+        page = requests.get(f"{server.url}/projects", timeout=10).text
+        # the markup is intact (a text replace on the finished page turned every " and a into [hidden])
+        assert "<head>" in page and "href='/projects'" in page and "charset='utf-8'" in page
+        assert 'class="status' in page
+        assert "s[hidden]y [hidden][hidden][hidden]" in page  # the stored value, masked
+    finally:
+        server.stop()
+
+
+# -- rows 8 and 11: the file store's edges ------------------------------------------------------------
+def test_cross_site_writes_dot_names_and_broken_uploads_leave_nothing(clearml_server: ClearMLServerProcess) -> None:
+    url, data = clearml_server.url, clearml_server.data
+    for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        answer = requests.post(f"{url}/files/", files={"/p/t/evil.txt": ("evil.txt", b"x")}, auth=(KEY, SECRET),
+                               headers=headers, timeout=10)
+        assert answer.status_code == 403, headers
+        assert requests.delete(f"{url}/files/p/t/evil.txt", auth=(KEY, SECRET), headers=headers,
+                               timeout=10).status_code == 403
+    same = requests.post(f"{url}/files/", files={"/p/t/ok.txt": ("ok.txt", b"x")}, auth=(KEY, SECRET),
+                         headers={"Origin": url, "Sec-Fetch-Site": "same-origin"}, timeout=10)
+    assert same.status_code == 200
+    for name in (".", "./", "a/./b", "/."):
+        answer = requests.post(f"{url}/files/", files={name: ("x", b"x")}, auth=(KEY, SECRET), timeout=10)
+        assert answer.status_code == 400, name
+    # a client that stops half-way through an upload
+    token = _token(url)["Authorization"]
+    boundary = "b0undary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"/p/t/half.bin\"; filename=\"half.bin\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + b"y" * 200_000
+    head = (f"POST /files/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {token}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(part) + 10_000}\r\n")
+    with socket.create_connection(("127.0.0.1", clearml_server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + part)
+    assert requests.get(f"{url}/", timeout=10).status_code == 200  # the server carries on
+    deadline_checks = [p for p in data.rglob("*") if p.name.endswith(".part") or p.name == "half.bin"]
+    for _ in range(50):
+        if not deadline_checks:
+            break
+        time.sleep(0.2)
+        deadline_checks = [p for p in data.rglob("*") if p.name.endswith(".part") or p.name == "half.bin"]
+    assert deadline_checks == []
+    assert not (data / "files/p/t/evil.txt").exists()

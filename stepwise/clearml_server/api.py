@@ -28,6 +28,11 @@ from typing import Any, Literal
 
 from stepwise.clearml_server.store import Document, Store
 
+try:  # the stdlib's own parser of regular expressions (for name_pattern)
+    from re import _parser as _sre_parser  # type: ignore[attr-defined]
+except ImportError:  # Python < 3.11
+    import sre_parse as _sre_parser  # type: ignore[no-redef]
+
 API_VERSION = "2.23"
 SERVER_VERSION = "1.17.0"
 USER_ID = "stepwise-local-user"
@@ -299,10 +304,7 @@ def query(api: Api, kind: str, body: dict[str, Any], equal_fields: tuple[str, ..
         docs = [d for d in docs if HIDDEN not in (d.get("system_tags") or [])]
     name = body.get("name")
     if isinstance(name, str) and name:
-        try:
-            pattern = re.compile(name)
-        except re.error:
-            raise ApiError(400, 12, f"Validation error: invalid regular expression in 'name': {name}") from None
+        pattern = name_pattern(name)
         docs = [d for d in docs if pattern.search(d.get("name") or "")]
     for field in ("project", "parent", *equal_fields):
         values = as_list(body.get(field))
@@ -327,6 +329,59 @@ def query(api: Api, kind: str, body: dict[str, Any], equal_fields: tuple[str, ..
     if only:
         docs = [_project_fields(d, ["id", *only]) for d in docs]
     return docs
+
+
+MAX_PATTERN = 256  # characters of a ``name`` pattern
+
+
+def name_pattern(name: str) -> re.Pattern[str]:
+    """Compile a ``get_all`` ``name`` filter: a regular expression, as ClearML's, with its cost bounded.
+
+    At most :data:`MAX_PATTERN` characters, no back-references, and no unbounded repetition of
+    something that itself repeats or branches (``(a+)+``, ``(a|ab)*``): the patterns whose
+    matching time grows exponentially with the name. Plain names and the SDK's ``^name$`` (with
+    ``re.escape``) are unaffected.
+
+    Raises:
+        ApiError: 400 for an invalid, too long or too costly pattern.
+    """
+    def refuse(why: str) -> ApiError:
+        return ApiError(400, 12, f"Validation error: 'name' {why}")
+
+    if len(name) > MAX_PATTERN:
+        raise refuse(f"is longer than {MAX_PATTERN} characters")
+    try:
+        pattern = re.compile(name)
+        parsed = _sre_parser.parse(name)
+    except (re.error, RecursionError):
+        raise refuse("is not a valid regular expression") from None
+    if _costly(parsed, inside_repeat=False):
+        raise refuse("has a back-reference, or repeats a repetition or an alternation (an exponential cost)")
+    return pattern
+
+
+def _costly(items: Any, inside_repeat: bool) -> bool:
+    """Whether a parsed pattern has a back-reference, or repeats (without bound) a repeat or a branch."""
+    for op, arg in items:
+        name = str(op)
+        if name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return True
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = arg
+            if inside_repeat:
+                return True
+            if _costly(sub, inside_repeat=high == _sre_parser.MAXREPEAT or high > 16):
+                return True
+        elif name == "BRANCH":
+            if inside_repeat:
+                return True
+            if any(_costly(alternative, inside_repeat) for alternative in arg[1]):
+                return True
+        elif name in ("SUBPATTERN", "ATOMIC_GROUP", "ASSERT", "ASSERT_NOT"):
+            sub = arg[-1]
+            if _costly(sub, inside_repeat):
+                return True
+    return False
 
 
 def _project_fields(doc: Document, fields: list[str]) -> Document:

@@ -29,20 +29,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import selectors
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, BinaryIO
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import jwt
 
@@ -58,7 +61,14 @@ DEFAULT_ACCESS_KEY = "stepwise-local-key"
 DEFAULT_SECRET_KEY = "stepwise-local-secret"
 CREDENTIALS_FILE = "credentials.json"  # generated in the data folder for a network bind (mode 0600)
 TOKEN_LIFETIME_S = 24 * 3600
-MAX_BODY_BYTES = 2 * 1024**3
+MAX_JSON_BYTES = 64 * 1024**2  # an API body (events.add_batch batches included)
+MAX_UPLOAD_BYTES = 64 * 1024**3  # a /files upload (streamed to disk)
+MAX_DRAIN_BYTES = 1024**2  # an unread body up to this is read and dropped; a longer one closes the connection
+SOCKET_TIMEOUT_S = 20  # a client silent this long mid-request is dropped
+IDLE_TIMEOUT_S = 10  # a connection whose request head has not arrived this long after connecting is closed
+MAX_WAITING = 1024  # connections accepted and waiting for their first bytes
+MAX_ACTIVE = 64  # requests handled at once (a thread each); over it, 503
+MAX_HEAD_BYTES = 64 * 1024  # a request head (request line and headers) longer than this is not waited for
 API_PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<name>[a-z_]+\.[a-z_]+)$")
 
 
@@ -131,6 +141,33 @@ def is_ip_literal(name: str) -> bool:
     return True
 
 
+@dataclass
+class _Waiting:
+    """A connection in the waiting room: who, since when, and its request head so far."""
+
+    address: Any
+    since: float
+    head: bytearray
+
+
+class _PrefixedSocket(io.RawIOBase):
+    """A socket read as a stream, after the bytes already read from it."""
+
+    def __init__(self, prefix: bytes, sock: socket.socket) -> None:
+        self._prefix, self._sock = prefix, sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._prefix:
+            count = min(len(buffer), len(self._prefix))
+            buffer[:count] = self._prefix[:count]
+            self._prefix = self._prefix[count:]
+            return count
+        return self._sock.recv_into(buffer)
+
+
 class ClearMLServer(ThreadingHTTPServer):
     """The server object: holds the store, the credentials and the token key."""
 
@@ -159,7 +196,81 @@ class ClearMLServer(ThreadingHTTPServer):
         # tokens are signed with a key derived from the secret: a new key pair invalidates them
         self.token_key = hmac.new(key_file.read_text().strip().encode(),
                                   f"{access_key}:{secret_key}".encode(), hashlib.sha256).hexdigest()
+        self.incoming_dir = private_dir(self.data_dir / "incoming")  # uploads being received
+        for stale in self.incoming_dir.glob("*.part"):  # left by a server killed mid-upload
+            stale.unlink()
+        self._active = threading.BoundedSemaphore(MAX_ACTIVE)
+        self._selector = selectors.DefaultSelector()
+        self._waiting_lock = threading.Lock()
+        self._closing = False
+        self._heads: dict[Any, bytes] = {}  # what the waiting room read of each handed-off connection
         super().__init__((host, port), RequestHandler)
+        threading.Thread(target=self._waiting_room, name="clearml-server waiting room", daemon=True).start()
+
+    # -- connections: a waiting room, then a bounded number of handler threads --------------------
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Park a new connection in the waiting room until its request head has arrived: an idle or
+        slow client holds no thread, and is closed :data:`IDLE_TIMEOUT_S` after connecting."""
+        with self._waiting_lock:
+            if self._closing or len(self._selector.get_map()) >= MAX_WAITING:
+                self.shutdown_request(request)
+                return
+            request.setblocking(False)
+            self._selector.register(request, selectors.EVENT_READ,
+                                    _Waiting(client_address, time.monotonic(), bytearray()))
+
+    def _waiting_room(self) -> None:
+        """Read request heads; hand a complete one to a handler thread; close clients too slow."""
+        while not self._closing:
+            try:
+                ready = self._selector.select(timeout=0.2)
+            except (OSError, ValueError):  # the selector was closed
+                return
+            for key, _ in ready:
+                sock, waiting = key.fileobj, key.data
+                try:
+                    data = sock.recv(MAX_HEAD_BYTES)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                waiting.head += data
+                if data and b"\r\n\r\n" not in waiting.head and len(waiting.head) < MAX_HEAD_BYTES:
+                    continue  # more of the head to come
+                with self._waiting_lock:
+                    self._selector.unregister(sock)
+                if not data:  # closed by the client
+                    self.shutdown_request(sock)
+                    continue
+                sock.setblocking(True)
+                self._start_handler(sock, waiting.address, bytes(waiting.head))
+            deadline = time.monotonic() - IDLE_TIMEOUT_S
+            with self._waiting_lock:
+                idle = [key for key in self._selector.get_map().values() if key.data.since < deadline]
+                for key in idle:
+                    self._selector.unregister(key.fileobj)
+            for key in idle:
+                self.shutdown_request(key.fileobj)
+
+    def _start_handler(self, request: Any, client_address: Any, head: bytes) -> None:
+        if not self._active.acquire(blocking=False):  # every handler busy: answer at once, hold nothing
+            try:
+                request.settimeout(1)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                                b"Retry-After: 1\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+
+        def run() -> None:
+            try:
+                self._heads[request] = head
+                self.process_request_thread(request, client_address)
+            finally:
+                self._active.release()
+
+        threading.Thread(target=run, daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -205,6 +316,25 @@ class ClearMLServer(ThreadingHTTPServer):
         """Whether an ``Authorization: Bearer`` header carries a valid token."""
         return self.bearer_claims(header) is not None
 
+    def sign_file(self, path: str) -> str:
+        """The query that opens ``/view-files<path>`` without credentials for a day (the pages' links)."""
+        expires = (int(time.time()) // 3600 + 25) * 3600  # the same link for an hour: images stay cached
+        return urlencode({"exp": expires, "sig": self._file_signature(path, expires)})
+
+    def file_signature_valid(self, path: str, query: str) -> bool:
+        """Whether ``query`` carries an unexpired signature of ``path`` (see :meth:`sign_file`)."""
+        params = parse_qs(query)
+        try:
+            expires = int(params["exp"][-1])
+            signature = params["sig"][-1]
+        except (KeyError, ValueError, IndexError):
+            return False
+        return expires > time.time() and hmac.compare_digest(signature, self._file_signature(path, expires))
+
+    def _file_signature(self, path: str, expires: int) -> str:
+        return hmac.new(self.token_key.encode(), f"view-files\n{path}\n{expires}".encode(),
+                        hashlib.sha256).hexdigest()
+
     def host_allowed(self, header: str | None) -> bool:
         """Whether a request's ``Host`` names this server (against DNS rebinding)."""
         if header is None:
@@ -213,6 +343,14 @@ class ClearMLServer(ThreadingHTTPServer):
         return is_ip_literal(name) or name in self.allowed_hosts
 
     def server_close(self) -> None:
+        self._closing = True
+        with self._waiting_lock:
+            waiting = [key.fileobj for key in self._selector.get_map().values()]
+            for sock in waiting:
+                self._selector.unregister(sock)
+        for sock in waiting:
+            self.shutdown_request(sock)
+        self._selector.close()
         super().server_close()
         self.store.close()
         os.close(self._lock_fd)
@@ -226,6 +364,13 @@ class RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server_version = "stepwise-clearml/" + SERVER_VERSION
+    timeout = SOCKET_TIMEOUT_S  # a client silent this long mid-request is dropped
+
+    def setup(self) -> None:
+        """The socket as a stream that starts with what the waiting room read of it."""
+        super().setup()
+        head = self.server._heads.pop(self.request, b"")
+        self.rfile = io.BufferedReader(_PrefixedSocket(head, self.connection), fileserver.CHUNK)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -250,7 +395,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             if not self.server.host_allowed(self.headers.get("Host")):
                 self._api_error(path.lstrip("/"), None, ApiError(421, 0, "Misdirected request: unknown Host"))
                 return
-            self._unread = int(self.headers.get("Content-Length") or 0)
+            self._unread = self._content_length()
             if path == "/files" or path.startswith("/files/"):
                 self._files(path[len("/files"):])
             elif match := API_PATH.match(path):
@@ -258,30 +403,55 @@ class RequestHandler(BaseHTTPRequestHandler):
             elif self.command == "GET" and web.is_web_path(path):
                 self._web(path, urlsplit(self.path).query)
             else:
-                self._api_error(f"{path.lstrip('/')}", None, ApiError(400, 0, f"Invalid request path {path}"))
+                self._api_error(f"{path.lstrip('/')}", None, ApiError(400, 0, "Invalid request path"))
         except (ConnectionError, TimeoutError):
-            pass
+            self._unread = 0
+            self.close_connection = True
         except ApiError as exc:  # raised before the handler's own error handling (a body too large)
             self._api_error(path.lstrip("/"), None, exc)
-        except Exception as exc:  # noqa: BLE001 - a server bug must not kill the server
+        except Exception:  # noqa: BLE001 - a server bug must not kill the server
             log.exception("internal error on %s %s", self.command, path)
-            self._api_error(path.lstrip("/"), None, ApiError(500, 0, f"Internal server error: {exc}"))
+            self._api_error(path.lstrip("/"), None, ApiError(500, 0, "Internal server error"))
         finally:
             self._drain()
 
-    def _body(self) -> bytes:
+    def _content_length(self) -> int:
+        """The body's length; a missing header is 0.
+
+        Raises:
+            ApiError: 400 for a negative or malformed ``Content-Length``, 411 for a chunked body.
+        """
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise ApiError(411, 0, "Content-Length required (chunked bodies are not accepted)")
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return 0
+        if len(set(values)) != 1 or not values[0].strip().isdigit():
+            raise ApiError(400, 0, "Invalid Content-Length")
+        return int(values[0])
+
+    def _body(self, limit: int = MAX_JSON_BYTES) -> bytes:
+        """The whole body (API calls and forms only: uploads stream)."""
         length, self._unread = self._unread, 0
-        if length > MAX_BODY_BYTES:
+        if length > limit:
+            self._unread = length  # not read: the connection is closed instead (see _drain)
             raise ApiError(413, 0, "Request body too large")
-        return self.rfile.read(length) if length else b""
+        data = self.rfile.read(length) if length else b""
+        if len(data) < length:
+            raise ConnectionError("the client closed the connection mid-body")
+        return data
 
     def _drain(self) -> None:
-        """Read what is left of a body the answer did not need, so closing does not reset the socket."""
-        left, self._unread = min(self._unread, MAX_BODY_BYTES), 0
+        """Read what is left of a small body the answer did not need, so closing does not reset the
+        socket; a large one is not read (the connection closes)."""
+        left, self._unread = self._unread, 0
+        if left > MAX_DRAIN_BYTES:
+            self.close_connection = True
+            return
         try:
             while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
                 left -= len(chunk)
-        except (ConnectionError, TimeoutError):
+        except (ConnectionError, TimeoutError, OSError):
             pass
 
     def _start_answer(self, status: int) -> None:
@@ -291,10 +461,10 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     # -- API --------------------------------------------------------------------------------
     def _api(self, name: str, version: str | None) -> None:
-        body_bytes = self._body()
         auth = self.headers.get("Authorization") or ""
         known = ENDPOINTS.get(name)
         self.server._login.expires = None
+        # credentials are checked before the body is read
         if known is not None and known.login:
             claims = self.server.bearer_claims(auth) if auth.startswith("Bearer ") else None
             if claims is not None:  # a token renewed from a token keeps its expiry
@@ -306,7 +476,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._api_error(name, version, ApiError(401, 21, "Unauthorized (missing or invalid token)"))
             return
         try:
-            data = self.server.api.handle(name, body_bytes)
+            data = self.server.api.handle(name, self._body())
         except ApiError as exc:
             self._api_error(name, version, exc)
             return
@@ -348,26 +518,49 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _send_file(self, stream: BinaryIO, size: int, content_type: str, headers: dict[str, str]) -> None:
+        """A file from disk, a chunk at a time."""
+        with stream:
+            self._start_answer(200)
+            for key, value in {"Content-Type": content_type, "Content-Length": str(size), **headers}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            while chunk := stream.read(fileserver.CHUNK):
+                self.wfile.write(chunk)
+
     # -- files ------------------------------------------------------------------------------
     def _authorised_for_files(self) -> bool:
         auth = self.headers.get("Authorization") or ""
         return (auth.startswith("Bearer ") and self.server.check_bearer(auth)) or (
             auth.startswith("Basic ") and self.server.check_basic(auth))
 
+    def _cross_site(self) -> bool:
+        """Whether the browser says this request comes from another site (``Sec-Fetch-Site``, ``Origin``)."""
+        fetch_site = (self.headers.get("Sec-Fetch-Site") or "").lower()
+        if fetch_site and fetch_site not in ("same-origin", "none"):
+            return True
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return False
+        parts = urlsplit(origin)
+        return parts.netloc.lower() != (self.headers.get("Host") or "").lower() or parts.scheme != "http"
+
     def _files(self, path: str) -> None:
         if not self._authorised_for_files():
-            self._body()
             self._api_error("files", None, ApiError(401, 21, "Unauthorized (missing or invalid token)"))
+            return
+        if self.command in ("POST", "PUT", "DELETE") and self._cross_site():
+            self._api_error("files", None, ApiError(403, 0, "Cross-site requests may not change files"))
             return
         try:
             if self.command == "POST":
                 self._upload()
             elif self.command == "GET":
-                data = fileserver.read(self.server.files_dir, path)
-                if data is None:
-                    self._api_error("files", None, ApiError(404, 0, f"File not found: {path}"))
+                found = fileserver.open_file(self.server.files_dir, path)
+                if found is None:
+                    self._api_error("files", None, ApiError(404, 0, "File not found"))
                     return
-                self._send(200, data, "application/octet-stream")
+                self._send_file(*found, "application/octet-stream", {})
             elif self.command == "DELETE":
                 existed = fileserver.delete(self.server.files_dir, path)
                 self._send_json(200 if existed else 404, {"deleted": existed})
@@ -377,25 +570,48 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._api_error("files", None, ApiError(400, 0, str(exc)))
 
     def _upload(self) -> None:
-        content_type = self.headers.get("Content-Type") or ""
-        body = self._body()
-        self._send_json(200, fileserver.store_upload(self.server.files_dir, content_type, body))
+        length, self._unread = self._unread, 0
+        if length > MAX_UPLOAD_BYTES:
+            self._unread = length
+            raise ApiError(413, 0, f"Upload too large (at most {MAX_UPLOAD_BYTES} bytes)")
+        consumed = 0
+
+        def read(count: int) -> bytes:
+            nonlocal consumed
+            chunk = self.rfile.read(count)
+            consumed += len(chunk)
+            return chunk
+
+        try:
+            saved = fileserver.store_upload(self.server.files_dir, self.server.incoming_dir,
+                                            self.headers.get("Content-Type") or "", read, length)
+        finally:
+            self._unread = length - consumed
+        self._send_json(200, saved)
 
     # -- results pages (web.py) ----------------------------------------------------------------
     def _web(self, path: str, query: str) -> None:
-        self._body()
-        private = path.startswith("/view-files/") or web.needs_credentials(self.server.server_address[0])
-        if private and not self._authorised_for_files():  # the file view: as /files, on loopback too
+        if path.startswith("/view-files/"):  # the file view: as /files, on loopback too, or a page's signed link
+            private = not self.server.file_signature_valid(path[len("/view-files"):], query)
+        else:
+            private = web.needs_credentials(self.server.server_address[0])
+        if private and not self._authorised_for_files():
             self._start_answer(401)
             self.send_header("WWW-Authenticate", 'Basic realm="stepwise ClearML server (access key and secret)"')
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        site = web.Site(self.server.store, self.server.files_dir, (self.server.access_key, self.server.secret_key))
+        site = web.Site(self.server.store, self.server.files_dir, (self.server.access_key, self.server.secret_key),
+                        sign=self.server.sign_file)
         page = web.render(site, path, query)
+        headers = {"X-Content-Type-Options": "nosniff", **web.SECURITY_HEADERS, **page.headers}
+        if page.file is not None:
+            stream = page.file.open("rb")
+            self._send_file(stream, os.fstat(stream.fileno()).st_size, page.content_type, headers)
+            return
         self._start_answer(page.status)
         for name, value in {"Content-Type": page.content_type, "Content-Length": str(len(page.body)),
-                            "X-Content-Type-Options": "nosniff", **page.headers}.items():
+                            **headers}.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(page.body)
