@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sections = run(args.idle, args.upload_mb)
     if not args.no_write:
-        write_results("clearml-load", sections)
+        path = write_results("clearml-load", sections)
+        path.write_text(path.read_text().replace("`python -m bench clearml-load`", "`python -m bench.clearml_load`"))
     return 0
 
 
