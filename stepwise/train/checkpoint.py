@@ -131,7 +131,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refused something that is not data
+    except pickle.UnpicklingError as exc:
+        if "allowlist" not in str(exc) and "Unsupported global" not in str(exc):  # garbage, or a cut-off file
+            raise CheckpointError(f"checkpoint {path}: not a stepwise checkpoint (UnpicklingError)") from None
+        # weights_only refused to build something that is not data (the pickle would run code)
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f" ({wanted.group(1)})" if wanted else ""
         raise CheckpointError(f"checkpoint {path}: refused, it holds an object that is not data{what}; "
