@@ -11,7 +11,15 @@ Routes, all on one port:
   the data directory.
 * ``/``, ``/projects/...``, ``/compare``: the read-only results pages (see ``web.py``), the
   link the SDK prints on ``Task.init`` included. Open on 127.0.0.1; bound to any other address
-  they ask for the key and secret (HTTP Basic).
+  they ask for the key and secret (HTTP Basic). ``/view-files/...`` needs them everywhere (or
+  the signed link a page shows).
+
+Security (``docs/security.md``): credentials are checked before a body is read; a network bind
+refuses the documented secret (:func:`server_credentials`); tokens are signed with a key derived
+from the secret; a ``Host`` that is not loopback, an IP address, the bound name or an
+``--allow-host`` name is answered 421; connections wait in a waiting room (no thread) until their
+request head arrives, and at most :data:`MAX_ACTIVE` requests run at once; uploads and downloads
+stream through a few 64 KiB chunks; one server per data folder (``server.lock``).
 
 One request per connection: every answer says ``Connection: close`` and the server closes the
 socket, as ClearML's own servers do (werkzeug's server behind ``apiserver``/``fileserver`` has

@@ -13,7 +13,6 @@ file is created readable by its owner only.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -21,8 +20,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
 
