@@ -53,10 +53,13 @@ def _clearml_server_command(args: argparse.Namespace) -> int:
 
         print("\n".join(implemented_endpoints()))
         return 0
-    from stepwise.clearml_server import serve
+    from stepwise.clearml_server.server import DataInUse, InsecureBind, serve
 
     try:
-        serve(host=args.host, port=args.port, data_dir=args.data, trace=args.trace)
+        serve(host=args.host, port=args.port, data_dir=args.data, trace=args.trace, access_key=args.access_key,
+              secret_key=args.secret_key, allowed_hosts=tuple(args.allow_host))
+    except (InsecureBind, DataInUse) as exc:
+        raise StepwiseError(str(exc)) from None
     except OSError as exc:
         raise StepwiseError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0
@@ -223,7 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8008, help="port (default 8008)")
     p.add_argument("--data", default=".stepwise/clearml", help="directory for the SQLite file and uploads")
-    p.add_argument("--trace", default=None, help="append every API answer to this JSON-lines file")
+    p.add_argument("--trace", default=None, help="append every API answer to this JSON-lines file (tokens left out)")
+    p.add_argument("--access-key", default=None,
+                   help="access key to accept (default: STEPWISE_CLEARML_ACCESS_KEY, else the local default on "
+                        "loopback, else one generated into DATA/credentials.json)")
+    p.add_argument("--secret-key", default=None,
+                   help="secret to accept (default: STEPWISE_CLEARML_SECRET_KEY, else as for --access-key); "
+                        "the documented default is refused off loopback")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name clients reach this server by (Host header), besides loopback and IP addresses; "
+                        "repeatable")
     p.add_argument("--list-endpoints", action="store_true",
                    help="print the implemented API endpoints (service.action, sorted) and exit")
     p.set_defaults(handler=_clearml_server_command)

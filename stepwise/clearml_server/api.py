@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,11 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from stepwise.clearml_server.store import Document, Store
+
+try:  # the stdlib's own parser of regular expressions (for name_pattern)
+    from re import _parser as _sre_parser  # type: ignore[attr-defined]
+except ImportError:  # Python < 3.11
+    import sre_parse as _sre_parser  # type: ignore[no-redef]
 
 API_VERSION = "2.23"
 SERVER_VERSION = "1.17.0"
@@ -36,6 +42,12 @@ HIDDEN = "hidden"
 DEVELOPMENT = "development"
 HIDEABLE = ("project", "task")
 INVALID_ID_SUBCODE = {"task": 101, "model": 201, "project": 401, "queue": 701}
+
+# Fields that name an entity or carry its name: a string (or null) wherever they are sent; a
+# look-up (``*.get*``) may send a list of strings instead. Checked before any handler runs, so a
+# wrong type is a 400 and never reaches a stored document or a page.
+STRING_FIELDS = ("id", "name", "project", "task", "parent", "model", "queue", "worker", "comment")
+INTEGER_FIELDS = ("iteration", "last_iteration", "page", "page_size", "batch_size", "iters")
 
 Handler = Callable[["Api", Any], dict[str, Any]]
 BodyKind = Literal["json", "lines", "none"]
@@ -142,8 +154,10 @@ class Api:
         found = ENDPOINTS.get(name)
         if found is None:
             raise ApiError(400, 0, f"Invalid request path /{name}")
-        if found.body == "json" and not isinstance(body, dict):
-            raise ApiError(400, 0, "Request body must be a JSON object")
+        if found.body == "json":
+            if not isinstance(body, dict):
+                raise ApiError(400, 0, "Request body must be a JSON object")
+            check_field_types(name, body)
         return found.handler(self, body)
 
     # -- helpers shared by the handlers -------------------------------------------------------
@@ -173,6 +187,45 @@ class Api:
         return {"updated": int(updated is not None), "fields": fields}
 
 
+# -- request validation ------------------------------------------------------------------------
+def validation_error(field: str, expected: str) -> ApiError:
+    """ClearML's 400 validation error naming ``field``."""
+    return ApiError(400, 12, f"Validation error: '{field}' must be {expected}")
+
+
+def is_integer(value: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float that is neither a bool, NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field_types(name: str, body: dict[str, Any]) -> None:
+    """Refuse a request whose id, name or integer fields have the wrong type.
+
+    Raises:
+        ApiError: 400 (ClearML's validation error) naming the field.
+    """
+    lookup = name.split(".", 1)[1].startswith("get")
+    for field in STRING_FIELDS:
+        value = body.get(field)
+        if value is None or isinstance(value, str):
+            continue
+        if lookup and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            continue
+        raise validation_error(field, "a string or a list of strings" if lookup else "a string")
+    ids = body.get("ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(v, str) for v in ids)):
+        raise validation_error("ids", "a list of strings")
+    for field in INTEGER_FIELDS:
+        value = body.get(field)
+        if value is not None and not is_integer(value):
+            raise validation_error(field, "an integer")
+
+
 # -- documents ---------------------------------------------------------------------------------
 def set_path(doc: Document, path: str, value: Any) -> None:
     """Set a dotted field (``execution.queue``), creating the parents on the way."""
@@ -195,7 +248,7 @@ def get_path(doc: Document, path: str) -> Any:
 
 def create_unique(api: Api, kind: str, doc: Document, *, subcode: int) -> str:
     """Store ``doc`` unless a document of that kind already has its name (ClearML refuses those)."""
-    with api.store.lock:
+    with api.store.transaction():
         if any(other["name"] == doc["name"] for other in api.store.all(kind)):
             raise ApiError(400, subcode, f"{kind.title()} with the same name already exists: name={doc['name']}")
         api.store.put(kind, doc)
@@ -251,10 +304,7 @@ def query(api: Api, kind: str, body: dict[str, Any], equal_fields: tuple[str, ..
         docs = [d for d in docs if HIDDEN not in (d.get("system_tags") or [])]
     name = body.get("name")
     if isinstance(name, str) and name:
-        try:
-            pattern = re.compile(name)
-        except re.error:
-            raise ApiError(400, 12, f"Validation error: invalid regular expression in 'name': {name}") from None
+        pattern = name_pattern(name)
         docs = [d for d in docs if pattern.search(d.get("name") or "")]
     for field in ("project", "parent", *equal_fields):
         values = as_list(body.get(field))
@@ -279,6 +329,59 @@ def query(api: Api, kind: str, body: dict[str, Any], equal_fields: tuple[str, ..
     if only:
         docs = [_project_fields(d, ["id", *only]) for d in docs]
     return docs
+
+
+MAX_PATTERN = 256  # characters of a ``name`` pattern
+
+
+def name_pattern(name: str) -> re.Pattern[str]:
+    """Compile a ``get_all`` ``name`` filter: a regular expression, as ClearML's, with its cost bounded.
+
+    At most :data:`MAX_PATTERN` characters, no back-references, and no unbounded repetition of
+    something that itself repeats or branches (``(a+)+``, ``(a|ab)*``): the patterns whose
+    matching time grows exponentially with the name. Plain names and the SDK's ``^name$`` (with
+    ``re.escape``) are unaffected.
+
+    Raises:
+        ApiError: 400 for an invalid, too long or too costly pattern.
+    """
+    def refuse(why: str) -> ApiError:
+        return ApiError(400, 12, f"Validation error: 'name' {why}")
+
+    if len(name) > MAX_PATTERN:
+        raise refuse(f"is longer than {MAX_PATTERN} characters")
+    try:
+        pattern = re.compile(name)
+        parsed = _sre_parser.parse(name)
+    except (re.error, RecursionError):
+        raise refuse("is not a valid regular expression") from None
+    if _costly(parsed, inside_repeat=False):
+        raise refuse("has a back-reference, or repeats a repetition or an alternation (an exponential cost)")
+    return pattern
+
+
+def _costly(items: Any, inside_repeat: bool) -> bool:
+    """Whether a parsed pattern has a back-reference, or repeats (without bound) a repeat or a branch."""
+    for op, arg in items:
+        name = str(op)
+        if name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return True
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = arg
+            if inside_repeat:
+                return True
+            if _costly(sub, inside_repeat=high == _sre_parser.MAXREPEAT or high > 16):
+                return True
+        elif name == "BRANCH":
+            if inside_repeat:
+                return True
+            if any(_costly(alternative, inside_repeat) for alternative in arg[1]):
+                return True
+        elif name in ("SUBPATTERN", "ATOMIC_GROUP", "ASSERT", "ASSERT_NOT"):
+            sub = arg[-1]
+            if _costly(sub, inside_repeat):
+                return True
+    return False
 
 
 def _project_fields(doc: Document, fields: list[str]) -> Document:

@@ -3,14 +3,21 @@
 Every entity (project, task, model, queue) is one JSON document in ``documents``; events
 (scalars, plots, logs) are rows of ``events``. One lock serialises writers inside the
 process, and SQLite's WAL journal keeps the file consistent across restarts.
+
+Every write runs inside :meth:`Store.transaction`: committed when the block ends, rolled back
+when anything in it raises, so a failed write never leaves the shared connection inside an
+open transaction (where later writes would be answered but never committed). The database
+file is created readable by its owner only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,10 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # owner only; SQLite gives its -wal and -shm files the database file's mode
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        path.chmod(0o600)
+        self._depth = 0
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -33,6 +44,35 @@ class Store:
             "type TEXT NOT NULL, body TEXT NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS events_task ON events (task, type)")
         self.lock = threading.RLock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the lock and run the block in one transaction: COMMIT at its end, ROLLBACK on any error.
+
+        Nested blocks join the outermost one.
+        """
+        with self.lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._depth = 0
+                self._db.rollback()
+                raise
+            self._depth = 0
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.rollback()
+                raise
 
     def close(self) -> None:
         """Close the database."""
@@ -53,7 +93,7 @@ class Store:
 
     def put(self, kind: str, doc: Document) -> None:
         """Insert or replace a document (keeps its original insertion order)."""
-        with self.lock:
+        with self.transaction():
             self._db.execute(
                 "INSERT INTO documents (kind, id, body, seq) VALUES (?, ?, ?, "
                 "(SELECT COALESCE(MAX(seq), 0) + 1 FROM documents)) "
@@ -62,7 +102,7 @@ class Store:
 
     def update(self, kind: str, doc_id: str, change: Callable[[Document], None]) -> Document | None:
         """Read-modify-write one document atomically; returns the new document or None."""
-        with self.lock:
+        with self.transaction():
             doc = self.get(kind, doc_id)
             if doc is None:
                 return None
@@ -72,17 +112,15 @@ class Store:
 
     def delete(self, kind: str, doc_id: str) -> bool:
         """Remove a document; True when it existed."""
-        with self.lock:
+        with self.transaction():
             cur = self._db.execute("DELETE FROM documents WHERE kind = ? AND id = ?", (kind, doc_id))
         return cur.rowcount > 0
 
     def add_events(self, events: Iterable[tuple[str, str, Document]]) -> int:
         """Append ``(task, type, event)`` rows; returns how many."""
         rows = [(task, kind, json.dumps(event)) for task, kind, event in events]
-        with self.lock:
-            self._db.execute("BEGIN")
+        with self.transaction():
             self._db.executemany("INSERT INTO events (task, type, body) VALUES (?, ?, ?)", rows)
-            self._db.execute("COMMIT")
         return len(rows)
 
     def events(self, task: str, kinds: Iterable[str] | None = None) -> list[Document]:
@@ -100,6 +138,6 @@ class Store:
 
     def delete_events(self, task: str) -> int:
         """Remove every event of a task; returns how many."""
-        with self.lock:
+        with self.transaction():
             cur = self._db.execute("DELETE FROM events WHERE task = ?", (task,))
         return cur.rowcount

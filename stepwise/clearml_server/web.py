@@ -13,13 +13,19 @@ on every ``Task.init``; these pages answer that link and the other paths of Clea
 * ``/projects/<project>/models`` and ``/projects/<project>/models/<model>/...``: models, one model.
 * ``/compare?ids=a,b`` (or the web app's ``/projects/*/compare-experiments;ids=a,b/...``):
   the scalar curves of several experiments overlaid, and their differing hyperparameters.
-* ``/static/plotly.min.js``: plotly.js from the ``plotly`` package (no CDN, no network).
+* ``/static/plotly.min.js``: plotly.js from the ``plotly`` package (no CDN, no network), and
+  ``/static/figures.js``, which draws a page's figures from its JSON block.
 * ``/view-files/<path>``: a file of the file server (debug images, artifacts) for the browser.
+  It needs the key and secret, as ``/files`` does, or the signature the pages put in the links
+  they show (valid a day): a page's reader can open what the page links to, nothing else.
 
 Charts are Plotly figures drawn by plotly.js: ClearML plots already are Plotly JSON
 (``plot_str``), and scalar series become line figures here. Pages are rendered on the server
 from the store's documents and events; nothing here writes. Credentials are never rendered
-(and the server's key pair is masked should it appear in any stored text).
+(and the server's key pair is masked should it appear in any stored text: stored values are
+masked before they are escaped into a page, never the finished HTML). Every page is sent with a
+Content-Security-Policy that keeps scripts, images and connections on the server's own origin
+(a debug image or a Plotly layout image pointing elsewhere does not load) and forbids framing.
 """
 
 from __future__ import annotations
@@ -28,19 +34,35 @@ import html
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from stepwise.clearml_server.fileserver import UnsafePath, safe_file_path
 from stepwise.clearml_server.store import Document, Store
 
 WEB_PATH = re.compile(r"^/(?:$|projects(?:/|$)|compare/?$|static/|view-files/)")
 LOCAL_ONLY_HOSTS = {"127.0.0.1", "localhost", "::1"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+FIGURES_SCRIPT = (
+    'const figures = JSON.parse(document.getElementById("figures").textContent);\n'
+    "for (const [id, fig] of Object.entries(figures)) {\n"
+    "  Plotly.newPlot(id, fig.data || [], Object.assign({autosize: true}, fig.layout || {}),\n"
+    "                 {responsive: true, displaylogo: false});\n"
+    "}\n")
 CONSOLE_LINES = 5000
 HIDDEN = "hidden"
+_MASKED: ContextVar[tuple[str, ...]] = ContextVar("masked", default=())  # the strings never shown
+_SIGN: ContextVar[Callable[[str], str] | None] = ContextVar("sign", default=None)  # signs /view-files links
 
 
 def is_web_path(path: str) -> bool:
@@ -62,6 +84,7 @@ class Page:
     content_type: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    file: Path | None = None  # sent from disk instead of ``body`` (a download, plotly.js)
 
 
 @dataclass
@@ -71,10 +94,21 @@ class Site:
     store: Store
     files_dir: Path
     masked: tuple[str, ...] = ()
+    sign: Callable[[str], str] | None = None  # a file path -> the query that lets its link open it
 
 
 def render(site: Site, path: str, query: str = "") -> Page:
     """Answer one GET of a results-page path (see the module docstring)."""
+    masked = _MASKED.set(tuple(m for m in site.masked if m))
+    sign = _SIGN.set(site.sign)
+    try:
+        return _render(site, path, query)
+    finally:
+        _MASKED.reset(masked)
+        _SIGN.reset(sign)
+
+
+def _render(site: Site, path: str, query: str) -> Page:
     params = {k: v[-1] for k, v in parse_qs(query).items()}
     parts = [p for p in path.split("/") if p]
     if path.startswith("/static/"):
@@ -168,8 +202,35 @@ img.debug{max-width:320px;border:1px solid #d7dbe3}
 """
 
 
+def _mask(text: str) -> str:
+    """A stored value with the server's key and secret masked (done on values, before escaping)."""
+    for secret in _MASKED.get():
+        text = text.replace(secret, "[hidden]")
+    return text
+
+
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+    return html.escape(_mask("" if value is None else str(value)))
+
+
+def _iteration(value: Any) -> int:
+    """A reported iteration as an int (a finite number is truncated; anything else is 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    return int(value) if math.isfinite(value) else 0
+
+
+def _plain(value: Any) -> Any:
+    """A figure's JSON values made safe to send: NaN and infinities become null, strings masked."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _mask(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _num(value: Any) -> str:
@@ -193,34 +254,29 @@ def _table(header: list[str], rows: Iterable[list[str]], css: str = "") -> str:
 
 
 def _task_url(task: Document, tab: str = "") -> str:
-    return f"/projects/{quote(task.get('project') or '*')}/experiments/{quote(task['id'])}" + (
+    return f"/projects/{quote(str(task.get('project') or '*'))}/experiments/{quote(str(task['id']))}" + (
         f"/{tab}" if tab else "")
 
 
 def _model_url(model: Document) -> str:
-    return f"/projects/{quote(model.get('project') or '*')}/models/{quote(model['id'])}/general"
+    return f"/projects/{quote(str(model.get('project') or '*'))}/models/{quote(str(model['id']))}/general"
 
 
 def _project_name(store: Store, project_id: str | None) -> str:
-    project = store.get("project", project_id) if project_id else None
+    project = store.get("project", project_id) if isinstance(project_id, str) and project_id else None
     return project["name"] if project else "(no project)"
 
 
 def _figure_json(figures: list[tuple[str, dict[str, Any]]]) -> str:
     """Figures as a JSON script body (``<`` escaped so no string can close the script)."""
-    return json.dumps(dict(figures), allow_nan=False).replace("<", "\\u003c")
+    return json.dumps(_plain(dict(figures)), allow_nan=False).replace("<", "\\u003c")
 
 
 def _charts_script(figures: list[tuple[str, dict[str, Any]]]) -> str:
     if not figures:
         return ""
     return (f'<script type="application/json" id="figures">{_figure_json(figures)}</script>'
-            '<script src="/static/plotly.min.js"></script><script>'
-            'const figures = JSON.parse(document.getElementById("figures").textContent);'
-            'for (const [id, fig] of Object.entries(figures)) {'
-            '  Plotly.newPlot(id, fig.data || [], Object.assign({autosize: true}, fig.layout || {}),'
-            '                 {responsive: true, displaylogo: false});'
-            '}</script>')
+            '<script src="/static/plotly.min.js"></script><script src="/static/figures.js"></script>')
 
 
 def _html(site: Site, title: str, body: str, status: int = 200) -> Page:
@@ -228,9 +284,6 @@ def _html(site: Site, title: str, body: str, status: int = 200) -> Page:
             f"<style>{STYLE}</style></head><body><header><b>stepwise ClearML server</b> &nbsp; "
             f"<a href='/projects'>Projects</a><a href='/projects/*/models'>Models</a></header>"
             f"<main>{body}</main></body></html>")
-    for secret in site.masked:
-        if secret:
-            page = page.replace(secret, "[hidden]")
     return Page(status, "text/html; charset=utf-8", page.encode())
 
 
@@ -369,14 +422,14 @@ def _plots_tab(site: Site, task: Document, params: dict[str, str]) -> str:
         return "<p class='muted'>no plots reported</p>"
     title = params.get("plot") if params.get("plot") in titles else titles[0]
     of_title = [e for e in events if str(e.get("metric", "")) == title]
-    iterations = sorted({e.get("iter") or 0 for e in of_title})
+    iterations = sorted({_iteration(e.get("iter")) for e in of_title})
     try:
         iteration = int(params["iter"]) if int(params.get("iter", "x")) in iterations else iterations[-1]
     except ValueError:
         iteration = iterations[-1]
     latest: dict[str, Document] = {}  # per series, the last report at that iteration
     for event in of_title:
-        if (event.get("iter") or 0) == iteration:
+        if _iteration(event.get("iter")) == iteration:
             latest[str(event.get("variant", ""))] = event
     base = _task_url(task, "info-output/metrics/plots")
 
@@ -404,11 +457,16 @@ def _plots_tab(site: Site, task: Document, params: dict[str, str]) -> str:
 
 
 def _file_link(uri: Any) -> str | None:
-    """A file-server URI as a /view-files link, or None for other URIs."""
+    """A file-server URI as a signed /view-files link (the page's reader may open it without the
+    key and secret), or None for other URIs."""
     if not isinstance(uri, str):
         return None
     path = urlsplit(uri).path
-    return "/view-files/" + path[len("/files/"):] if path.startswith("/files/") else None
+    if not path.startswith("/files/"):
+        return None
+    link = "/view-files/" + path[len("/files/"):]
+    sign = _SIGN.get()
+    return f"{link}?{sign(unquote(link[len('/view-files'):]))}" if sign is not None else link
 
 
 def _debug_images_tab(site: Site, task: Document, params: dict[str, str]) -> str:
@@ -529,12 +587,14 @@ def _compare_page(site: Site, ids: list[str]) -> Page:
 
 # -- files -------------------------------------------------------------------------------------
 def _static(parts: list[str]) -> Page:
+    if parts == ["figures.js"]:
+        return Page(200, "application/javascript", FIGURES_SCRIPT.encode(), {"Cache-Control": "max-age=3600"})
     if parts != ["plotly.min.js"]:
         return Page(404, "text/plain", b"not found")
     import plotly
 
     script = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    return Page(200, "application/javascript", script.read_bytes(), {"Cache-Control": "max-age=86400"})
+    return Page(200, "application/javascript", b"", {"Cache-Control": "max-age=86400"}, file=script)
 
 
 def _view_file(site: Site, path: str) -> Page:
@@ -548,7 +608,7 @@ def _view_file(site: Site, path: str) -> Page:
               ".webp": "image/webp"}
     kind = images.get(target.suffix.lower())
     if kind:
-        return Page(200, kind, target.read_bytes())
+        return Page(200, kind, b"", file=target)
     # anything else downloads (never rendered: an uploaded HTML/SVG file must not run as this site)
-    return Page(200, "application/octet-stream", target.read_bytes(),
-                {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(target.name)}"})
+    return Page(200, "application/octet-stream", b"",
+                {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(target.name)}"}, file=target)

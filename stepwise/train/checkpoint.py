@@ -6,13 +6,20 @@ state. The exporter needs nothing else, so a registered checkpoint is a complete
 
 Writes are atomic: the file is written beside its final name and renamed over it, so a
 killed run leaves either the previous checkpoint or the new one, never half of one.
+
+Checkpoints are data, not code: :func:`load_checkpoint` reads them with
+``torch.load(weights_only=True)``, which rebuilds tensors, numbers, strings, bytes, lists, tuples
+and dicts and, allow-listed here, the NumPy arrays of the saved random state. A file that asks
+for anything else (a pickled object whose loading would run code) is refused with one line.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,13 @@ from stepwise.model import Transformer
 from stepwise.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
+
+
+def _numpy_globals() -> list[Any]:
+    """What unpickling a NumPy array needs (the saved NumPy random state is one)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *(
+        type(np.dtype(kind)) for kind in ("uint32", "int64", "float64"))]
 
 
 @dataclass
@@ -115,8 +129,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read ({exc.strerror})") from None
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        with torch.serialization.safe_globals(_numpy_globals()):
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "allowlist" not in str(exc) and "Unsupported global" not in str(exc):  # garbage, or a cut-off file
+            raise CheckpointError(f"checkpoint {path}: not a stepwise checkpoint (UnpicklingError)") from None
+        # weights_only refused to build something that is not data (the pickle would run code)
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({wanted.group(1)})" if wanted else ""
+        raise CheckpointError(f"checkpoint {path}: refused, it holds an object that is not data{what}; "
+                              "checkpoints are loaded as data only") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure means "not a checkpoint"
         raise CheckpointError(f"checkpoint {path}: not a stepwise checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: not a stepwise checkpoint (format {FORMAT_VERSION} expected)")

@@ -11,16 +11,46 @@ import json
 import uuid
 from typing import Any
 
-from stepwise.clearml_server.api import Api, ApiError, as_list, endpoint
+from stepwise.clearml_server.api import Api, ApiError, as_list, endpoint, is_finite_number, is_integer, validation_error
 from stepwise.clearml_server.store import Document
 
 SINGLE_VALUE_ITERATION = -(2**31)  # the iteration ``Logger.report_single_value`` reports at
 EVENT_KINDS = {"training_stats_scalar", "training_stats_vector", "training_debug_image", "plot", "log"}
 
 
+def check_event(event: dict[str, Any], where: str) -> None:
+    """Refuse an event whose fields have the wrong type: ``task``, ``metric`` and ``variant`` are
+    strings, ``iter`` an integer, a scalar's ``value`` a finite number (or null). Plot payloads
+    (``plot_str``) are not read: the SDK sends NaN in them.
+
+    Raises:
+        ApiError: 400 naming the field (``events[i].field``).
+    """
+    if not isinstance(event["task"], str):
+        raise validation_error(f"{where}.task", "a string")
+    for field in ("metric", "variant"):
+        if event.get(field) is not None and not isinstance(event[field], str):
+            raise validation_error(f"{where}.{field}", "a string")
+    if event.get("iter") is not None and not is_integer(event["iter"]):
+        raise validation_error(f"{where}.iter", "an integer")
+    if event.get("timestamp") is not None and not is_finite_number(event["timestamp"]):
+        raise validation_error(f"{where}.timestamp", "a number")
+    if event["type"] == "training_stats_scalar" and event.get("value") is not None \
+            and not is_finite_number(event["value"]):
+        raise validation_error(f"{where}.value", "a finite number or null")
+
+
 def add_events(api: Api, events: list[Any]) -> dict[str, Any]:
     """Store events; keep each task's last metrics and iteration. Anything not an event of a
-    known type for a task is counted in ``errors``."""
+    known type for a task is counted in ``errors``; an event with a field of the wrong type
+    refuses the whole request (400), and nothing of it is stored.
+
+    Raises:
+        ApiError: 400 naming the field of the first event with a wrong type.
+    """
+    for index, event in enumerate(events):
+        if isinstance(event, dict) and event.get("type") in EVENT_KINDS and event.get("task"):
+            check_event(event, f"events[{index}]")
     rows = []
     errors = 0
     last: dict[str, dict[str, Any]] = {}
@@ -43,7 +73,14 @@ def add_events(api: Api, events: list[Any]) -> dict[str, Any]:
                 extremes[(event["task"], *key)] = (low, high)
             else:
                 extremes.setdefault((event["task"], *key), (None, None))
-    api.store.add_events(rows)
+    with api.store.transaction():
+        api.store.add_events(rows)
+        _update_last_metrics(api, last, extremes)
+    return {"added": len(rows), "errors": errors, "errors_info": {}}
+
+
+def _update_last_metrics(api: Api, last: dict[str, dict[str, Any]],
+                         extremes: dict[tuple[Any, ...], tuple[Any, Any]]) -> None:
     for task_id, metrics in last.items():
         def change(doc: Document, metrics: dict = metrics, task_id: str = task_id) -> None:
             for (metric, variant), event in metrics.items():
@@ -55,7 +92,6 @@ def add_events(api: Api, events: list[Any]) -> dict[str, Any]:
                     doc["last_iteration"] = max(doc.get("last_iteration") or 0, event["iter"])
 
         api.store.update("task", task_id, change)
-    return {"added": len(rows), "errors": errors, "errors_info": {}}
 
 
 def _last_metric(previous: dict[str, Any] | None, metric: Any, variant: Any,

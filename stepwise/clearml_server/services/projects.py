@@ -39,7 +39,7 @@ def projects_create(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     name = "/".join(part.strip() for part in name.split("/"))
     if any(not part for part in name.split("/")):
         raise ApiError(400, 407, f"Invalid project name: name={name}")
-    with api.store.lock:
+    with api.store.transaction():
         project_id = create_unique(api, "project", _new_project(name, body), subcode=801)
         _ensure_parents(api, name)
     return {"id": project_id}

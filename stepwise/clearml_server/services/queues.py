@@ -38,7 +38,7 @@ def resolve_queue(api: Api, queue_id: Any, queue_name: Any) -> Document:
             raise ApiError(400, 701, f"Invalid queue id: queue={queue_id}")
         return queue
     name = queue_name or "default"
-    with api.store.lock:
+    with api.store.transaction():
         for queue in api.store.all("queue"):
             if queue["name"] == name:
                 return queue
@@ -86,7 +86,7 @@ def queues_delete(api: Api, body: dict[str, Any]) -> dict[str, Any]:
 def queues_get_next_task(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     """Pop the queue's first entry (an agent takes it); ``{}`` when the queue is empty."""
     queue = api.require("queue", body, "queue")
-    with api.store.lock:
+    with api.store.transaction():
         queue = api.store.get("queue", queue["id"]) or queue
         for entry in queue.get("entries", []):
             task = api.store.get("task", entry["task"])

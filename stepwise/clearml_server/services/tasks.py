@@ -147,7 +147,7 @@ def status_change(api: Api, body: dict[str, Any], status: str, **extra: Any) -> 
         if status == "queued":  # an enqueued task is no longer a local development run
             doc["system_tags"] = [t for t in doc.get("system_tags") or [] if t != DEVELOPMENT]
 
-    with api.store.lock:
+    with api.store.transaction():
         result = api.edit("task", task["id"], fields)
         api.store.update("task", task["id"], clear)
     return result
@@ -234,7 +234,7 @@ def tasks_enqueue(api: Api, body: dict[str, Any]) -> dict[str, Any]:
         doc["entries"].append({"task": task["id"], "added": now()})
         doc["last_update"] = now()
 
-    with api.store.lock:
+    with api.store.transaction():
         result = status_change(api, {**body, "force": True}, "queued", execution=execution,
                                 enqueue_status=current)
         api.store.update("queue", queue["id"], add_entry)
@@ -245,7 +245,7 @@ def tasks_enqueue(api: Api, body: dict[str, Any]) -> dict[str, Any]:
 def _dequeue(api: Api, task: Document) -> bool:
     """Remove a task from every queue; True when it was in one."""
     removed = False
-    with api.store.lock:
+    with api.store.transaction():
         for queue in api.store.all("queue"):
             if any(e["task"] == task["id"] for e in queue.get("entries", [])):
                 api.store.update("queue", queue["id"], lambda d: d.update(
@@ -281,7 +281,7 @@ def tasks_clone(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {}
     if not project and body.get("new_project_name"):
         name = body["new_project_name"]
-        with api.store.lock:
+        with api.store.transaction():
             found = [p for p in api.store.all("project") if p["name"] == name]
             project = found[0]["id"] if found else projects.projects_create(api, {"name": name})["id"]
         answer["new_project"] = {"id": project, "name": name}
@@ -321,7 +321,7 @@ def tasks_delete(api: Api, body: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(400, 123, f"Task cannot be deleted: due to status, use force=True: task={task['id']}, "
                                  f"expected=created, current={task['status']}")
     urls: dict[str, list[str]] = {"model_urls": [], "event_urls": [], "artifact_urls": []}
-    with api.store.lock:
+    with api.store.transaction():
         _dequeue(api, task)
         deleted_events = api.store.delete_events(task["id"])
         updated_children = 0

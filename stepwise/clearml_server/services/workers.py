@@ -17,7 +17,7 @@ def live_workers(api: Api) -> list[dict[str, Any]]:
     stamp = datetime.now(timezone.utc).timestamp()
     for worker_id, worker in list(api.workers.items()):
         if stamp - worker["seen"] > worker["timeout"]:
-            del api.workers[worker_id]
+            api.workers.pop(worker_id, None)  # another thread may have dropped it already
     return list(api.workers.values())
 
 
