@@ -177,7 +177,7 @@ def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServer
     assert onnx_version["metadata"]["source_model_id"] == source_id
     assert onnx_version["metadata"]["parity_tokens_greedy"].endswith("/8")
     # a machine without torch pulls it back as a folder
-    pulled = subprocess.run([sys.executable, "-c", "import sys\nfrom stepwise import registry\n"
+    pulled = subprocess.run([sys.executable, "-c", "import sys\nfrom stepwise.registry import client as registry\n"
                              "print(registry.download_export(sys.argv[1]))", onnx_version["id"]], env=env,
                             capture_output=True, text=True, timeout=120)
     folder = Path(pulled.stdout.strip().splitlines()[-1])
