@@ -311,7 +311,9 @@ def register_export(export_dir: Path, manifest: dict[str, Any], *, task: Any = N
                            "parity_max_attention_diff": parity.get("max_abs_attention_diff", "")}.items():
             model.set_metadata(key, str(value), "str")
     try:
-        model.update_weights_package(weights_path=str(export_dir), auto_delete_file=False, async_enable=False)
+        # a package name of its own: one task registers the exports of all its saves
+        model.update_weights_package(weights_path=str(export_dir), target_filename=f"onnx-{source_id}.zip",
+                                     iteration=manifest.get("step"), auto_delete_file=False, async_enable=False)
     except Exception as exc:  # noqa: BLE001 - the SDK raises whatever its HTTP stack raised
         raise RegistrationInterrupted(f"model {model.id} created, its export not uploaded: {exc}", model) from None
     finally:
