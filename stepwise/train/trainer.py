@@ -333,7 +333,7 @@ class Trainer:
                         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{rate:,.0f}",
                                    "lr": f"{self.lr:.2e}"}
                         progress.set_postfix(postfix, refresh=False)
-                    progress.advance(self.step)
+                    progress.advance(self.step, elapsed=self.clock.seconds() - self.clock.spent)
                     at_save = self.step % cfg.save_every == 0
                     if self.step % cfg.eval_every == 0 or at_save:
                         self.evaluate()
@@ -659,13 +659,20 @@ class ProgressBar:
                         desc="time budget" if self.plan.unit == "s" else None, disable=disable, dynamic_ncols=True,
                         mininterval=1.0, bar_format=self.FORMATS[self.plan.unit])
 
-    def advance(self, step: int) -> None:
-        """One more optimizer step was taken (``step`` is the new step number)."""
+    def advance(self, step: int, elapsed: float | None = None) -> None:
+        """One more optimizer step was taken (``step`` is the new step number).
+
+        Args:
+            step: the new step number.
+            elapsed: this invocation's training seconds (the training clock's, which skips the
+                exports); default: wall-clock seconds since the bar was made.
+        """
         self.step = step
         if self.plan.unit == "step":
             self.bar.update(1)
             return
-        elapsed = time.monotonic() - self.started
+        if elapsed is None:
+            elapsed = time.monotonic() - self.started
         self.plan = progress_plan(self.train, step=step, elapsed=elapsed, steps_run=step - self.first_step,
                                   spent=self.spent)
         self.bar.total = self.plan.total
