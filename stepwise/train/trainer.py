@@ -502,8 +502,8 @@ class Trainer:
                 manifest = export_checkpoint(load_checkpoint(path), out, sentences=sentences,
                                              source={"name": self.config.name, "checkpoint": path.name})
             except Exception as exc:  # noqa: BLE001 - a failed export costs its save's registration, not the run
-                log.error("ONNX export of %s failed, so it is not registered (the checkpoint stays on disk; "
-                          "`stepwise export --checkpoint %s` retries the export): %s", path.name, path, exc)
+                log.error("ONNX export of %s failed, so this save is not registered (the checkpoint stays in %s "
+                          "like any save): %s", path.name, path.parent, exc)
                 return None
         log.info("exported %s to ONNX in %.1fs (off the training clock)", path.name, manifest["export_seconds"])
         return out
