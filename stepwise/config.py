@@ -131,6 +131,7 @@ class TrainConfig:
     heatmap_sentences: int = 2
     keep_checkpoints: int = 3
     average_last: int = 0  # at the end, average the last N saves into one more version (0 = off)
+    export_onnx: bool = True  # register each saved version's ONNX export beside it (off: checkpoints only)
     precision: str = "fp32"
     seed: int = 1234
 

@@ -3,13 +3,14 @@
 1. a ClearML server: the configured one, or ``stepwise clearml-server`` started here;
 2. a ``production`` model: if the registry has none, train a preset and promote it (the quick
    preset ``tiny`` on CPU, ``default`` when a CUDA GPU is there: see :func:`default_preset`);
-3. its ONNX export (made once, then reused);
+3. its ONNX export: the one training registered beside it, downloaded (for a version registered
+   before training exported, made here once and registered, then reused);
 4. ``bentoml serve`` with that export, and the attention explorer in front of it.
 
 A second run finds everything in place and only starts the services. Ctrl-C stops everything
 this command started.
 
-The registry look-ups, the promotion and the export are function calls in this process. Child
+The registry look-ups, the promotion and any export are function calls in this process. Child
 processes are kept where isolation is the point: the servers (they outlive each stage) and the
 training run (``Task.init`` takes the process over for the whole run: its console, exit and
 signal hooks, a resource monitor; and a long run's memory goes back when it ends).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,7 +140,7 @@ class Pipeline:
         trained = subprocess.run(args)
         if trained.returncode != 0:
             raise StepwiseError(f"training failed (exit {trained.returncode})")
-        newest = registry.list_versions(name=name)
+        newest = registry.list_versions(name=name)  # the checkpoints' versions (exports are name-onnx)
         if not newest:
             raise StepwiseError("training registered no model version")
         model_id = newest[0].id
@@ -148,14 +150,31 @@ class Pipeline:
         return model_id
 
     def export(self, model_id: str) -> Path:
+        """The version's ONNX export in the state folder: the one registered beside it (training
+        registers one at each save), copied there; exported here only when it has none."""
         self.stage(3, "ONNX export")
         out = self.state / "exports" / model_id
         from stepwise.decode.onnx_runtime import EXPORT_FORMAT, export_format
-        from stepwise.export import export_from_registry
+        from stepwise.registry import client as registry
 
-        if export_format(out) == EXPORT_FORMAT:  # made by this version of the exporter
+        if export_format(out) == EXPORT_FORMAT:  # in place from an earlier run, in this exporter's format
             print(f"reusing {out}")
             return out
+        registered = registry.find_export(model_id)
+        if registered is not None:
+            folder = registry.download_export(registered.id)
+            if export_format(folder) == EXPORT_FORMAT:
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.copytree(folder, out)
+                print(f"using the ONNX export {registered.id} registered with {model_id} (in {out})", flush=True)
+                return out
+            print(f"the export {registered.id} registered with {model_id} is in an older format: exporting again",
+                  flush=True)
+        else:
+            print(f"{model_id} has no registered ONNX export (registered before training exported): exporting it",
+                  flush=True)
+        from stepwise.export import export_from_registry
+
         manifest = export_from_registry(out, model_id=model_id)
         print(f"exported {model_id} to {out} in {manifest['export_seconds']:.0f}s (registered as "
               f"{manifest.get('registered_id')})", flush=True)

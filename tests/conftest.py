@@ -130,6 +130,24 @@ def register_files(env: dict[str, str], paths: list[Path], *, project: str, tags
     return [line.split()[1] for line in result.stdout.splitlines() if line.startswith("MODEL")]
 
 
+REGISTER_EXPORTS = """
+import json, sys
+from stepwise.export import export_from_registry
+for model_id, out in json.loads(sys.argv[1]):
+    print("EXPORT", model_id, export_from_registry(out, model_id=model_id)["registered_id"])
+"""
+
+
+def register_exports(env: dict[str, str], model_ids: list[str], folder: Path) -> list[str]:
+    """Export registered versions to ONNX and register each export beside its version (what training does
+    at each save), in a process of its own; the exports' ids. The service serves only versions with one."""
+    jobs = [[model_id, str(folder / f"export-{model_id}")] for model_id in model_ids]
+    result = subprocess.run([sys.executable, "-c", REGISTER_EXPORTS, json.dumps(jobs)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return [line.split()[2] for line in result.stdout.splitlines() if line.startswith("EXPORT")]
+
+
 # -- checkpoints of small untrained models ------------------------------------------------------
 SAMPLE_PAIRS = [
     ("Im Anfang war das Wort.", "In the beginning was the Word."),

@@ -2,7 +2,8 @@
 
 One set-up for the module: a real embedded ClearML server; one run (task) registering three
 small checkpoints (different seeds, steps 5/10/15, their validation BLEU measured on five
-held-out verses) through ``stepwise.registry.client.register_checkpoint``; the oldest promoted with
+held-out verses) through ``stepwise.registry.client.register_checkpoint``, each with its ONNX export
+(``register_export``, as training registers them); the oldest promoted with
 ``stepwise promote``; a real ``bentoml serve`` resolving ``production`` from that registry; an
 admin explorer (``--admin``) and a read-only one in front of it.
 """
@@ -39,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from clearml import Task
 from conftest import make_checkpoint
+from stepwise.export import export_checkpoint
 from stepwise.registry import client as registry
 from stepwise.train.checkpoint import load_checkpoint
 from stepwise.train.data import load_split
@@ -55,6 +57,10 @@ for seed, step in ((31, 5), (32, 10), (33, 15)):
     ids.append(registry.register_checkpoint(task, folder / f"step-{{step:07d}}.pt", name={name!r}, step=step,
         metadata={{"bleu": round(bleu, 2), "loss": 0.0, "step": step, "config_hash": checkpoint.config.hash(),
                   "language_pair": checkpoint.config.data.language_pair}}))
+    # and its ONNX export beside it, from the same task, as training does at each save
+    export = export_checkpoint(checkpoint, folder / f"export-{{step:07d}}",
+                               source={{"id": ids[-1], "name": {name!r}, "project": task.project}})
+    registry.register_export(folder / f"export-{{step:07d}}", export, task=task)
 print("IDS", json.dumps(ids), "TASK", task.id, "PROJECT", task.project)
 task.close()
 """

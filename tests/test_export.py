@@ -165,8 +165,11 @@ def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServer
     env = clearml_server.env
     checkpoint = make_checkpoint(tmp_path / "model.pt")
     (source_id,) = register_files(env, [checkpoint], project="stepwise-export", cwd=tmp_path)
+    # run as the child of a process with a ClearML task context (`stepwise up`'s children inherit
+    # one): there Task.init hands back a stub, not a Task, and the export must register all the same
+    inherited = {**env, "CLEARML_PROC_MASTER_ID": "1:"}
     result = subprocess.run([sys.executable, "-m", "stepwise", "export", "--tag", "candidate", "--out",
-                             str(tmp_path / "export")], env=env, capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "export")], env=inherited, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout[result.stdout.index("{\n"):])  # after the SDK's own lines
     assert summary["source"] == source_id and summary["registered_id"]

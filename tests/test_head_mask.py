@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from stepwise.decode.onnx_runtime import (
-    EXPORT_FORMAT,
     OnnxTranslator,
     cache_names,
     head_mask_from_pairs,
@@ -163,22 +162,23 @@ def test_all_ones_mask_graph_equals_the_graph_without_mask_inputs(exported: tupl
     assert all(np.array_equal(a, b) for a, b in zip(out_masked, out_plain, strict=True))
 
 
-STORE_GET = """
+STORE_GET_REFUSED = """
 import json, sys
+from stepwise.errors import ModelNotFound
 from stepwise.serve.store import ModelStore
-from stepwise.serve.translation import Job, translate
 model_dir, export_root, model_id = sys.argv[1:]
 store = ModelStore(model_dir=model_dir, export_root=export_root, device="cpu")
-loaded = store.get(model_id)
-request = {"text": "Und Gott sprach.", "beam_size": 1, "attention": "none", "mask_heads": {"cross": [[0, 1]]}}
-(result,) = translate(loaded, [Job.parse(request)])
-print("RESULT", json.dumps({"export_dir": str(loaded.export_dir), "translation": result["translation"]}))
+try:
+    store.get(model_id)
+except ModelNotFound as exc:
+    print("REFUSED", json.dumps({"field": exc.field, "message": str(exc)}))
 """
 
 
-def test_service_re_exports_a_version_whose_export_is_format_2(exported: tuple[object, Path], tmp_path: Path,
-                                                                clearml_server: ClearMLServerProcess) -> None:
-    """A registered version whose kept export predates the head masks is exported again on first use."""
+def test_service_refuses_a_version_whose_export_is_format_2(exported: tuple[object, Path], tmp_path: Path,
+                                                             clearml_server: ClearMLServerProcess) -> None:
+    """A registered version whose kept export predates the head masks is not served (the service never
+    exports): a not-found on the ``model`` field that says how to export it again. The old export is kept."""
     _, folder = exported
     (model_id,) = register_files(clearml_server.env, [make_checkpoint(tmp_path / "model.pt", seed=8)],
                                  project="stepwise-head-mask")
@@ -186,11 +186,10 @@ def test_service_re_exports_a_version_whose_export_is_format_2(exported: tuple[o
     shutil.copytree(folder, old)
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
-    code = STORE_GET.replace("sys.argv[1:]", repr([str(folder), str(tmp_path / "exports"), model_id]))
+    code = STORE_GET_REFUSED.replace("sys.argv[1:]", repr([str(folder), str(tmp_path / "exports"), model_id]))
     out = run_python(code, {**clearml_server.env, "STEPWISE_ORT_THREADS": "1"}, timeout=300)
-    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[7:])
-    assert result["export_dir"] == str(old)
-    assert json.loads((old / "manifest.json").read_text())["format"] == EXPORT_FORMAT  # exported again
-    masks = head_mask_from_pairs({"cross": [[0, 1]]}, OnnxTranslator(old, device="cpu").layers, 4)
-    (expected,) = OnnxTranslator(folder, device="cpu").translate(["Und Gott sprach."], head_mask=masks)
-    assert result["translation"] == expected.translation
+    refused = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("REFUSED"))[8:])
+    assert refused["field"] == "model"
+    assert f"version {model_id} has no ONNX export" in refused["message"]
+    assert f"stepwise export --model-id {model_id}" in refused["message"]
+    assert json.loads((old / "manifest.json").read_text())["format"] == 2  # nothing was exported

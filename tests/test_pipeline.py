@@ -64,6 +64,7 @@ def test_up_builds_then_reuses_and_stops_everything(tmp_path: Path) -> None:
     for stage in ("[1/5", "[2/5", "[3/5", "[4/5", "[5/5", "ready in"):
         assert stage in first.stdout
     assert "training the preset tiny" in first.stdout and "promoted" in first.stdout
+    assert "using the ONNX export" in first.stdout  # the one training registered: nothing exported here
     assert f"attention explorer:  http://127.0.0.1:{ports[2]}" in first.stdout
     assert all(_closed(p) for p in ports)  # everything it started has stopped
 

@@ -39,6 +39,7 @@ from conftest import (
     ClearMLServerProcess,
     export_tiny_model,
     make_checkpoint,
+    register_exports,
     register_files,
     serve_export,
 )
@@ -177,6 +178,7 @@ def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerPro
     env = {**clearml_server.env, "STEPWISE_ORT_THREADS": "1", "STEPWISE_EXPORT_CACHE": str(tmp_path / "exports")}
     first, second = make_checkpoint(tmp_path / "a.pt", seed=11), make_checkpoint(tmp_path / "b.pt", seed=12)
     id_a, id_b = register_files(env, [first, second], project="stepwise-serve", cwd=tmp_path)
+    register_exports(env, [id_a, id_b], tmp_path)  # as training registers them: the service never exports
 
     def promote(model_id: str) -> None:
         done = subprocess.run([sys.executable, "-m", "stepwise", "promote", model_id, "--force", "--sentences", "3"],

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import requests
 
-from conftest import SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint, register_files
+from conftest import (
+    SAMPLE_PAIRS,
+    BentoProcess,
+    ClearMLServerProcess,
+    make_checkpoint,
+    register_exports,
+    register_files,
+)
 
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
 
@@ -44,6 +51,10 @@ def test_registry_outage_keeps_serving_and_unknown_is_not_unavailable(clearml_se
            "STEPWISE_RELOAD_INTERVAL": "1"}
     checkpoint = make_checkpoint(tmp_path / "a.pt", seed=21)
     (model_id,) = register_files(env, [checkpoint], project="stepwise-outage", tags=("production",), cwd=tmp_path)
+    register_exports(env, [model_id], tmp_path)  # as training registers it beside the checkpoint
+    # a version registered without its export (before training exported): the service does not export it
+    (unexported,) = register_files(env, [make_checkpoint(tmp_path / "b.pt", seed=22)], project="stepwise-outage",
+                                   cwd=tmp_path)
     text = SAMPLE_PAIRS[0][0]
 
     server = BentoProcess(tmp_path / "bentoml.log", env)  # resolves production through the registry
@@ -53,6 +64,9 @@ def test_registry_outage_keeps_serving_and_unknown_is_not_unavailable(clearml_se
         # registry up: an unknown id or tag is a 404 on the model field
         _field_error(server.post("/translate", {"text": text, "model": UNKNOWN_ID}), 404, UNKNOWN_ID)
         _field_error(server.post("/translate", {"text": text, "model": "no-such-tag"}), 404, "no-such-tag")
+        # a version without an ONNX export: a 404 on the model field that says how to make one
+        _field_error(server.post("/translate", {"text": text, "model": unexported}), 404,
+                     f"version {unexported} has no ONNX export", f"stepwise export --model-id {unexported}")
 
         clearml_server.stop()
         # the periodic check notices; the service says so and keeps its model

@@ -1,4 +1,4 @@
-"""Pieces of the training loop: the optimizer it builds and the progress bar it draws."""
+"""Pieces of the training loop: the optimizer it builds, the progress bar it draws, a failed save-time export."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from stepwise.config import Config, TrainConfig
 from stepwise.train.schedule import build_optimizer
-from stepwise.train.trainer import progress_plan
+from stepwise.train.trainer import PendingRegistration, Trainer, progress_plan
 
 from conftest import ROOT, ClearMLServerProcess, make_model
 
@@ -91,3 +91,35 @@ def test_a_real_run_draws_the_bar_of_what_ends_it(budget: str, clearml_server: C
         assert last.startswith("time budget: 100%") and "| 6/6s [" in last and "step=" in last, last
     else:
         assert last.startswith("100%") and "| 12/12 [" in last and "step/s" in last, last
+
+
+def test_a_failed_export_registers_nothing_for_that_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A save whose ONNX export fails (here its parity check) is logged and not registered, and
+    training goes on: every version training registers has its export."""
+    import stepwise.export
+    from stepwise.errors import ExportError
+    from stepwise.train import trainer as trainer_module
+    from stepwise.train.schedule import TrainingClock
+
+    trainer = Trainer.__new__(Trainer)  # the parts of a run that saving touches
+    trainer.config, trainer.output_dir, trainer.valid_pairs = Config(), tmp_path, [("Im Anfang.", "In the beginning.")]
+    trainer.clock, trainer.pending = TrainingClock(), []
+    trainer.clock.start()
+    registered: list[bool] = []
+    monkeypatch.setattr(trainer, "register_pending", lambda: registered.append(True))
+    monkeypatch.setattr(trainer_module, "load_checkpoint", lambda path: path)
+
+    def parity_fails(*args: object, **kwargs: object) -> None:
+        raise ExportError("parity: beam 1 tokens differ from PyTorch on 1 of 1 sentences")
+
+    monkeypatch.setattr(stepwise.export, "export_checkpoint", parity_fails)
+    trainer.queue_registration(PendingRegistration(tmp_path / "step-0000010.pt", 10, {"step": 10}))
+    assert trainer.pending == [] and registered == []
+    assert "ONNX export of step-0000010.pt failed, so this save is not registered" in caplog.text
+    assert "tokens differ" in caplog.text
+
+    trainer.config = Config.from_dict({"train": {"export_onnx": False}})  # off: the checkpoint alone is queued
+    trainer.queue_registration(PendingRegistration(tmp_path / "step-0000020.pt", 20, {"step": 20}))
+    assert [item.step for item in trainer.pending] == [20] and trainer.pending[0].export_dir is None
+    assert registered == [True]

@@ -65,7 +65,9 @@ def test_train_register_promote_gate_demote(clearml_server: ClearMLServerProcess
                     "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"],
                    env, tmp_path)
     assert "registered transformer-de-en-tiny step 20" in result.stderr
-    versions = json.loads(stepwise(["models", "list", "--project", "stepwise-test", "--json"], env).stdout)
+    # the checkpoints' versions (their ONNX exports, transformer-de-en-tiny-onnx, have tests of their own)
+    versions = json.loads(stepwise(["models", "list", "--project", "stepwise-test", "--name", "transformer-de-en-tiny",
+                                    "--json"], env).stdout)
     assert [v["metadata"]["step"] for v in versions] == ["20", "10"]  # newest first
     for version in versions:
         assert version["tags"] == ["candidate"] and version["framework"] == "PyTorch"
@@ -143,11 +145,56 @@ def test_torchrun_two_processes_register_from_rank_zero(clearml_server: ClearMLS
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stderr
-    versions = json.loads(stepwise(["models", "list", "--project", "stepwise-ddp", "--json"], env).stdout)
+    versions = json.loads(stepwise(["models", "list", "--project", "stepwise-ddp", "--name", "transformer-de-en-tiny",
+                                    "--json"], env).stdout)
     assert len(versions) == 2 and len({v["task"] for v in versions}) == 1  # one per save, one task
     assert "[rank 1] stepwise.registry.client" not in result.stderr
+    assert "[rank 1] stepwise.export" not in result.stderr and "[rank 0] stepwise.export" in result.stderr
     model = load_checkpoint(out / "checkpoints" / "step-0000020.pt")
     assert all(torch.isfinite(t).all() for t in model.model_state.values())
+
+
+LOAD_EXPORTS = """
+import json, sys
+from stepwise.decode.onnx_runtime import OnnxTranslator
+from stepwise.registry import client as registry
+for source_id in json.loads(sys.argv[1]):
+    export = registry.find_export(source_id)
+    translator = OnnxTranslator(registry.download_export(export.id), device="cpu")
+    (result,) = translator.translate(["Im Anfang war das Wort."])
+    print("EXPORT", json.dumps({"source": source_id, "id": export.id, "framework": export.framework,
+                                "tags": export.tags, "task": export.task, "metadata": export.metadata,
+                                "manifest_source": translator.manifest["source_model"]["id"],
+                                "step": translator.manifest["step"], "tokens": len(result.target_tokens)}))
+"""
+
+
+def test_every_registered_version_has_its_onnx_export(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
+    """Each save registers the checkpoint and, beside it, its parity-checked ONNX export, from the run's own
+    task; the export loads in the ONNX Runtime translator (no torch needed to serve any version)."""
+    env = clearml_server.env
+    out = tmp_path / "run"
+    result = train(["--project-name", "stepwise-onnx", "--task-name", "export-run", "--output-dir", str(out),
+                    "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"],
+                   env, tmp_path)
+    assert result.stderr.count("(off the training clock)") == 2
+    versions = json.loads(stepwise(["models", "list", "--project", "stepwise-onnx", "--json"], env).stdout)
+    checkpoints = [v for v in versions if v["framework"] == "PyTorch"]
+    assert [v["metadata"]["step"] for v in checkpoints] == ["20", "10"]
+    assert len(versions) == 4 and len({v["task"] for v in versions}) == 1  # a pair per save, one task
+    loaded = subprocess.run([sys.executable, "-c", LOAD_EXPORTS, json.dumps([v["id"] for v in checkpoints])],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    exports = [json.loads(line[7:]) for line in loaded.stdout.splitlines() if line.startswith("EXPORT ")]
+    assert [e["source"] for e in exports] == [v["id"] for v in checkpoints]
+    for export, checkpoint in zip(exports, checkpoints, strict=True):
+        assert export["framework"] == "ONNX" and f"source:{checkpoint['id']}" in export["tags"]
+        assert export["task"] == checkpoint["task"]
+        assert export["metadata"]["source_model_id"] == export["manifest_source"] == checkpoint["id"]
+        assert str(export["step"]) == checkpoint["metadata"]["step"] == export["metadata"]["step"]
+        assert export["metadata"]["parity_tokens_greedy"].endswith("/8") and export["tokens"] > 0
+    # the exports of the kept checkpoints stay beside them
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["step-0000010", "step-0000020"]
 
 
 QUEUED = """

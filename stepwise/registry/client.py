@@ -1,9 +1,12 @@
 """The one registry client: ClearML's model registry as stepwise uses it.
 
 Training registers each checkpoint as a version (an ``OutputModel`` of its task) tagged
-``candidate``; a user promotes a version by giving it the ``production`` tag (one per model
-name at a time); the exporter and the service :func:`resolve` a tag to a version and download
-it. Nothing else in stepwise calls ``Model.query_models``.
+``candidate``, and beside it the checkpoint's ONNX export as a version of ``<name>-onnx``
+(framework ONNX, tags ``onnx`` and ``source:<checkpoint version id>``: :func:`register_export`,
+:func:`find_export`); ``stepwise export`` registers the export of an older version the same way.
+A user promotes a version by giving it the ``production`` tag (one per model name at a time);
+the exporter and the service :func:`resolve` a tag to a version and download it, and the
+service loads its export. Nothing else in stepwise calls ``Model.query_models``.
 
 Metadata on every version: ``bleu``, ``loss``, ``step``, ``config_hash``, ``language_pair``
 (and, after a gated promotion, the comparison that allowed it).
@@ -141,7 +144,8 @@ def register_checkpoint(
 
 
 def list_versions(project: str | None = None, name: str | None = None, tag: str | None = None) -> list[ModelVersion]:
-    """Registered versions, newest first, filtered by project, model name and tag.
+    """Registered versions, newest first, filtered by project, model name (exactly: ``name`` does
+    not list ``name-onnx``, its exports) and tag.
 
     Raises:
         RegistryUnavailable: the ClearML server cannot be reached or fails.
@@ -154,7 +158,8 @@ def list_versions(project: str | None = None, name: str | None = None, tag: str 
         return []
     except Exception as exc:  # noqa: BLE001 - connection errors surface as several kinds
         raise _unavailable("listing models", exc) from None
-    return [_version(m) for m in models]
+    # the server matches the name as a pattern: keep the model of that very name
+    return [_version(m) for m in models if name is None or m.name == name]
 
 
 def get_version(model_id: str) -> ModelVersion:
@@ -255,37 +260,66 @@ def export_tag(source_id: str) -> str:
     return f"source:{source_id}"
 
 
-def register_export(export_dir: Path, manifest: dict[str, Any]) -> str:
-    """Register an export directory as its own model (framework ONNX) in an ``export`` task.
+def register_export(export_dir: Path, manifest: dict[str, Any], *, task: Any = None, model: Any = None) -> str:
+    """Register an export directory as its own model (framework ONNX), linked to its source version.
 
     The files are uploaded as one package; metadata names the source version and the parity
     figures, and the tag ``source:<id>`` lets :func:`find_export` find it.
+
+    Args:
+        export_dir: what :func:`stepwise.export.export_checkpoint` wrote.
+        manifest: its manifest (``source_model.id`` is the version it was compiled from).
+        task: the task to register it on: training passes its own, so the pair comes from one
+            run. Without one, a task of its own (``export <name>``) is created for it with
+            ``Task.create``, never ``Task.init``: that works in any process, also one that
+            inherits another process's ClearML task context (where ``Task.init`` hands back a
+            stub, not a Task).
+        model: the :attr:`RegistrationInterrupted.model` of an earlier attempt, finished rather
+            than registered twice.
+
+    Raises:
+        RegistryUnavailable: the server does not answer (nothing was registered).
+        RegistrationInterrupted: the export's version was created but its files are not uploaded.
     """
-    tracking.check_server()
     from clearml import OutputModel, Task
 
+    tracking.check_server(timeout=REGISTER_PING_S)
     source = manifest.get("source_model", {})
-    project = _project_name(source.get("project")) or "stepwise"
-    task = Task.init(project_name=project, task_name=f"export {source.get('name', manifest['name'])}",
-                     task_type=Task.TaskTypes.custom, auto_connect_frameworks=False, auto_resource_monitoring=False,
-                     output_uri=True, reuse_last_task_id=False)
-    try:
-        task.connect({"source_model_id": source.get("id", ""), "opset": manifest["opset"]}, name="export")
+    source_id = source.get("id") or "local"
+    own_task = None
+    if model is None:
+        if task is None:
+            project = _project_name(source.get("project")) or "stepwise"
+            name = source.get("name", manifest["name"])
+            own_task = task = Task.create(project_name=project, task_name=f"export {name}",
+                                          task_type=Task.TaskTypes.custom, add_task_init_call=False,
+                                          detect_repository=False)
+            task.output_uri = True  # the files server
+            task.mark_started(force=True)
+            task.set_parameters({"export/source_model_id": source.get("id", ""), "export/opset": manifest["opset"]})
         model = OutputModel(task=task, name=f"{manifest['name']}-onnx", framework="ONNX",
-                            tags=[ONNX_TAG, export_tag(source.get("id", "local"))])
+                            tags=[ONNX_TAG, export_tag(source_id)],
+                            comment=f"ONNX export of {source_id} (step {manifest.get('step')})")
         parity = manifest.get("parity", {})
         for key, value in {"source_model_id": source.get("id", ""), "opset": manifest["opset"],
+                           "step": manifest.get("step", ""), "format": manifest.get("format", ""),
                            "language_pair": manifest["language_pair"], "config_hash": manifest["config_hash"],
+                           "parity_sentences": parity.get("sentences", ""),
                            "parity_tokens_greedy": parity.get("tokens_equal_beam1", ""),
                            "parity_tokens_beam4": parity.get("tokens_equal_beam4", ""),
                            "parity_max_log_prob_diff": parity.get("max_abs_log_prob_diff", ""),
                            "parity_max_attention_diff": parity.get("max_abs_attention_diff", "")}.items():
             model.set_metadata(key, str(value), "str")
-        model.update_weights_package(weights_path=str(export_dir), auto_delete_file=False, async_enable=False)
-        task.get_logger().report_text(f"exported {source.get('id')} -> {model.id}")
+    try:
+        # a package name of its own: one task registers the exports of all its saves
+        model.update_weights_package(weights_path=str(export_dir), target_filename=f"onnx-{source_id}.zip",
+                                     iteration=manifest.get("step"), auto_delete_file=False, async_enable=False)
+    except Exception as exc:  # noqa: BLE001 - the SDK raises whatever its HTTP stack raised
+        raise RegistrationInterrupted(f"model {model.id} created, its export not uploaded: {exc}", model) from None
     finally:
-        task.close()
-    log.info("registered ONNX export of %s as model %s", source.get("id"), model.id)
+        if own_task is not None:
+            own_task.mark_completed(force=True)
+    log.info("registered the ONNX export of %s as model %s", source_id, model.id)
     return model.id
 
 

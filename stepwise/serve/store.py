@@ -9,8 +9,9 @@ cannot be reached (at a reload, a periodic check or a lookup), the store keeps w
 remembers since when the registry has been unreachable; :meth:`ModelStore.describe` says so.
 Translating with a loaded model is :mod:`stepwise.serve.translation`'s.
 
-This module imports no torch: when a version has no ONNX export yet, the exporter runs in a
-subprocess (``python -m stepwise export``), which needs torch installed.
+This module imports no torch, and the service never exports: a version is served from the ONNX
+export registered beside it (training registers one at each save; ``stepwise export --model-id``
+makes one for an older version), and a version without one is a 404 on the ``model`` field.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -166,7 +165,15 @@ class ModelStore:
         return default.id if default is not None else None
 
     def _from_registry(self, spec: str) -> LoadedModel:
-        """Load the export of the version named by a tag or an id, exporting it if needed."""
+        """Load the registered ONNX export of the version named by a tag or an id.
+
+        An export in the local export folder (``STEPWISE_EXPORT_CACHE/<version id>``, e.g. one
+        ``stepwise export --model-id ID --out`` wrote there) serves too.
+
+        Raises:
+            ModelNotFound: no such version, or it has no export in the current format (the
+                message says how to make one).
+        """
         from stepwise.registry import client as registry
 
         if MODEL_ID.match(spec):
@@ -179,21 +186,13 @@ class ModelStore:
             version = versions[0]
         export = self._registry(registry.find_export, version.id)
         export_dir = self._registry(registry.download_export, export.id) if export is not None else None
-        if export_dir is None or export_format(export_dir) != EXPORT_FORMAT:  # none yet, or an older exporter's
+        if export_dir is None or export_format(export_dir) != EXPORT_FORMAT:  # none, or an older exporter's
             export_dir = self.export_root / version.id
             if export_format(export_dir) != EXPORT_FORMAT:
-                self._run_exporter(version.id, export_dir)
+                what = "no ONNX export" if export is None else f"no ONNX export in format {EXPORT_FORMAT}"
+                raise ModelNotFound(f"version {version.id} has {what}: run `stepwise export --model-id {version.id}`",
+                                    field="model")
         return self._from_dir(export_dir, {"id": version.id, "name": version.name, "tags": version.tags})
-
-    @staticmethod
-    def _run_exporter(model_id: str, export_dir: Path) -> None:
-        log.info("version %s has no ONNX export: running the exporter", model_id)
-        result = subprocess.run([sys.executable, "-m", "stepwise", "export", "--model-id", model_id, "--out",
-                                 str(export_dir)], capture_output=True, text=True, timeout=1800)
-        if result.returncode != 0:
-            log.warning("exporter output:\n%s", result.stderr[-4000:])
-            last = (result.stderr.strip().splitlines() or ["exporter failed"])[-1]
-            raise ExportError(f"could not export version {model_id}: {last}")
 
     # -- lookup ------------------------------------------------------------------------------------
     def get(self, spec: str | None) -> LoadedModel:

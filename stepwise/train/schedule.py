@@ -20,7 +20,9 @@ larger budget stretches its decay to the new end).
 Training time is the :class:`TrainingClock`: wall-clock seconds inside the training loop,
 evaluations and checkpoint saves included (they are part of what a budget buys, and so a
 ten-minute run ends ten minutes after its first step), start-up (data, tokenizer, model)
-excluded. It adds up over ``--resume``: the trainer stores it in every checkpoint, so a resumed
+excluded, and so is the ONNX export made at each save (:meth:`TrainingClock.paused`: the
+registry's copy of a checkpoint, not part of training; it adds its seconds to the run's wall
+time, not to the budget). It adds up over ``--resume``: the trainer stores it in every checkpoint, so a resumed
 run continues the same schedule and stops when the run, not the invocation, has spent its budget.
 """
 
@@ -28,7 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -73,6 +76,16 @@ class TrainingClock:
     def seconds(self) -> float:
         """Training seconds at the last :meth:`tick`."""
         return self.reading
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The time spent inside does not count (the clock's readings skip it)."""
+        before = time.monotonic()
+        try:
+            yield
+        finally:
+            if self.started is not None:
+                self.started += time.monotonic() - before
 
 
 def lr_factor(config: Config) -> Callable[[int], float]:

@@ -3,12 +3,20 @@
 Every run is a ClearML experiment (``Task.init``): hyperparameters are connected (editable in
 the UI, so a cloned task re-runs with new values), scalars and attention heatmaps are reported,
 and every saved checkpoint is registered as a version in the model registry, tagged
-``candidate``. ``torchrun --nproc_per_node N -m stepwise.train`` trains data-parallel (DDP; gloo on CPU,
+``candidate``, together with its ONNX export (``train.export_onnx``, on by default): at each save
+the checkpoint is exported (:func:`stepwise.export.export_checkpoint`, parity-checked against
+PyTorch on validation sentences) into ``OUTPUT_DIR/exports/<checkpoint name>/`` and registered from
+this run's task as a version of ``<name>-onnx`` linked to the checkpoint's version
+(:func:`stepwise.registry.client.register_export`), so every version training registers can be
+served without torch. The export is off the training clock (:meth:`TrainingClock.paused`): a
+time budget buys the same training steps with or without it. A save whose export fails (parity
+or otherwise) is logged and not registered at all, so no registered version lacks its export; the
+checkpoint stays on disk. ``torchrun --nproc_per_node N -m stepwise.train`` trains data-parallel (DDP; gloo on CPU,
 NCCL on GPU); rank 0 alone logs, saves and registers.
 
 The tracking server may go away mid-run (a restart): the SDK keeps the scalars and console
 lines it could not send and delivers them when the server is back, and a checkpoint saved
-meanwhile stays on disk in a pending-registration queue, retried at each later save and at
+meanwhile stays on disk (with its export) in a pending-registration queue, retried at each later save and at
 the end (where training waits up to ``REGISTRATION_WAIT_S`` for the server), so every save is
 registered. Checkpoints are written atomically to ``OUTPUT_DIR/checkpoints/step-NNNNNNN.pt``; ``--resume``
 continues from the newest one that loads, restoring weights, optimizer, schedule, data position
@@ -18,10 +26,12 @@ and RNG state, and continuing the same ClearML task.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -59,6 +69,9 @@ class PendingRegistration:
     model: Any = None  # the version an interrupted attempt created, finished by the next one
     tags: list[str] | None = None  # default: candidate
     comment: str = ""
+    export_dir: Path | None = None  # its ONNX export, registered beside it (None: train.export_onnx off)
+    model_id: str | None = None  # the checkpoint's version, once registered
+    export_model: Any = None  # the export's version an interrupted attempt created
 
 
 @dataclass
@@ -139,7 +152,8 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.last_metrics: dict[str, float] = {}
-        self.registered: list[str] = []
+        self.registered: list[str] = []  # the checkpoints' versions
+        self.exports: dict[str, str] = {}  # checkpoint version -> its ONNX export's version
         self.pending: list[PendingRegistration] = []
         self.clock = TrainingClock()  # training seconds over every invocation (train/schedule.py)
         self.lr = 0.0  # the learning rate the last optimizer step used
@@ -319,7 +333,7 @@ class Trainer:
                         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{rate:,.0f}",
                                    "lr": f"{self.lr:.2e}"}
                         progress.set_postfix(postfix, refresh=False)
-                    progress.advance(self.step)
+                    progress.advance(self.step, elapsed=self.clock.seconds() - self.clock.spent)
                     at_save = self.step % cfg.save_every == 0
                     if self.step % cfg.eval_every == 0 or at_save:
                         self.evaluate()
@@ -441,35 +455,97 @@ class Trainer:
             return
         path = save_checkpoint(self.checkpoint_path(), self.checkpoint())
         log.info("saved %s", path)
-        if self.task is not None and not self.args.offline and not self.args.no_register:
+        if self.registering:
             metadata = {"bleu": round(self.last_metrics.get("bleu", 0.0), 2),
                         "loss": round(self.last_metrics.get("val_loss", float("nan")), 4), "step": self.step,
                         "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair}
-            self.pending.append(PendingRegistration(path, self.step, metadata))
-            self.register_pending()
+            self.queue_registration(PendingRegistration(path, self.step, metadata))
         waiting = {item.path.name for item in self.pending}  # never delete a save before it is registered
         for old in sorted(self.checkpoint_dir.glob("step-*.pt"))[: -self.config.train.keep_checkpoints]:
             if old.name not in waiting:
                 old.unlink()
+                shutil.rmtree(self.export_dir(old), ignore_errors=True)
+
+    @property
+    def registering(self) -> bool:
+        """Whether saves are registered: a task, online, and not ``--no-register``."""
+        return self.task is not None and not self.args.offline and not self.args.no_register
+
+    def export_dir(self, checkpoint: Path) -> Path:
+        """Where a checkpoint's ONNX export is written: ``OUTPUT_DIR/exports/<checkpoint name>``."""
+        return self.output_dir / "exports" / checkpoint.stem
+
+    def queue_registration(self, item: PendingRegistration) -> None:
+        """Export the saved checkpoint (``train.export_onnx``), queue both, register what the server takes now.
+
+        A checkpoint whose export fails is not queued: every registered version has its export.
+        """
+        if self.config.train.export_onnx:
+            item.export_dir = self.export_onnx(item.path)
+            if item.export_dir is None:
+                return
+        self.pending.append(item)
+        self.register_pending()
+
+    def export_onnx(self, path: Path) -> Path | None:
+        """Export a saved checkpoint to ONNX (parity-checked), off the training clock; None when it failed.
+
+        The failure is logged, never raised: training goes on. The export uses the CPU and leaves
+        the random number generators as they were (a resumed run continues the same streams).
+        """
+        from stepwise.export import PARITY_SENTENCES, export_checkpoint
+
+        out = self.export_dir(path)
+        sentences = [source for source, _ in self.valid_pairs[:PARITY_SENTENCES]] or None
+        with self.clock.paused(), torch.random.fork_rng(devices=[]):
+            try:
+                manifest = export_checkpoint(load_checkpoint(path), out, sentences=sentences,
+                                             source={"name": self.config.name, "checkpoint": path.name})
+            except Exception as exc:  # noqa: BLE001 - a failed export costs its save's registration, not the run
+                log.error("ONNX export of %s failed, so this save is not registered (the checkpoint stays in %s "
+                          "like any save): %s", path.name, path.parent, exc)
+                return None
+        log.info("exported %s to ONNX in %.1fs (off the training clock)", path.name, manifest["export_seconds"])
+        return out
 
     def register_pending(self) -> bool:
         """Register the queued checkpoints, oldest first; stop at the first failure. True when none is left."""
         while self.pending:
             item = self.pending[0]
             try:
-                model_id = registry.register_checkpoint(self.task, item.path, name=self.config.name, step=item.step,
-                                                        metadata=item.metadata, model=item.model, tags=item.tags,
-                                                        comment=item.comment)
+                if item.model_id is None:
+                    item.model_id = registry.register_checkpoint(
+                        self.task, item.path, name=self.config.name, step=item.step, metadata=item.metadata,
+                        model=item.model, tags=item.tags, comment=item.comment)
+                if item.export_dir is not None:
+                    self.exports[item.model_id] = self.register_export(item)
             except Exception as exc:  # noqa: BLE001 - the checkpoint is safe on disk; training goes on
                 if isinstance(exc, registry.RegistrationInterrupted):
-                    item.model = exc.model
-                log.warning("could not register %s in ClearML (%s); it stays in %s and is retried at the next "
-                            "save and at the end (%d pending)", item.path.name, exc, item.path.parent,
-                            len(self.pending))
+                    if item.model_id is None:
+                        item.model = exc.model
+                    else:
+                        item.export_model = exc.model
+                log.warning("could not register %s%s in ClearML (%s); it stays in %s and is retried at the next "
+                            "save and at the end (%d pending)", item.path.name,
+                            "'s ONNX export" if item.model_id else "", exc, item.path.parent, len(self.pending))
                 return False
             self.pending.pop(0)
-            self.registered.append(model_id)
+            self.registered.append(item.model_id)
         return True
+
+    def register_export(self, item: PendingRegistration) -> str:
+        """Register a queued checkpoint's export beside its version (registered already), on this run's task."""
+        from stepwise.decode.onnx_runtime import MANIFEST_FILE
+
+        assert item.export_dir is not None and item.model_id is not None
+        manifest_path = item.export_dir / MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text())
+        manifest["source_model"] = {"id": item.model_id, "name": self.config.name,
+                                    "tags": item.tags or [registry.CANDIDATE], "project": self.task.project,
+                                    "checkpoint": item.path.name,
+                                    "metadata": {key: str(value) for key, value in item.metadata.items()}}
+        manifest_path.write_text(json.dumps(manifest, indent=2))  # the export names its version
+        return registry.register_export(item.export_dir, manifest, task=self.task, model=item.export_model)
 
     def register_pending_at_end(self, wait_s: float) -> None:
         """Before closing the task: wait (up to ``wait_s``) for the server to take the pending saves."""
@@ -514,9 +590,8 @@ class Trainer:
         metadata = {"bleu": round(bleu, 2), "loss": round(averaged.metrics["val_loss"], 4), "step": self.step,
                     "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair,
                     "averaged_steps": ",".join(map(str, steps))}
-        self.pending.append(PendingRegistration(path, self.step, metadata, tags=[registry.CANDIDATE, "averaged"],
-                                                comment=f"average of steps {metadata['averaged_steps']}"))
-        self.register_pending()
+        self.queue_registration(PendingRegistration(path, self.step, metadata, tags=[registry.CANDIDATE, "averaged"],
+                                                    comment=f"average of steps {metadata['averaged_steps']}"))
 
     def finish(self, status: str) -> None:
         if self.task is not None:
@@ -584,13 +659,20 @@ class ProgressBar:
                         desc="time budget" if self.plan.unit == "s" else None, disable=disable, dynamic_ncols=True,
                         mininterval=1.0, bar_format=self.FORMATS[self.plan.unit])
 
-    def advance(self, step: int) -> None:
-        """One more optimizer step was taken (``step`` is the new step number)."""
+    def advance(self, step: int, elapsed: float | None = None) -> None:
+        """One more optimizer step was taken (``step`` is the new step number).
+
+        Args:
+            step: the new step number.
+            elapsed: this invocation's training seconds (the training clock's, which skips the
+                exports); default: wall-clock seconds since the bar was made.
+        """
         self.step = step
         if self.plan.unit == "step":
             self.bar.update(1)
             return
-        elapsed = time.monotonic() - self.started
+        if elapsed is None:
+            elapsed = time.monotonic() - self.started
         self.plan = progress_plan(self.train, step=step, elapsed=elapsed, steps_run=step - self.first_step,
                                   spent=self.spent)
         self.bar.total = self.plan.total
