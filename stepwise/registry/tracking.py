@@ -19,7 +19,7 @@ import requests
 
 from stepwise.errors import RegistryUnavailable
 
-CONFIG_DIR = Path(__file__).resolve().parent / "clearml_config"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "clearml_config"  # stepwise/clearml_config
 os.environ.setdefault("CLEARML_CONFIG_PATH", str(CONFIG_DIR))
 
 
