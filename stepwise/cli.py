@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_models_list_command)
 
-    p = sub.add_parser("promote", help="give a version a tag (default production) after a BLEU gate")
+    p = sub.add_parser("promote", help="give a version a tag (default production) after a BLEU gate on the ONNX "
+                                       "exports of it and of the current holder")
     p.add_argument("model_id", help="the version to promote")
     p.add_argument("--tag", default="production", help="tag to move (default production)")
     p.add_argument("--margin", type=float, default=1.0, help="refuse if BLEU drops by more than this (default 1)")

@@ -67,6 +67,9 @@ def test_corrupt_checkpoints_are_one_line_errors(clearml_server: ClearMLServerPr
     (model_id,) = register_files(env, [junk], project="stepwise-cli", cwd=tmp_path)
     for args in (["evaluate", model_id], ["export", "--model-id", model_id, "--out", str(tmp_path / "y")]):
         assert "not a stepwise checkpoint" in _assert_one_line_error(_stepwise(env, *args), "checkpoint")
+    # the gate scores registered ONNX exports: a version without one is named, with the command that makes one
+    line = _assert_one_line_error(_stepwise(env, "promote", model_id), model_id)
+    assert "no registered ONNX export" in line and f"run `stepwise export --model-id {model_id}`" in line
 
 
 def test_registry_down_is_one_line_error(clearml_server: ClearMLServerProcess) -> None:

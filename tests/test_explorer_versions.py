@@ -3,9 +3,9 @@
 One set-up for the module: a real embedded ClearML server; one run (task) registering three
 small checkpoints (different seeds, steps 5/10/15, their validation BLEU measured on five
 held-out verses) through ``stepwise.registry.client.register_checkpoint``, each with its ONNX export
-(``register_export``, as training registers them); the oldest promoted with
-``stepwise promote``; a real ``bentoml serve`` resolving ``production`` from that registry; an
-admin explorer (``--admin``) and a read-only one in front of it.
+registered beside it (``register_export``, as training does); the oldest promoted with ``stepwise
+promote`` (the gate scores the exports); a real ``bentoml serve`` resolving ``production`` from that
+registry; an admin explorer (``--admin``) and a read-only one in front of it.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class App:
     def __init__(self, api: str, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
         env = {**env, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_DEFAULT_CONCURRENCY_LIMIT": "4"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stepwise.explorer", "--api", api, "--port", str(self.port), "--model-name", NAME,
@@ -101,6 +102,7 @@ class Setup:
     ids: list[str]  # steps 5, 10, 15
     task: str
     project: str
+    folder: Path  # the service's own export cache is folder / "exports"
 
     def stepwise(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "stepwise", *args], env=self.server.env, capture_output=True,
@@ -127,7 +129,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     started: list = []
     try:
         code = REGISTER_RUN.format(tests=str(TESTS), project=PROJECT, folder=str(folder), name=NAME)
-        out = run_python(code, server.env).stdout
+        out = run_python(code, server.env, timeout=600).stdout
         line = next(line for line in out.splitlines() if line.startswith("IDS"))
         ids, task, project = json.loads(line.split(" TASK ")[0][4:]), line.split()[-3], line.split()[-1]
         promoted = subprocess.run([sys.executable, "-m", "stepwise", "promote", ids[0], "--sentences", "5"],
@@ -141,7 +143,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         started.append(admin)
         read_only = App(service.url, server.env, folder / "read-only.log")
         started.append(read_only)
-        yield Setup(server, service, admin, read_only, ids, task, project)
+        yield Setup(server, service, admin, read_only, ids, task, project, folder)
     finally:
         for process in reversed(started):
             process.stop()
@@ -268,6 +270,31 @@ def test_training_slider_shows_each_checkpoint(setup: Setup, browser: object) ->
     encoder = np.asarray(expected[2]["attention"]["encoder"][-1]).mean(axis=0).ravel()
     assert np.allclose(_cells(page, "training-heatmap"), encoder, atol=1e-3)
     page.screenshot(path=str(_artifacts() / "explorer-training.png"), full_page=True)
+
+
+def test_training_view_opens_on_the_production_run_and_exports_nothing(setup: Setup, browser: object) -> None:
+    """As a new user after `stepwise up`: the tab opens on the served model's run, a click translates at
+    every checkpoint through the registered exports (the service exports nothing), and no handler fails."""
+    page = _open(browser, setup.admin.url)
+    _open_tab(page, "Attention over training")
+    label = f"{setup.task} (3 checkpoints)"  # production's run: nothing to choose
+    page.wait_for_function("([l]) => document.querySelector('#training-run input').value === l", arg=[label])
+    page.locator("#sentence textarea").fill("")  # nothing loaded yet: the redraw after a refusal changes nothing
+    page.locator("#training-load").click()
+    _wait_status(page, "training-status", "Type a sentence to translate first")
+    page.locator("#training-kind label", has_text="decoder").click()
+    page.locator("#sentence textarea").fill(SAMPLE_PAIRS[2][0])
+    page.locator("#training-load").click()
+    status = _wait_status(page, "training-status", "Translated at 3 checkpoints")
+    assert "Left out" not in status  # every checkpoint has its export
+    page.wait_for_selector("#training-heatmap rect.cell")
+    assert page.locator("#training-version").text_content() == setup.ids[0]
+    assert page.locator("#training-bleu-table tr").count() == 4
+    exports = setup.folder / "exports"
+    assert not exports.exists() or not any(exports.iterdir()), "the service exported a version"
+    for app in (setup.admin, setup.read_only):
+        log = app.log_path.read_text(errors="replace")
+        assert "Traceback" not in log and "output values" not in log, log[-3000:]
 
 
 def _js(p: np.ndarray, q: np.ndarray) -> float:

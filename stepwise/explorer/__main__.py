@@ -2,7 +2,9 @@
 
 The port defaults to ``GRADIO_SERVER_PORT``, then 7860. The registry, training and diff views
 read the ClearML server the ``CLEARML_*`` variables (or ``~/clearml.conf``) point at. ``--admin``
-adds promote and demote to the registry view; without it the page changes nothing.
+adds promote and demote to the registry view; without it the page changes nothing. The process
+needs no torch: translations come from the service, and promotion scores the versions' ONNX
+exports with ONNX Runtime (:mod:`stepwise.registry.promotion`).
 """
 
 from __future__ import annotations

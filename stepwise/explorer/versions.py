@@ -5,13 +5,19 @@
   promote (through :func:`stepwise.registry.promotion.promote`, the BLEU gate of ``stepwise promote``)
   and demote; then it asks the service to ``/reload`` and says which version now answers.
 * ``TrainingView``: one run's registered checkpoints translating the same sentence; a slider over
-  the training steps redraws that step's attention, with its BLEU beside it.
+  the training steps redraws that step's attention, with its BLEU beside it. The run menu opens on
+  the run of the ``production`` version (the one the service answers with); only checkpoints with a
+  registered ONNX export are translated, so the service never has to export one.
 * ``DiffView``: two versions on one or more sentences: both translations, and a layer × head grid
   of the Jensen–Shannon divergence between their attention (``stepwise.explorer.divergence``); clicking
   a cell opens that head's two heatmaps side by side.
 
 The registry is read through ``stepwise.registry.client`` in the explorer's own process (the service
-never changes the registry); translations come from the service (``model=<version id>``).
+never changes the registry); translations come from the service (``model=<version id>``). Nothing
+here imports torch: promotion scores the versions' ONNX exports.
+
+Every handler returns a dict keyed by its outputs; one with nothing to change returns
+:func:`unchanged` of them, never ``{}`` (Gradio reads an empty dict as a single value).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import pandas as pd
 from stepwise.errors import StepwiseError
 from stepwise.explorer.divergence import compared_rows, head_divergence
 from stepwise.explorer.draw import AVERAGE, KINDS, axes, head_count, heatmap_svg, layer_count, matrix, number, title
-from stepwise.explorer.views import Update
+from stepwise.explorer.views import Update, unchanged
 from stepwise.explorer.views import error as status_error
 from stepwise.explorer.views import ok as status_ok
 from stepwise.registry import client as registry
@@ -116,10 +122,15 @@ def registry_table(versions: list[registry.ModelVersion], host: str) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def run_checkpoints(task: str) -> list[registry.ModelVersion]:
-    """The registered versions of one run (task), oldest step first."""
-    versions = [v for v in model_versions(None) if v.task == task]
-    return sorted(versions, key=lambda v: (_step(v) is None, _step(v) or 0, v.created))
+def run_checkpoints(task: str) -> tuple[list[registry.ModelVersion], list[registry.ModelVersion]]:
+    """The registered versions of one run (task), oldest step first: those with an ONNX export, and
+    those without one (which the service would have to export before translating)."""
+    listed = registry.list_versions()
+    exported = {tag for v in listed if registry.ONNX_TAG in v.tags for tag in v.tags}
+    versions = sorted((v for v in listed if v.task == task and registry.ONNX_TAG not in v.tags),
+                      key=lambda v: (_step(v) is None, _step(v) or 0, v.created))
+    return ([v for v in versions if registry.export_tag(v.id) in exported],
+            [v for v in versions if registry.export_tag(v.id) not in exported])
 
 
 def _runs(versions: list[registry.ModelVersion]) -> list[tuple[str, str]]:
@@ -129,6 +140,15 @@ def _runs(versions: list[registry.ModelVersion]) -> list[tuple[str, str]]:
         if v.task:
             counts[v.task] = counts.get(v.task, 0) + 1
     return [(f"{task} ({n} checkpoint{'s' if n != 1 else ''})", task) for task, n in counts.items()]
+
+
+def default_run(versions: list[registry.ModelVersion]) -> str | None:
+    """The run the training view opens on: the task of the newest ``production`` version (the model
+    the service answers with), else the task of the newest version; None when no version has one."""
+    with_task = [v for v in versions if v.task]
+    production = [v for v in with_task if registry.PRODUCTION in v.tags]
+    chosen = (production or with_task)[:1]
+    return chosen[0].task if chosen else None
 
 
 # -- the registry --------------------------------------------------------------------------------------
@@ -175,8 +195,11 @@ class RegistryView:
                 view.demote_button = gr.Button("Demote (remove production)", elem_id="demote")
         return view
 
-    def list(self, name: str) -> Update:
-        """Read the registry and redraw the table (and the version and run menus)."""
+    def list(self, name: str, run: str | None = None) -> Update:
+        """Read the registry and redraw the table (and the version and run menus).
+
+        The run menu keeps ``run`` while it is listed, else shows :func:`default_run`.
+        """
         if not tracking.is_configured():
             return {self.table: "", self.status: f"<p id='registry-none'>{html.escape(NOT_CONFIGURED)}</p>"}
         try:
@@ -184,8 +207,10 @@ class RegistryView:
             host = web_host()
         except StepwiseError as exc:
             return {self.table: "", self.status: error(str(exc))}
+        runs = _runs(versions)
+        chosen = run if run in {task for _, task in runs} else default_run(versions)
         update: Update = {self.table: registry_table(versions, host),
-                          self.runs: gr.update(choices=_runs(versions))}
+                          self.runs: gr.update(choices=runs, value=chosen)}
         if self.version is not None:
             update[self.version] = gr.update(choices=[(f"{v.id} (step {_step(v)})", v.id) for v in versions])
         return update
@@ -200,8 +225,10 @@ class RegistryView:
         note = " (reloaded)" if reloaded.get("changed") else f" ({reloaded.get('reason', 'unchanged')})"
         return f" The service now answers with {model.get('id')}{note}."
 
-    def promote(self, name: str, version: str | None, margin: float, sentences: float) -> Update:
-        """Promote through the BLEU gate; a refusal shows both scores."""
+    def promote(self, name: str, version: str | None, margin: float, sentences: float, run: str | None = None
+                ) -> Update:
+        """Promote through the BLEU gate (on the ONNX exports, as ``stepwise promote``); a refusal shows
+        both scores."""
         from stepwise.registry.promotion import PromotionRefused, promote
 
         if not version:
@@ -210,17 +237,17 @@ class RegistryView:
             result = promote(version, margin=float(margin), sentences=int(sentences))
         except PromotionRefused as exc:  # its message names both versions and both scores
             reason = str(exc).split("; use --force")[0]
-            return {**self.list(name), self.status: error(f"Promotion refused: {reason}. (Only the CLI's "
-                                                          "`stepwise promote --force` overrides the gate.)")}
+            return {**self.list(name, run), self.status: error(f"Promotion refused: {reason}. (Only the CLI's "
+                                                               "`stepwise promote --force` overrides the gate.)")}
         except StepwiseError as exc:
             return {self.status: error(str(exc))}
         current = ("no version was in production" if result.current_id is None
                    else f"previous {result.current_id} BLEU {result.current_bleu:.2f}")
         message = (f"Promoted {version} to production: candidate BLEU {result.candidate_bleu:.2f}, {current} "
                    f"({result.split}, {result.sentences} sentences).")
-        return {**self.list(name), self.status: ok(message + self._answering())}
+        return {**self.list(name, run), self.status: ok(message + self._answering())}
 
-    def demote(self, name: str, version: str | None) -> Update:
+    def demote(self, name: str, version: str | None, run: str | None = None) -> Update:
         """Remove ``production`` from a version."""
         if not version:
             return {self.status: error("Choose a version to demote.")}
@@ -230,18 +257,20 @@ class RegistryView:
             return {self.status: error(str(exc))}
         if not removed:
             return {self.status: error(f"Version {version} does not carry the tag 'production'.")}
-        return {**self.list(name), self.status: ok(f"Removed 'production' from {version}." + self._answering())}
+        return {**self.list(name, run),
+                self.status: ok(f"Removed 'production' from {version}." + self._answering())}
 
     def wire(self, demo: gr.Blocks) -> None:
         """List on page load and on Refresh; promote and demote for an admin."""
         outputs = [self.table, self.status, self.runs]
         if self.version is not None:
             outputs.append(self.version)
-        demo.load(self.list, [self.name], outputs)
-        gr.on([self.refresh.click, self.name.submit], self.list, [self.name], outputs)
+        demo.load(self.list, [self.name, self.runs], outputs)
+        gr.on([self.refresh.click, self.name.submit], self.list, [self.name, self.runs], outputs)
         if self.admin:
-            self.promote_button.click(self.promote, [self.name, self.version, self.margin, self.sentences], outputs)
-            self.demote_button.click(self.demote, [self.name, self.version], outputs)
+            self.promote_button.click(self.promote, [self.name, self.version, self.margin, self.sentences, self.runs],
+                                      outputs)
+            self.demote_button.click(self.demote, [self.name, self.version, self.runs], outputs)
 
 
 # -- attention over training ---------------------------------------------------------------------------
@@ -253,6 +282,13 @@ def _menus(result: dict[str, Any], kind: str, layer: int | None, head: int | str
     head = head if head == AVERAGE or (head is not None and 0 <= int(head) < heads) else AVERAGE
     return (gr.update(choices=[(number(i), i) for i in range(layers)], value=layer),
             gr.update(choices=[(AVERAGE, AVERAGE), *[(number(h), h) for h in range(heads)]], value=head))
+
+
+def _no_export(run: str, unexported: list[registry.ModelVersion]) -> str:
+    """The sentence naming a run's checkpoints that have no registered ONNX export."""
+    ids = ", ".join(v.id for v in unexported)
+    return (f"Left out {len(unexported)} checkpoint{'s' if len(unexported) != 1 else ''} of run {run} without an "
+            f"ONNX export ({ids}): `stepwise export --model-id ID` makes one.")
 
 
 @dataclass
@@ -278,7 +314,8 @@ class TrainingView:
         """Lay out the run menu, the slider and the heatmap (inside their tab)."""
         gr.Markdown("The sentence above, translated by each registered checkpoint of one run. Move the slider "
                     "through training: cross-attention usually starts nearly uniform and sharpens into an "
-                    "alignment. Each version is exported once by the service and kept.")
+                    "alignment. The menu opens on the run of the `production` version; checkpoints without a "
+                    "registered ONNX export are left out (`stepwise export --model-id ID` makes one).")
         checkpoints = gr.State([])
         with gr.Row():
             run = gr.Dropdown([], label="Run (ClearML task)", elem_id="training-run", scale=4)
@@ -297,30 +334,35 @@ class TrainingView:
                    scores)
 
     def load(self, run: str | None, text: str) -> Update:
-        """Translate the sentence with every checkpoint of the run (the service exports each on first use)."""
+        """Translate the sentence with every checkpoint of the run that has a registered ONNX export.
+
+        A checkpoint without one is left out and named (the service would have to export it).
+        """
         if not run:
             return {self.status: error("Choose a run first (its checkpoints are listed from the registry).")}
         if not text or not text.strip():
             return {self.status: error("Type a sentence to translate first.")}
         started = time.perf_counter()
         try:
-            versions = run_checkpoints(run)
+            versions, unexported = run_checkpoints(run)
+            if not versions:
+                return {self.status: error(_no_export(run, unexported) if unexported else
+                                           f"Run {run} has no registered checkpoints.")}
             checkpoints = [{"id": v.id, "step": _step(v), "bleu": v.bleu,
                             "result": self.client.translate(text, model=v.id, attention="all")} for v in versions]
         except (StepwiseError, ServiceError) as exc:
             return {self.status: error(str(exc))}
-        if not checkpoints:
-            return {self.status: error(f"Run {run} has no registered checkpoints of this model name.")}
         seconds = time.perf_counter() - started
         layer, head = _menus(checkpoints[0]["result"], "cross", None, AVERAGE)
+        left_out = f" {_no_export(run, unexported)}" if unexported else ""
         return {self.checkpoints: checkpoints, self.kind: "cross", self.layer: layer, self.head: head,
                 self.slider: gr.update(minimum=0, maximum=max(len(checkpoints) - 1, 1), value=0),
-                self.status: ok(f"Translated at {len(checkpoints)} checkpoints in {seconds:.1f} s.")}
+                self.status: ok(f"Translated at {len(checkpoints)} checkpoints in {seconds:.1f} s.{left_out}")}
 
     def fit(self, checkpoints: list[dict[str, Any]], kind: str, layer: int | None, head: int | str | None) -> Update:
         """The layer and head menus of ``kind``."""
         if not checkpoints:
-            return {}
+            return unchanged(self.layer, self.head)
         layer_menu, head_menu = _menus(checkpoints[0]["result"], kind, layer, head)
         return {self.layer: layer_menu, self.head: head_menu}
 
@@ -328,7 +370,7 @@ class TrainingView:
              head: int | str | None) -> Update:
         """The chosen checkpoint's heatmap, its step, BLEU and translation, and the BLEU of every step."""
         if not checkpoints or layer is None or head is None:
-            return {}
+            return unchanged(self.caption, self.heat, self.scores)
         i = min(max(int(index), 0), len(checkpoints) - 1)
         chosen = checkpoints[i]
         result = chosen["result"]
@@ -438,7 +480,7 @@ class DiffView:
     def redraw(self, pairs: list[tuple[dict, dict]], kind: str) -> Update:
         """The translations table and the grid of ``kind``."""
         if not pairs:
-            return {}
+            return unchanged(self.status, self.translations, self.grid, self.heat_a, self.heat_b)
         rows, grids = [], []
         for a, b in pairs:
             shared = compared_rows(a, b, kind)
@@ -473,11 +515,11 @@ class DiffView:
     def open(self, pairs: list[tuple[dict, dict]], kind: str, event: gr.SelectData) -> Update:
         """Both versions' heatmaps of the clicked layer and head, for every sentence."""
         if not pairs or event.index is None:
-            return {}
+            return unchanged(self.heat_a, self.heat_b)
         layer, column = int(event.index[0]), int(event.index[1])
         head = column - 1  # column 0 is the layer number
         if head < 0:
-            return {}
+            return unchanged(self.heat_a, self.heat_b)
         drawn: list[list[str]] = [[], []]
         for pair in pairs:
             for side, result in enumerate(pair):

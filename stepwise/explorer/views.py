@@ -56,6 +56,16 @@ LIVE_INTERVAL_S = 0.1  # while a translation streams, redraw its tokens and atte
 EMPTY = "<p id='heatmap-empty'>Translate a sentence to see its attention.</p>"
 
 
+def unchanged(*components: gr.components.Component) -> Update:
+    """An update that leaves ``components`` (a handler's outputs) as they are.
+
+    Gradio takes a non-empty dict as updates keyed by component but an empty one as a single value,
+    which fails an event with several outputs (and sets a lone output to ``{}``): a handler with
+    nothing to change returns this, never ``{}``.
+    """
+    return {component: gr.skip() for component in components}
+
+
 def ok(message: str, elem_id: str = "status-ok") -> str:
     """A status line that reports success (each view's status line has an id of its own)."""
     return f"<div id='{elem_id}'>{html.escape(message)}</div>"
@@ -218,7 +228,7 @@ class Selection:
         A layer that is gone becomes the last layer, a head that is gone the head average.
         """
         if not result:
-            return {}
+            return unchanged(self.layer, self.head)
         layer, head = _drawn(result, kind, layer, head)
         heads = [(number(h), h) for h in range(head_count(result, kind))]
         return {self.layer: gr.update(choices=[(number(i), i) for i in range(layer_count(result, kind))], value=layer),
@@ -227,7 +237,7 @@ class Selection:
     def reset(self, result: Result) -> Update:
         """After a translation: cross-attention, its last layer, the head average."""
         if not result:
-            return {}
+            return unchanged(self.kind, self.layer, self.head)
         return {self.kind: "cross", **self.fit(result, "cross", None, AVERAGE)}
 
     def wire(self, translated: gr.events.Dependency) -> list[gr.events.Dependency]:
@@ -343,7 +353,7 @@ class GridView:
     def open(self, result: Result, kind: str, event: gr.SelectData) -> Update:
         """Open the clicked thumbnail's layer and head in the heatmap tab."""
         if not result:
-            return {}
+            return unchanged(self.selection.layer, self.selection.head, self.tabs)
         heads = head_count(result, kind)
         layer, position = divmod(event.index, heads + 1)
         return {self.selection.layer: layer, self.selection.head: AVERAGE if position == heads else position,
@@ -379,7 +389,7 @@ class LinesView:
     def fit(self, result: Result, kind: str, token: int | None) -> Update:
         """The menu of ``kind``'s query tokens (target tokens, or source tokens for the encoder)."""
         if not result:
-            return {}
+            return unchanged(self.token)
         rows, _ = axes(result, kind)
         kept = _index(token, len(rows))
         return {self.token: gr.update(choices=[(f"{number(i)}: {t}", i) for i, t in enumerate(rows)],

@@ -21,7 +21,7 @@ import gradio as gr
 import numpy as np
 
 from stepwise.explorer.draw import AVERAGE, head_count, heatmap_svg, layer_count, links_svg, number
-from stepwise.explorer.views import Result, Selection, TranslationView, Update, error
+from stepwise.explorer.views import Result, Selection, TranslationView, Update, error, unchanged
 from stepwise.serve.alignment import parse_pharaoh
 from stepwise.serve.client import ServiceError, TranslationClient
 
@@ -119,7 +119,7 @@ class AlignmentView:
     def fit(self, shown: Result, layer: int | str | None, head: int | str | None) -> Update:
         """The menus of the model's cross-attention layers and heads, keeping a choice that still exists."""
         if not shown or "cross" not in shown.get("attention", {}):
-            return {}
+            return unchanged(self.layer, self.head)
         layers, heads = layer_count(shown, "cross"), head_count(shown, "cross")
         layer = layer if isinstance(layer, int) and layer < layers else AVERAGE
         head = head if isinstance(head, int) and head < heads else AVERAGE

@@ -1,7 +1,8 @@
 """Text in, text out, through the PyTorch decoding loop; and BLEU over a set of pairs.
 
 This is the one PyTorch path from sentences to translations: training's validation BLEU,
-``stepwise evaluate``, the promotion gate and the exporter's parity check all use it.
+``stepwise evaluate`` and the exporter's parity check use it (the promotion gate scores the ONNX
+exports). BLEU itself is :func:`stepwise.train.corpus.corpus_bleu`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import sacrebleu
 import torch
 
 from stepwise.decode.pytorch import Hypothesis, decode
 from stepwise.model import Transformer
 from stepwise.tokenizer import Tokenizer, truncate
+from stepwise.train.corpus import corpus_bleu
 from stepwise.train.data import pad_sequences
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,6 @@ def translate(
     finally:
         model.train(was_training)
     return [tokenizer.decode(h.tokens) for h in hyps]
-
-
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """sacreBLEU with its default (13a) tokenization, as a float."""
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
 def evaluate_bleu(
