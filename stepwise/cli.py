@@ -200,7 +200,8 @@ def _up_command(args: argparse.Namespace) -> int:
 
     return Pipeline(config=args.config, project=args.project, clearml_port=args.clearml_port,
                     service_port=args.port, explorer_port=args.explorer_port,
-                    train_minutes=args.train_minutes, state_dir=args.state_dir).run(wait=not args.no_wait)
+                    train_minutes=args.train_minutes, state_dir=args.state_dir,
+                    overrides=args.set).run(wait=not args.no_wait)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the preset's training time (a warmup longer than it becomes a tenth of it)")
     p.add_argument("--state-dir", default=".stepwise", help="ClearML data, runs, exports and logs (default .stepwise)")
     p.add_argument("--no-wait", action="store_true", help="stop everything once it is up (a smoke test)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the preset it trains, e.g. train.save_every=100 (repeatable)")
     p.set_defaults(handler=_up_command)
 
     sub.add_parser("train", help="train a model (see `stepwise train --help`)", add_help=False)

@@ -65,9 +65,11 @@ class Pipeline:
     """
 
     def __init__(self, *, config: str | None, project: str, clearml_port: int, service_port: int,
-                 explorer_port: int, train_minutes: float | None, state_dir: str = ".stepwise") -> None:
+                 explorer_port: int, train_minutes: float | None, state_dir: str = ".stepwise",
+                 overrides: list[str] | None = None) -> None:
         self.state = Path(state_dir).resolve()
         self.config = config or default_preset()
+        self.overrides = list(overrides or [])  # --set KEY=VALUE for the training run
         self.project = project
         self.clearml_port = clearml_port
         self.service_port = service_port
@@ -122,7 +124,7 @@ class Pipeline:
         from stepwise.registry import client as registry
         from stepwise.registry.promotion import promote
 
-        preset = load_config(self.config)
+        preset = load_config(self.config, self.overrides)
         name = preset.name
         listed = registry.list_versions(name=name, tag=registry.PRODUCTION)
         if listed:
@@ -136,6 +138,8 @@ class Pipeline:
             args += ["--set", f"train.max_minutes={self.train_minutes}"]
             if preset.train.warmup_minutes >= self.train_minutes:  # a shorter budget than the preset's warmup
                 args += ["--set", f"train.warmup_minutes={self.train_minutes / 10:g}"]
+        for assignment in self.overrides:
+            args += ["--set", assignment]
         # a child process: the run's Task.init owns its process (see the module docstring)
         trained = subprocess.run(args)
         if trained.returncode != 0:
