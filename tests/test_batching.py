@@ -13,6 +13,8 @@ import pytest
 
 from stepwise.serve.batching import BatchQueue
 
+pytestmark = pytest.mark.unit
+
 
 class Recorder:
     """Decodes by echoing ``item * 10`` after ``seconds``; remembers each batch it ran and in which thread."""

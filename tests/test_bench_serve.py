@@ -19,7 +19,9 @@ from bench.__main__ import _load, _serve, _stop, attention_payload, engine_speed
 from bench.common import PeakRss, process_tree, rss_mib, tree_rss_mib
 from bench.load import bench_stream
 
-from conftest import SAMPLE_PAIRS, export_tiny_model
+from support.models import SAMPLE_PAIRS
+
+pytestmark = pytest.mark.integration
 
 # a parent whose child fills 200 MiB, then (on a line on stdin) frees it and waits
 PARENT = """
@@ -84,8 +86,9 @@ def test_stop_takes_down_the_children_a_terminated_parent_leaves_behind() -> Non
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return export_tiny_model(tmp_path_factory.mktemp("bench"), seed=7)
+def tiny(tiny_export: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The session's tiny checkpoint and export (read, never changed)."""
+    return tiny_export
 
 
 TEXTS = [source for source, _ in SAMPLE_PAIRS]
