@@ -1,5 +1,5 @@
 """Fixtures: the tier guard, a real local ClearML server, the session's shared tiny export, its
-`bentoml serve` and explorer, and a headless Chromium. Helpers live in ``tests/support``."""
+`bentoml serve` and explorer, and a headless Chromium per module. Helpers live in ``tests/support``."""
 
 from __future__ import annotations
 
@@ -75,9 +75,13 @@ def tiny_explorer(tiny_service: BentoProcess, tmp_path_factory: pytest.TempPathF
 CHROMIUM = os.environ.get("STEPWISE_CHROMIUM", "/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """A headless Chromium for the browser tests; `make test` installs Debian's package."""
+    """A headless Chromium for one module's browser tests; `make test` installs Debian's package.
+
+    One per module, not per session: Playwright's sync API runs an event loop in this thread while
+    it is open, and later modules call ``asyncio.run``.
+    """
     from playwright.sync_api import sync_playwright
 
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():

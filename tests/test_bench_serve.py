@@ -19,7 +19,7 @@ from bench.__main__ import _load, _serve, _stop, attention_payload, engine_speed
 from bench.common import PeakRss, process_tree, rss_mib, tree_rss_mib
 from bench.load import bench_stream
 
-from support.models import SAMPLE_PAIRS
+from support.models import SAMPLE_PAIRS, export_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -86,9 +86,10 @@ def test_stop_takes_down_the_children_a_terminated_parent_leaves_behind() -> Non
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_export: tuple[Path, Path]) -> tuple[Path, Path]:
-    """The session's tiny checkpoint and export (read, never changed)."""
-    return tiny_export
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny export of its own: the registry test's service exports this checkpoint again, and the
+    session's export (a long positional table) would make that slower."""
+    return export_tiny_model(tmp_path_factory.mktemp("bench"), seed=7)
 
 
 TEXTS = [source for source, _ in SAMPLE_PAIRS]
