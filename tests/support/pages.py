@@ -128,6 +128,12 @@ def alignment_matrix(page: object) -> dict:
 
 def check_alignment(page: object, soft: dict, hard: dict) -> None:
     """The page's matrix is the service's ``soft``; its outlined cells and lines are ``hard``'s pairs."""
+    # the matrix is drawn again when a menu changes: read it once it is whole, with this many words
+    page.wait_for_function("([rows, cols]) => { const m = document.querySelector('#alignment-matrix svg'); "
+                           "return m !== null && m.querySelector('text') !== null && "
+                           "m.querySelectorAll('text.row-label').length === rows && "
+                           "m.querySelectorAll('text.col-label').length === cols; }",
+                           arg=[len(soft["target_words"]), len(soft["source_words"])])
     shown = alignment_matrix(page)
     assert shown["rows"] == soft["target_words"] and shown["cols"] == soft["source_words"]
     np.testing.assert_allclose(shown["weights"], np.asarray(soft["soft"]).ravel(), atol=1e-4)
