@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup agent browser run test lint bench
+.PHONY: setup agent browser run test test-fast test-integration test-browser lint bench
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,19 @@ run: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The tests come in three tiers (tests/README.md): `make test` runs them all (what CI runs);
+# `make test-fast` only the in-process unit tests, the one to run while editing.
 test: setup agent browser lint
 	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m unit
+
+test-integration: setup agent
+	$(BIN)/python -m pytest -m integration
+
+test-browser: setup browser
+	$(BIN)/python -m pytest -m browser
 
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

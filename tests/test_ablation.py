@@ -1,41 +1,39 @@
 """Head ablation through the service (``mask_heads``) and the explorer's ablation tab, against PyTorch.
 
-One `bentoml serve` of a small exported model serves every test here; the explorer runs in front
-of it for the Chromium test.
+The session's shared `bentoml serve` of the tiny export serves every test here; the session's
+explorer runs in front of it for the Chromium test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_explorer import TIMEOUT_MS, Explorer
 
 from stepwise.decode.pytorch import decode
 from stepwise.explorer.draw import token_diff
 from stepwise.train.checkpoint import load_checkpoint
 
-from conftest import ROOT, BentoProcess, export_tiny_model, serve_export
+from support.pages import ARTIFACTS, open_page
+from support.processes import BentoProcess, Explorer
 
-ARTIFACTS = ROOT / "test-artifacts"
 SENTENCE = "Und Gott sprach: Es werde Licht!"
 KINDS = ("encoder", "decoder", "cross")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return export_tiny_model(tmp_path_factory.mktemp("ablation"), seed=11)
+def exported(tiny_export: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The session's tiny checkpoint and export (the shared service's model)."""
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
-def service(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    server = serve_export(exported[1], tmp_path_factory.mktemp("logs") / "bentoml.log")
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service: these tests only read from it."""
+    return tiny_service
 
 
 def _pytorch(checkpoint_path: Path, text: str, beam: int, mask_heads: dict[str, list[list[int]]]) -> object:
@@ -72,6 +70,7 @@ def _changing_mask(service: BentoProcess) -> dict[str, list[list[int]]]:
     pytest.fail("no candidate mask changes the translation: pick another seed")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("beam", [1, 4])
 def test_masked_translation_is_the_masked_pytorch_model(service: BentoProcess, exported: tuple[Path, Path],
                                                         beam: int) -> None:
@@ -87,6 +86,7 @@ def test_masked_translation_is_the_masked_pytorch_model(service: BentoProcess, e
     assert plain["target_tokens"] == unmasked_pieces
 
 
+@pytest.mark.integration
 def test_no_mask_answers_as_before_and_empty_mask_is_no_mask(service: BentoProcess) -> None:
     plain = _translate(service, attention="all")
     assert set(plain) == {"translation", "source_tokens", "target_tokens", "attention", "model", "score", "timings"}
@@ -97,6 +97,7 @@ def test_no_mask_answers_as_before_and_empty_mask_is_no_mask(service: BentoProce
         assert same == plain
 
 
+@pytest.mark.integration
 def test_requests_with_different_masks_are_not_mixed(service: BentoProcess) -> None:
     """Concurrent requests merged by adaptive batching each get their own mask's translation."""
     mask = _changing_mask(service)
@@ -112,6 +113,7 @@ def test_requests_with_different_masks_are_not_mixed(service: BentoProcess) -> N
         assert answer["attention"] == expected[masked]["attention"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mask_heads", [
     {"encoder": [[2, 0]]},  # the encoder has 2 layers
     {"cross": [[0, 4]]},  # 4 heads
@@ -128,35 +130,30 @@ def test_bad_mask_heads_is_400_naming_the_field(service: BentoProcess, mask_head
     assert any("mask_heads" in d["loc"] for d in answer.json()["detail"])
 
 
+@pytest.mark.browser
 def test_ablation_view_shows_the_masked_translation(service: BentoProcess, exported: tuple[Path, Path],
-                                                    browser: object, tmp_path: Path) -> None:
+                                                    browser: object, tiny_explorer: Explorer) -> None:
     mask = _changing_mask(service)
-    explorer = Explorer(service.url, tmp_path / "explorer.log")
-    try:
-        page = browser.new_context(viewport={"width": 1300, "height": 1600}).new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(explorer.url)
-        page.locator("#sentence textarea").fill(SENTENCE)
-        page.get_by_role("tab", name="Head ablation").click()
-        for kind, pairs in mask.items():
-            for layer, head in pairs:
-                page.locator(f"#ablation-{kind} label").filter(has_text=f"L{layer + 1} H{head + 1}").click()
-        page.locator("#ablation-button").click()
-        page.wait_for_selector("#ablation-ok")
-        shown = page.locator("#ablation-translation textarea").input_value()
-        expected = _translate(service, attention="none", mask_heads=mask)
-        plain = _translate(service, attention="none")
-        assert shown == expected["translation"] != plain["translation"]
-        assert float(page.locator("#ablation-score").text_content()) == pytest.approx(expected["score"], abs=1e-4)
-        diff = token_diff(plain["target_tokens"], expected["target_tokens"])
-        added = page.locator("#ablation-diff mark").all_text_contents()
-        removed = page.locator("#ablation-diff del").all_text_contents()
-        assert added == [t for op, t in diff if op == "added"] and added
-        assert removed == [t for op, t in diff if op == "removed"]
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "explorer-ablation.png"), full_page=True)
-        # the translation is the masked PyTorch model's
-        pieces, _ = _pytorch(exported[0], SENTENCE, 1, mask)
-        assert expected["target_tokens"] == pieces
-    finally:
-        explorer.stop()
+    page = open_page(browser, tiny_explorer.url)  # the session's explorer, in front of the shared service
+    page.locator("#sentence textarea").fill(SENTENCE)
+    page.get_by_role("tab", name="Head ablation").click()
+    for kind, pairs in mask.items():
+        for layer, head in pairs:
+            page.locator(f"#ablation-{kind} label").filter(has_text=f"L{layer + 1} H{head + 1}").click()
+    page.locator("#ablation-button").click()
+    page.wait_for_selector("#ablation-ok")
+    shown = page.locator("#ablation-translation textarea").input_value()
+    expected = _translate(service, attention="none", mask_heads=mask)
+    plain = _translate(service, attention="none")
+    assert shown == expected["translation"] != plain["translation"]
+    assert float(page.locator("#ablation-score").text_content()) == pytest.approx(expected["score"], abs=1e-4)
+    diff = token_diff(plain["target_tokens"], expected["target_tokens"])
+    added = page.locator("#ablation-diff mark").all_text_contents()
+    removed = page.locator("#ablation-diff del").all_text_contents()
+    assert added == [t for op, t in diff if op == "added"] and added
+    assert removed == [t for op, t in diff if op == "removed"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "explorer-ablation.png"), full_page=True)
+    # the translation is the masked PyTorch model's
+    pieces, _ = _pytorch(exported[0], SENTENCE, 1, mask)
+    assert expected["target_tokens"] == pieces

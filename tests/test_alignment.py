@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -16,7 +14,8 @@ from stepwise.serve.alignment import (
     words,
 )
 
-from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
+from support.models import SAMPLE_PAIRS
+from support.processes import BentoProcess
 
 # "Und Gott sprach" -> "God said ." as pieces, EOS on both sides
 SOURCE = ["▁Und", "▁Got", "t", "▁sprach", "</s>"]
@@ -32,12 +31,14 @@ ATTENTION = np.array([
 ])
 
 
+@pytest.mark.unit
 def test_pieces_merge_into_whitespace_words() -> None:
     assert words(SOURCE) == (["Und", "Gott", "sprach"], [[0], [1, 2], [3]])
     assert words(TARGET) == (["God", "said."], [[0], [1, 2, 3]])
     assert words(["Got", "t", "▁", "„", "Ja"]) == (["Gott", "„Ja"], [[0, 1], [2, 3, 4]])  # first piece starts a word
 
 
+@pytest.mark.unit
 def test_word_alignment_follows_the_rule() -> None:
     aligned = word_alignment(ATTENTION, SOURCE, TARGET)
     assert aligned.source_words == ["Und", "Gott", "sprach"] and aligned.target_words == ["God", "said."]
@@ -50,12 +51,14 @@ def test_word_alignment_follows_the_rule() -> None:
     assert aligned.hard() == [(1, 0), (2, 1)] and aligned.pharaoh() == "1-0 2-1"
 
 
+@pytest.mark.unit
 def test_a_row_with_all_its_mass_on_eos_is_uniform() -> None:
     attention = np.array([[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
     aligned = word_alignment(attention, SOURCE, ["▁Ja", "</s>"])
     np.testing.assert_allclose(aligned.soft, [[0.25, 0.5, 0.25]])  # "Gott" has two of the four pieces
 
 
+@pytest.mark.unit
 def test_empty_translation_and_shape_mismatch() -> None:
     aligned = word_alignment(np.ones((1, 5)) / 5, SOURCE, ["</s>"])
     assert aligned.target_words == [] and aligned.soft.shape == (0, 3) and aligned.pharaoh() == ""
@@ -63,6 +66,7 @@ def test_empty_translation_and_shape_mismatch() -> None:
         word_alignment(np.ones((2, 5)), SOURCE, ["</s>"])
 
 
+@pytest.mark.unit
 def test_layer_and_head_choice() -> None:
     cross = np.random.default_rng(0).random((3, 4, 5, 6))
     np.testing.assert_array_equal(attention_source(cross, 1, 2), cross[1, 2])
@@ -71,6 +75,7 @@ def test_layer_and_head_choice() -> None:
     np.testing.assert_allclose(attention_source(cross, "average", "average"), cross.mean(axis=(0, 1)))
 
 
+@pytest.mark.unit
 def test_pharaoh_and_alignment_error_rate() -> None:
     assert parse_pharaoh(pharaoh([(0, 0), (2, 1)])) == {(0, 0), (2, 1)}
     sure, possible = {(0, 0), (1, 1)}, {(2, 1)}
@@ -81,14 +86,12 @@ def test_pharaoh_and_alignment_error_rate() -> None:
 
 # -- over HTTP: a real `bentoml serve` ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    folder = tmp_path_factory.mktemp("alignment")
-    _, export = export_tiny_model(folder, seed=5)
-    server = serve_export(export, folder / "bentoml.log")
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service: these tests only read from it."""
+    return tiny_service
 
 
+@pytest.mark.integration
 def test_service_alignments(service: BentoProcess) -> None:
     text = SAMPLE_PAIRS[2][0]
     plain = service.post("/translate", {"text": text}).json()
@@ -122,6 +125,7 @@ def test_service_alignments(service: BentoProcess) -> None:
     assert default["hard"] == expected.pharaoh()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("body", "field"), [
     ({"alignment": "fuzzy"}, "alignment"),
     ({"alignment": "hard", "alignment_layer": 2}, "alignment_layer"),

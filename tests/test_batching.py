@@ -13,6 +13,8 @@ import pytest
 
 from stepwise.serve.batching import BatchQueue
 
+pytestmark = pytest.mark.unit
+
 
 class Recorder:
     """Decodes by echoing ``item * 10`` after ``seconds``; remembers each batch it ran and in which thread."""
@@ -21,12 +23,22 @@ class Recorder:
         self.seconds = seconds
         self.batches: list[list[int]] = []
         self.threads: set[str] = set()
+        self.started = threading.Event()  # set once a batch is decoding
 
     def __call__(self, items: Sequence[int]) -> list[object]:
         self.batches.append(list(items))
         self.threads.add(threading.current_thread().name)
+        self.started.set()
         time.sleep(self.seconds)
         return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+
+async def decoding(run: Recorder, timeout: float = 30) -> None:
+    """Return once ``run`` is decoding a batch (its event polled from the event loop, with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while not run.started.is_set():
+        assert time.monotonic() < deadline, "no batch started decoding"
+        await asyncio.sleep(0.001)
 
 
 def test_a_lone_request_decodes_at_once_and_the_waiting_ones_together() -> None:
@@ -35,7 +47,7 @@ def test_a_lone_request_decodes_at_once_and_the_waiting_ones_together() -> None:
     async def main() -> list[int]:
         queue = BatchQueue(run, max_batch=64)
         first = queue.submit(1)
-        await asyncio.sleep(0.01)  # the first is decoding now
+        await decoding(run)  # the first is decoding now
         later = [queue.submit(i) for i in range(2, 12)]
         return await asyncio.gather(first, *later)
 
@@ -52,7 +64,7 @@ def test_max_batch_and_one_at_a_time(max_batch: int, expected: list[list[int]]) 
     async def main() -> list[int]:
         queue = BatchQueue(run, max_batch=max_batch)
         first = queue.submit(0)
-        await asyncio.sleep(0.005)
+        await decoding(run)  # the first is decoding now
         return await asyncio.gather(first, *(queue.submit(i) for i in range(1, 10)))
 
     assert asyncio.run(main()) == [i * 10 for i in range(10)]
@@ -99,7 +111,7 @@ def test_a_caller_that_left_is_skipped() -> None:
     async def main() -> int:
         queue = BatchQueue(run, max_batch=8)
         queue.submit(1)
-        await asyncio.sleep(0.005)
+        await decoding(run)  # the first is decoding now
         gone = queue.submit(2)
         gone.cancel()
         return await queue.submit(3)

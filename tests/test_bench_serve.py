@@ -19,7 +19,9 @@ from bench.__main__ import _load, _serve, _stop, attention_payload, engine_speed
 from bench.common import PeakRss, process_tree, rss_mib, tree_rss_mib
 from bench.load import bench_stream
 
-from conftest import SAMPLE_PAIRS, export_tiny_model
+from support.models import SAMPLE_PAIRS, export_tiny_model
+
+pytestmark = pytest.mark.integration
 
 # a parent whose child fills 200 MiB, then (on a line on stdin) frees it and waits
 PARENT = """
@@ -85,6 +87,8 @@ def test_stop_takes_down_the_children_a_terminated_parent_leaves_behind() -> Non
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny export of its own: the registry test's service exports this checkpoint again, and the
+    session's export (a long positional table) would make that slower."""
     return export_tiny_model(tmp_path_factory.mktemp("bench"), seed=7)
 
 

@@ -16,6 +16,7 @@ import time
 import venv
 from pathlib import Path
 
+import pytest
 import requests
 import tomllib
 
@@ -23,7 +24,8 @@ from stepwise.decode.onnx_runtime import OnnxTranslator
 from stepwise.export import export_checkpoint
 from stepwise.train.checkpoint import load_checkpoint
 
-from conftest import SAMPLE_PAIRS, free_port, make_checkpoint
+from support.models import SAMPLE_PAIRS, make_checkpoint
+from support.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +35,7 @@ def _requirements(path: Path) -> list[str]:
     return [line for line in lines if line]
 
 
+@pytest.mark.unit
 def test_bento_requirements_are_the_serve_extra() -> None:
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
     assert _requirements(ROOT / "requirements-serve.txt") == extra
@@ -40,6 +43,7 @@ def test_bento_requirements_are_the_serve_extra() -> None:
     assert "requirements_txt: \"./requirements-serve.txt\"" in (ROOT / "bentofile.yaml").read_text()
 
 
+@pytest.mark.integration
 def test_built_bento_starts_in_a_clean_virtualenv(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "PYTHON"))}
     built = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT,

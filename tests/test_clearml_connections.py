@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 import requests
 
-from conftest import ClearMLServerProcess, run_python
+from support.processes import ClearMLServerProcess, run_python
+
+pytestmark = pytest.mark.integration
 
 
 def _token(server: ClearMLServerProcess) -> str:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ClearMLServerProcess, run_python
+from support.processes import ClearMLServerProcess, run_python
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEARML_DATA = [sys.executable, "-c", "from clearml.cli.data.__main__ import main; main()"]

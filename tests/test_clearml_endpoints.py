@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import stepwise.clearml_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,7 @@ def _documented_endpoints() -> dict[str, str]:
     return found
 
 
+@pytest.mark.integration
 def test_printed_endpoints_are_the_documented_ones() -> None:
     printed = _printed_endpoints()
     documented = _documented_endpoints()
@@ -78,6 +81,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.unit
 def test_the_sub_package_has_no_import_cycle_and_no_ml_imports() -> None:
     graph = {}
     for path in sorted(PACKAGE.rglob("*.py")):

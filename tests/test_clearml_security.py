@@ -27,7 +27,7 @@ import requests
 from stepwise.clearml_server import sdk_environment
 from stepwise.net import wait_until_ready
 
-from conftest import ClearMLServerProcess, free_port, run_python
+from support.processes import ClearMLServerProcess, free_port, run_python
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import jsonschema
+import pytest
 import requests
 
-from conftest import ClearMLServerProcess, free_port, run_python
+from support.processes import ClearMLServerProcess, free_port, run_python
 
 WRITE_RUN = """
 import os, shutil
@@ -79,6 +80,7 @@ def _value(output: str, key: str) -> str:
     return next(line.split()[1] for line in output.splitlines() if line.startswith(key + " "))
 
 
+@pytest.mark.integration
 def test_sdk_flow_persists_across_restart(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     weights = tmp_path / "weights.bin"
     weights.write_bytes(bytes(range(256)) * 400)
@@ -120,6 +122,7 @@ def _assert_trace_matches_sdk_schemas(trace: Path) -> None:
             "models.add_or_update_metadata", "tasks.add_or_update_model"} <= seen, sorted(seen)
 
 
+@pytest.mark.unit
 def test_schema_check_catches_a_wrong_field_type() -> None:
     """The validation above is not vacuous: a task without a dict `output` is rejected."""
     from clearml.backend_api.services.v2_23.tasks import GetByIdResponse
@@ -136,6 +139,7 @@ def _login(url: str, key: str, secret: str) -> requests.Response:
     return requests.get(f"{url}/auth.login", auth=(key, secret), timeout=10)
 
 
+@pytest.mark.integration
 def test_bad_credentials_paths_and_endpoints(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     url = clearml_server.url
     refused = _login(url, "stepwise-local-key", "wrong")
@@ -200,6 +204,7 @@ print("OK")
 """
 
 
+@pytest.mark.integration
 def test_concurrent_writers_lose_nothing(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     procs = []
     for name in ("writer-a", "writer-b"):
@@ -228,6 +233,7 @@ def test_concurrent_writers_lose_nothing(clearml_server: ClearMLServerProcess, t
     assert statuses == [200] * 80
 
 
+@pytest.mark.integration
 def test_unreachable_server_fails_fast_with_clear_message(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     env = ClearMLServerProcess(data=tmp_path / "unused", port=int(closed.rsplit(":", 1)[1])).env
@@ -246,6 +252,7 @@ def test_unreachable_server_fails_fast_with_clear_message(tmp_path: Path) -> Non
     assert sdk.returncode != 0 and time.monotonic() - start < 30
 
 
+@pytest.mark.integration
 def test_status_command_against_running_server(clearml_server: ClearMLServerProcess) -> None:
     result = subprocess.run([sys.executable, "-m", "stepwise", "clearml-status", "--project", "none-yet"],
                             env=clearml_server.env, capture_output=True, text=True, timeout=60)
@@ -273,6 +280,7 @@ print("URL", model.url.replace(" ", "+"))
 """
 
 
+@pytest.mark.integration
 def test_uploads_under_task_names_with_spaces_and_colons_download_again(clearml_server: ClearMLServerProcess,
                                                                           tmp_path: Path) -> None:
     """Project and task names with spaces, colons, '#' and '%' end up percent-encoded in the upload's

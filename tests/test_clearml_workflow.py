@@ -11,9 +11,12 @@ import json
 from pathlib import Path
 
 import jsonschema
+import pytest
 import requests
 
-from conftest import ClearMLServerProcess, run_python
+from support.processes import ClearMLServerProcess, run_python
+
+pytestmark = pytest.mark.integration
 
 WRITE = """
 import numpy as np

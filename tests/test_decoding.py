@@ -5,12 +5,15 @@ The k×k beam ranking against a full-vocabulary beam search and the output budge
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from stepwise.decode.pytorch import beam_search, greedy_decode
 from stepwise.model import Transformer
 
-from conftest import make_model, padded_batch
+from support.models import make_model, padded_batch
+
+pytestmark = pytest.mark.unit
 
 
 def _trained_looking_model() -> Transformer:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from stepwise.explorer.divergence import compared_rows, head_divergence, js_divergence
+
+pytestmark = pytest.mark.unit
 
 
 def test_js_divergence_known_values() -> None:

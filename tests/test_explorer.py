@@ -1,5 +1,6 @@
-"""The attention explorer in a real headless browser (Debian's chromium via Playwright),
-in front of a real `bentoml serve`.
+"""The attention explorer in a real headless browser (Debian's chromium via Playwright), in front
+of a real `bentoml serve`: the session's shared tiny service and explorer, and for a deeper encoder or
+a service that is down, explorers of their own.
 
 Every wait is for an element or a value on the page, never a sleep, with a long default
 timeout for a loaded CI machine.
@@ -7,152 +8,52 @@ timeout for a loaded CI machine.
 
 from __future__ import annotations
 
-import io
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
-from PIL import Image
 
 from stepwise.explorer.draw import AVERAGE, KINDS, heatmap_png, thumbnail_png
 from stepwise.explorer.views import HeatmapView, Selection, TranslationView
-from stepwise.export import export_checkpoint
-from stepwise.net import wait_until_ready
 from stepwise.serve.client import TranslationClient
-from stepwise.train.checkpoint import load_checkpoint
 
-from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, free_port, make_checkpoint
-
-ARTIFACTS = ROOT / "test-artifacts"
-TIMEOUT_MS = 120_000  # for any one element to appear, on a machine busy with other tests
-
-
-class Explorer:
-    """`python -m stepwise.explorer` on a free port.
-
-    Sessions may run their events at the same time (``GRADIO_DEFAULT_CONCURRENCY_LIMIT``), as in
-    an explorer that several people use at once.
-    """
-
-    def __init__(self, api: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.temp = log_path.parent / "tmp"  # its TMPDIR, where it keeps each session's exports
-        self.temp.mkdir()
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_DEFAULT_CONCURRENCY_LIMIT": "4",
-               "TMPDIR": str(self.temp)}
-        self.process = subprocess.Popen([sys.executable, "-m", "stepwise.explorer", "--api", api, "--port",
-                                         str(self.port)],
-                                        cwd=ROOT, env=env, stdout=open(log_path, "wb"),  # noqa: SIM115
-                                        stderr=subprocess.STDOUT)
-        wait_until_ready(self.url, timeout=90, process=self.process, log_file=log_path, name="the explorer")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
-
-
-def _serve(folder: Path, **model: object) -> BentoProcess:
-    """`bentoml serve` of a freshly exported small model (``model`` overrides its config)."""
-    export_checkpoint(load_checkpoint(make_checkpoint(folder / "model.pt", seed=21, **model)), folder / "export")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML_")}
-    env.update(STEPWISE_MODEL_DIR=str(folder / "export"), STEPWISE_ORT_THREADS="1")
-    return BentoProcess(folder / "bentoml.log", env)
+from support.models import SAMPLE_PAIRS, export_tiny_model
+from support.pages import (
+    ARTIFACTS,
+    cell_weights,
+    choose,
+    open_page,
+    options,
+    same_image,
+    svg_title,
+    translate,
+    wait_title,
+    wait_translated,
+)
+from support.processes import BentoProcess, Explorer, free_port, serve_export
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    server = _serve(tmp_path_factory.mktemp("explorer"))
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service: these tests only read from it."""
+    return tiny_service
 
 
 @pytest.fixture(scope="module")
-def explorer(service: BentoProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explorer]:
-    app = Explorer(service.url, tmp_path_factory.mktemp("explorer-log") / "explorer.log")
-    yield app
-    app.stop()
-    assert not list(app.temp.glob("stepwise-explorer-*")), "the explorer left its export folders behind"
+def explorer(tiny_explorer: Explorer) -> Explorer:
+    """The session's shared explorer: each test opens sessions of its own."""
+    return tiny_explorer
 
 
-def _open(browser: object, url: str) -> object:
-    """A page of its own browser context: a session of its own."""
-    page = browser.new_context(viewport={"width": 1300, "height": 1600}).new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    return page
-
-
-def _open_menu(page: object, elem_id: str) -> None:
-    """Open a dropdown (it opens on focus: leave whatever has it first)."""
-    page.evaluate("document.activeElement && document.activeElement.blur()")
-    page.locator(f"#{elem_id} input").click()
-
-
-def _options(page: object, elem_id: str) -> list[str]:
-    """The labels a dropdown offers."""
-    _open_menu(page, elem_id)
-    options = page.locator(f"#{elem_id} ul[role='listbox'] li[role='option']")
-    options.first.wait_for()
-    labels = options.evaluate_all("items => items.map(i => i.getAttribute('aria-label'))")
-    page.keyboard.press("Escape")
-    page.locator(f"#{elem_id} ul[role='listbox']").wait_for(state="detached")
-    return labels
-
-
-def _choose(page: object, elem_id: str, option: str) -> None:
-    _open_menu(page, elem_id)
-    page.locator(f"#{elem_id} ul[role='listbox'] li[role='option'][aria-label='{option}']").click()
-    page.wait_for_function(f"document.querySelector('#{elem_id} input').value === {option!r}")
-
-
-def _wait_title(page: object, text: str) -> None:
-    """Wait until the heatmap's title contains ``text``."""
-    page.wait_for_function("([t]) => { const e = document.querySelector('#heatmap svg text'); "
-                           "return e !== null && e.textContent.includes(t); }", arg=[text])
-
-
-def _svg_title(page: object) -> str:
-    return page.locator("#heatmap svg.attention-heatmap text").first.text_content()
-
-
-def _translate(page: object, sentence: str) -> None:
-    page.locator("#sentence textarea").fill(sentence)
-    page.locator("#translate").click()
-
-
-def _wait_translated(page: object) -> None:
-    page.wait_for_function("document.querySelector('#translation textarea').value.length > 0")
-    page.wait_for_selector("#heatmap svg.attention-heatmap")
-
-
-def _pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"), dtype=np.int16)
-
-
-def _same_image(shown: bytes, expected: bytes) -> bool:
-    """The same picture (Gradio re-encodes thumbnails; a weight 1e-6 apart may move a colour one step)."""
-    a, b = _pixels(shown), _pixels(expected)
-    return a.shape == b.shape and int(np.abs(a - b).max()) <= 3
-
-
-def _cell_weights(page: object) -> list[float]:
-    return [float(w) for w in page.locator("#heatmap rect.cell").evaluate_all(
-        "cells => cells.map(c => c.getAttribute('data-weight'))")]
-
-
+@pytest.mark.browser
 def test_translate_and_explore_attention(service: BentoProcess, explorer: Explorer, browser: object) -> None:
-    page = _open(browser, explorer.url)
+    page = open_page(browser, explorer.url)
     assert "not an explanation" in page.locator("#attention-note").text_content()
     sentence = SAMPLE_PAIRS[2][0]
     expected = service.post("/translate", {"text": sentence, "attention": "all"}).json()
-    _translate(page, sentence)
-    _wait_translated(page)
+    translate(page, sentence)
+    wait_translated(page)
     assert page.locator("#translation textarea").input_value() == expected["translation"]
     # cross-attention: target tokens down the side, source tokens across the top
     assert page.locator("#heatmap text.col-label").all_text_contents() == expected["source_tokens"]
@@ -161,35 +62,35 @@ def test_translate_and_explore_attention(service: BentoProcess, explorer: Explor
     assert cells.count() == len(expected["source_tokens"]) * len(expected["target_tokens"])
     assert "→" in cells.first.locator("title").text_content()  # the weight on hover
     # layers and heads are numbered from 1 on the page (the JSON counts from 0): the last of 2 layers is "2"
-    assert "layer 2 · average of heads" in _svg_title(page)
-    assert _options(page, "layer") == ["1", "2"]
-    assert _options(page, "head") == [AVERAGE, "1", "2", "3", "4"]
+    assert "layer 2 · average of heads" in svg_title(page)
+    assert options(page, "layer") == ["1", "2"]
+    assert options(page, "head") == [AVERAGE, "1", "2", "3", "4"]
 
-    _choose(page, "layer", "1")
-    _choose(page, "head", "3")
-    _wait_title(page, "layer 1 · head 3")
+    choose(page, "layer", "1")
+    choose(page, "head", "3")
+    wait_title(page, "layer 1 · head 3")
     weights = np.asarray(expected["attention"]["cross"][0][2]).ravel()
-    assert np.allclose(_cell_weights(page), weights, atol=1e-3)
+    assert np.allclose(cell_weights(page), weights, atol=1e-3)
 
     page.locator("#kind label", has_text="encoder").click()
-    _wait_title(page, "encoder")
+    wait_title(page, "encoder")
     assert page.locator("#heatmap text.row-label").all_text_contents() == expected["source_tokens"]
     page.locator("#kind label", has_text="decoder").click()
-    _wait_title(page, "decoder")
+    wait_title(page, "decoder")
     assert page.locator("#heatmap text.col-label").all_text_contents()[0] == "<s>"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explorer-heatmap.png"), full_page=True)
 
     # the grid: 2 layers x (4 heads + average), captioned with the menus' numbers; a click opens one
     page.locator("#kind label", has_text="cross").click()
-    _wait_title(page, "cross")
+    wait_title(page, "cross")
     page.get_by_role("tab", name="All layers × heads").click()
     thumbs = page.locator("#grid button.thumbnail-item")
     thumbs.nth(9).wait_for()
     assert thumbs.count() == 2 * 5
     assert "layer 2 · head 2" in page.locator("#grid").inner_text().split("layer 1 · head 1")[1]
     thumbs.nth(6).click()  # the second layer's second head
-    _wait_title(page, "layer 2 · head 2")
+    wait_title(page, "layer 2 · head 2")
     assert page.locator("#layer input").input_value() == "2" and page.locator("#head input").input_value() == "2"
 
     page.get_by_role("tab", name="Token lines").click()
@@ -219,12 +120,13 @@ def _thumbnail_sources(page: object) -> list[str]:
     return page.locator("#grid button.thumbnail-item img").evaluate_all("images => images.map(i => i.src)")
 
 
+@pytest.mark.browser
 def test_two_sessions_see_their_own_thumbnails(service: BentoProcess, explorer: Explorer, browser: object) -> None:
     """Two people translating different sentences at the same time each see their own grid and export."""
     sentences = [SAMPLE_PAIRS[0][0], SAMPLE_PAIRS[3][0]]
     expected = [service.post("/translate", {"text": s, "attention": "all"}).json() for s in sentences]
     assert expected[0]["source_tokens"] != expected[1]["source_tokens"]
-    pages = [_open(browser, explorer.url) for _ in sentences]
+    pages = [open_page(browser, explorer.url) for _ in sentences]
     for page, sentence in zip(pages, sentences, strict=True):
         page.get_by_role("tab", name="All layers × heads").click()
         page.locator("#sentence textarea").fill(sentence)
@@ -243,7 +145,7 @@ def test_two_sessions_see_their_own_thumbnails(service: BentoProcess, explorer: 
         assert len(sources) == len(order)
         for source, (layer, head) in zip(sources, order, strict=True):
             image = page.request.get(source).body()
-            assert _same_image(image, thumbnail_png(result, "cross", layer, head)), (source, layer, head)
+            assert same_image(image, thumbnail_png(result, "cross", layer, head)), (source, layer, head)
 
     # exports: the same view exported by both sessions at once, each file its own translation's
     folders = set(explorer.temp.glob("stepwise-explorer-*/session-*"))
@@ -257,12 +159,13 @@ def test_two_sessions_see_their_own_thumbnails(service: BentoProcess, explorer: 
         rows, cols = result["target_tokens"], result["source_tokens"]
         weights = np.asarray(result["attention"]["cross"][1]).mean(axis=0)
         title = "cross-attention (target → source) · layer 2 · average of heads"
-        assert _same_image(png, heatmap_png(weights, rows, cols, title=title))
+        assert same_image(png, heatmap_png(weights, rows, cols, title=title))
     assert len(set(explorer.temp.glob("stepwise-explorer-*/session-*")) - folders) == 2  # a folder per session
     ARTIFACTS.mkdir(exist_ok=True)
     pages[1].screenshot(path=str(ARTIFACTS / "explorer-second-session.png"), full_page=True)
 
 
+@pytest.mark.integration
 def test_sessions_export_into_folders_of_their_own(service: BentoProcess) -> None:
     """The same view exported by two sessions: two files, the first not overwritten by the second."""
     with gr.Blocks():
@@ -282,6 +185,7 @@ def test_sessions_export_into_folders_of_their_own(service: BentoProcess) -> Non
     assert not Path(first[heatmap.folder]).exists() and Path(second[heatmap.png]).exists()
 
 
+@pytest.mark.integration
 def test_the_beam_slider_goes_as_far_as_the_service_allows(service: BentoProcess) -> None:
     """The beam limit is the one ``/model`` reports (greedy only while the service is unreachable)."""
     with gr.Blocks():
@@ -292,28 +196,30 @@ def test_the_beam_slider_goes_as_far_as_the_service_allows(service: BentoProcess
     assert reachable.refresh_limits()["maximum"] == reachable.beam.maximum
 
 
+@pytest.mark.browser
 def test_encoder_deeper_than_decoder(browser: object, tmp_path: Path) -> None:
     """A 4-encoder + 2-decoder-layer model: the encoder's layers 3 and 4 can be opened."""
-    server = _serve(tmp_path, n_encoder_layers=4, n_decoder_layers=2)
+    _, export = export_tiny_model(tmp_path, seed=21, n_encoder_layers=4, n_decoder_layers=2)
+    server = serve_export(export, tmp_path / "bentoml.log")
     explorer = Explorer(server.url, tmp_path / "explorer.log")
     try:
         sentence = SAMPLE_PAIRS[4][0]
         expected = server.post("/translate", {"text": sentence, "attention": "all"}).json()
         assert [len(expected["attention"][kind]) for kind in ("encoder", "decoder", "cross")] == [4, 2, 2]
-        page = _open(browser, explorer.url)
-        _translate(page, sentence)
-        _wait_translated(page)
-        assert _options(page, "layer") == ["1", "2"]  # cross-attention: the decoder's layers
+        page = open_page(browser, explorer.url)
+        translate(page, sentence)
+        wait_translated(page)
+        assert options(page, "layer") == ["1", "2"]  # cross-attention: the decoder's layers
 
         page.locator("#kind label", has_text="encoder").click()
-        _wait_title(page, "encoder self-attention · layer 2 · average of heads")  # the chosen layer stays
-        assert _options(page, "layer") == ["1", "2", "3", "4"]
+        wait_title(page, "encoder self-attention · layer 2 · average of heads")  # the chosen layer stays
+        assert options(page, "layer") == ["1", "2", "3", "4"]
         for layer in (3, 4):
-            _choose(page, "layer", str(layer))
-            _choose(page, "head", "2")
-            _wait_title(page, f"encoder self-attention · layer {layer} · head 2")
+            choose(page, "layer", str(layer))
+            choose(page, "head", "2")
+            wait_title(page, f"encoder self-attention · layer {layer} · head 2")
             weights = np.asarray(expected["attention"]["encoder"][layer - 1][1]).ravel()
-            assert np.allclose(_cell_weights(page), weights, atol=1e-3)
+            assert np.allclose(cell_weights(page), weights, atol=1e-3)
         page.get_by_role("tab", name="Token lines").click()
         page.wait_for_selector("#lines svg.attention-lines")
         assert page.locator("#lines text.key-token").all_text_contents() == expected["source_tokens"]
@@ -326,19 +232,20 @@ def test_encoder_deeper_than_decoder(browser: object, tmp_path: Path) -> None:
         for kind in ("decoder", "cross"):
             page.get_by_role("tab", name="Heatmap").click()
             page.locator("#kind label", has_text=kind).click()
-            _wait_title(page, f"{KINDS[kind]} · layer 2 · head 2")  # layer 4 is gone: the last layer is chosen
-            assert _options(page, "layer") == ["1", "2"]
+            wait_title(page, f"{KINDS[kind]} · layer 2 · head 2")  # layer 4 is gone: the last layer is chosen
+            assert options(page, "layer") == ["1", "2"]
             assert page.locator("#layer input").input_value() == "2"
     finally:
         explorer.stop()
         server.stop()
 
 
+@pytest.mark.browser
 def test_service_down_is_a_clear_message(browser: object, tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     explorer = Explorer(closed, tmp_path / "explorer.log")
     try:
-        page = _open(browser, explorer.url)
+        page = open_page(browser, explorer.url)
         page.locator("#translate").click()
         page.wait_for_selector("#status-error")
         message = page.locator("#status-error").text_content()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import ClearMLServerProcess, free_port, run_python
+from support.processes import ClearMLServerProcess, free_port, run_python
 
 NAME = "transformer-views"  # as test_explorer_versions, whose set-up script registers the run
 NO_TORCH = 'import sys\nsys.modules["torch"] = None  # from here on, any import of torch fails\n'
@@ -83,6 +83,7 @@ def _printed(out: str, key: str) -> object:
     return json.loads(next(line for line in out.splitlines() if line.startswith(f"{key} ")).split(" ", 1)[1])
 
 
+@pytest.mark.integration
 def test_cli_and_explorer_promote_without_torch_with_the_same_figures(run: Run) -> None:
     env = run.server.env
     # `stepwise promote` in a process without torch: the first version, nothing in production yet
@@ -108,6 +109,7 @@ def test_cli_and_explorer_promote_without_torch_with_the_same_figures(run: Run) 
 REDRAWS = ("fit", "reset", "draw", "redraw", "open", "refresh", "load")  # handlers that need no service when empty
 
 
+@pytest.mark.unit
 def test_handlers_with_nothing_to_show_answer_every_output() -> None:
     """Before anything is translated or loaded (every input None), each redraw handler of the page returns
     an update for its outputs: a dict keyed by some of them, or a single value for a single output."""

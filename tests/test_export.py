@@ -18,9 +18,11 @@ from stepwise.decode.pytorch import decode
 from stepwise.export import ExportError, check_parity, export_checkpoint, fuse_shared_input_projections
 from stepwise.train.checkpoint import load_checkpoint
 
-from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint, register_files
+from support.models import SAMPLE_PAIRS, make_checkpoint
+from support.processes import ClearMLServerProcess, register_files
 
 
+@pytest.mark.integration
 def test_export_fresh_model_passes_checker_and_parity(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt"))
     manifest = export_checkpoint(checkpoint, tmp_path / "export", source={"id": "abc", "name": "x", "tags": []})
@@ -39,6 +41,7 @@ def test_export_fresh_model_passes_checker_and_parity(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".export.*"))  # no temporary folders left
 
 
+@pytest.mark.integration
 def test_onnx_loop_matches_pytorch_with_padding_and_beams(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt", seed=4))
     export_checkpoint(checkpoint, tmp_path / "export")
@@ -54,6 +57,7 @@ def test_onnx_loop_matches_pytorch_with_padding_and_beams(tmp_path: Path) -> Non
                 np.testing.assert_allclose(hyp.attention[kind], ref.attention[kind], atol=1e-4)
 
 
+@pytest.mark.integration
 def test_decoder_top_k_equals_pytorch_distribution(tmp_path: Path) -> None:
     """The graph's top-K (PAD/BOS excluded) is PyTorch's top-K of the full distribution, per row."""
     checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt", seed=5))
@@ -84,6 +88,7 @@ def test_decoder_top_k_equals_pytorch_distribution(tmp_path: Path) -> None:
         translator.decode_ids(sources, beam_size=translator.top_k + 1)
 
 
+@pytest.mark.integration
 def test_export_from_an_older_exporter_is_refused_clearly(tmp_path: Path) -> None:
     export_checkpoint(load_checkpoint(make_checkpoint(tmp_path / "model.pt")), tmp_path / "export")
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
@@ -92,6 +97,7 @@ def test_export_from_an_older_exporter_is_refused_clearly(tmp_path: Path) -> Non
         OnnxTranslator(tmp_path / "export", device="cpu")
 
 
+@pytest.mark.unit
 def test_projection_fusion_keeps_outputs_and_merges_shared_inputs() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -125,6 +131,7 @@ def test_projection_fusion_keeps_outputs_and_merges_shared_inputs() -> None:
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(make_checkpoint(tmp_path / "a.pt", seed=1))
     export_checkpoint(checkpoint, tmp_path / "export")
@@ -133,6 +140,7 @@ def test_parity_check_catches_a_different_model(tmp_path: Path) -> None:
         check_parity(other, tmp_path / "export", [s for s, _ in SAMPLE_PAIRS[:3]])
 
 
+@pytest.mark.integration
 def test_failed_export_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt"))
     out = tmp_path / "export"
@@ -152,6 +160,7 @@ def test_failed_export_leaves_nothing_half_written(tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.integration
 def test_export_cli_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     result = subprocess.run([sys.executable, "-m", "stepwise", "export", "--checkpoint", str(tmp_path / "junk.pt"),
@@ -161,6 +170,7 @@ def test_export_cli_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
         f"stepwise: error: checkpoint {tmp_path / 'junk.pt'}: not a stepwise checkpoint (UnpicklingError)"]
 
 
+@pytest.mark.integration
 def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     env = clearml_server.env
     checkpoint = make_checkpoint(tmp_path / "model.pt")
@@ -187,6 +197,7 @@ def test_export_from_registry_registers_onnx_model(clearml_server: ClearMLServer
     assert (folder / "decoder.onnx").read_bytes() == (tmp_path / "export" / "decoder.onnx").read_bytes()
 
 
+@pytest.mark.unit
 def test_beam_parity_tells_ties_from_differences() -> None:
     """Different beam hypotheses of the same score (a near-tie a barely trained model meets) are a
     tie; a different score is a difference; greedy search allows no ties."""

@@ -22,7 +22,8 @@ from stepwise.export import _export_graphs, export_checkpoint
 from stepwise.model.attention import MultiHeadAttention
 from stepwise.train.checkpoint import load_checkpoint
 
-from conftest import SAMPLE_PAIRS, ClearMLServerProcess, make_checkpoint, make_model, register_files, run_python
+from support.models import SAMPLE_PAIRS, make_checkpoint, make_model
+from support.processes import ClearMLServerProcess, register_files, run_python
 
 
 def _capture_w_o_input(module: torch.nn.Linear) -> tuple[list[torch.Tensor], object]:
@@ -32,6 +33,7 @@ def _capture_w_o_input(module: torch.nn.Linear) -> tuple[list[torch.Tensor], obj
     return seen, handle
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("need_weights", [False, True])  # the fused path and the explicit path
 def test_masked_head_contributes_nothing_to_the_output(need_weights: bool) -> None:
     torch.manual_seed(0)
@@ -58,6 +60,7 @@ def test_masked_head_contributes_nothing_to_the_output(need_weights: bool) -> No
         assert torch.equal(ablated_weights, full_weights)
 
 
+@pytest.mark.unit
 def test_model_masks_the_heads_named_in_each_kind() -> None:
     model = make_model(seed=3)
     src, tgt = torch.randint(4, 64, (2, 6)), torch.randint(4, 64, (2, 5))
@@ -80,6 +83,7 @@ def test_model_masks_the_heads_named_in_each_kind() -> None:
     assert not torch.allclose(plain, ablated, atol=1e-3)
 
 
+@pytest.mark.unit
 def test_all_ones_mask_is_no_mask_exactly_in_pytorch() -> None:
     model = make_model(seed=4)
     src, tgt = torch.randint(4, 64, (2, 6)), torch.randint(4, 64, (2, 5))
@@ -108,6 +112,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     return checkpoint, folder / "export"
 
 
+@pytest.mark.integration
 def test_onnx_with_masked_heads_matches_pytorch(exported: tuple[object, Path]) -> None:
     checkpoint, folder = exported
     translator = OnnxTranslator(folder, device="cpu")
@@ -131,6 +136,7 @@ def test_onnx_with_masked_heads_matches_pytorch(exported: tuple[object, Path]) -
     assert changed  # the mask reached the graphs: the ablated model translates differently
 
 
+@pytest.mark.integration
 def test_all_ones_mask_graph_equals_the_graph_without_mask_inputs(exported: tuple[object, Path],
                                                                    tmp_path: Path) -> None:
     """The format-3 graphs fed all ones give the format-2 graphs' outputs exactly."""
@@ -175,6 +181,7 @@ except ModelNotFound as exc:
 """
 
 
+@pytest.mark.integration
 def test_service_refuses_a_version_whose_export_is_format_2(exported: tuple[object, Path], tmp_path: Path,
                                                              clearml_server: ClearMLServerProcess) -> None:
     """A registered version whose kept export predates the head masks is not served (the service never

@@ -8,7 +8,9 @@ import torch
 from stepwise.model.attention import MultiHeadAttention, attention_bias
 from stepwise.model.reference import to_torch_reference
 
-from conftest import make_model, padded_batch
+from support.models import make_model, padded_batch
+
+pytestmark = pytest.mark.unit
 
 PARITY_TOLERANCE = 1e-5
 

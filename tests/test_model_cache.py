@@ -15,7 +15,8 @@ from stepwise.export import export_checkpoint
 from stepwise.serve.store import ModelStore, export_bytes, model_cache_limits
 from stepwise.train.checkpoint import load_checkpoint
 
-from conftest import ROOT, SAMPLE_PAIRS, BentoProcess, ClearMLServerProcess, make_checkpoint
+from support.models import SAMPLE_PAIRS, make_checkpoint
+from support.processes import ROOT, BentoProcess, ClearMLServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "export"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("value", "limits"), [
     (None, (3, 2 * 10**9)), ("", (3, 2 * 10**9)), ("5", (5, 2 * 10**9)), ("5,2GB", (5, 2 * 10**9)),
     (" 2 , 512MiB ", (2, 512 * 2**20)), ("0,100", (0, 100)), ("4,1.5kb", (4, 1500)),
@@ -35,12 +37,14 @@ def test_limits_are_parsed(value: str | None, limits: tuple[int, int]) -> None:
     assert model_cache_limits(value) == limits
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["five", "5,2XB", "-1", "5,", ",2GB", "5,2GB,1", "2.5"])
 def test_bad_limits_are_a_config_error_naming_the_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="^STEPWISE_MODEL_CACHE="):
         model_cache_limits(value)
 
 
+@pytest.mark.integration
 def test_count_limit_evicts_the_least_recently_used(export: Path) -> None:
     store = ModelStore(model_dir=str(export), cache_size=2)
     loaded = {name: store._from_dir(export) for name in ("a", "b", "c")}
@@ -56,6 +60,7 @@ def test_count_limit_evicts_the_least_recently_used(export: Path) -> None:
     assert store.get(None) is store.default and store.default not in loaded.values()
 
 
+@pytest.mark.integration
 def test_byte_limit_evicts_and_the_default_stays(export: Path) -> None:
     size = export_bytes(export)
     assert size == sum(p.stat().st_size for p in export.iterdir() if ".onnx" in p.name)
@@ -70,6 +75,7 @@ def test_byte_limit_evicts_and_the_default_stays(export: Path) -> None:
     assert tight.get("default") is tight.default
 
 
+@pytest.mark.integration
 def test_bad_variable_is_one_line_at_start(export: Path) -> None:
     env = {**os.environ, "STEPWISE_MODEL_DIR": str(export), "STEPWISE_MODEL_CACHE": "5,2XB"}
     done = subprocess.run([sys.executable, "-m", "bentoml", "serve", "stepwise.serve.service:Translator", "--host",
@@ -95,6 +101,7 @@ task.close()
 """
 
 
+@pytest.mark.integration
 def test_service_evicts_by_count_and_reloads(export: Path, clearml_server: ClearMLServerProcess,
                                              tmp_path: Path) -> None:
     """Over HTTP with a real registry: three versions by id through a cache of two.

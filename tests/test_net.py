@@ -14,7 +14,7 @@ import pytest
 from stepwise.errors import StepwiseError
 from stepwise.net import ServerNotReady, wait_until_ready
 
-from conftest import free_port
+from support.processes import free_port
 
 
 class Answers:
@@ -52,18 +52,21 @@ def answers(request: pytest.FixtureRequest) -> Iterator[Answers]:
     server.close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("answers", [[503, 503, 200]], indirect=True)
 def test_waits_through_server_errors_until_the_server_is_ready(answers: Answers) -> None:
     wait_until_ready(answers.url, timeout=60, interval=0.01)
     assert answers.seen == 3
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("answers", [[404]], indirect=True)
 def test_any_answer_below_500_counts_as_ready(answers: Answers) -> None:
     wait_until_ready(answers.url, timeout=60)
     assert answers.seen == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("answers", [[503]], indirect=True)
 def test_a_server_that_never_gets_ready_is_a_clear_error(answers: Answers) -> None:
     with pytest.raises(ServerNotReady, match=r"the service did not answer on http://127\.0\.0\.1:\d+/readyz within 1s"):
@@ -71,12 +74,14 @@ def test_a_server_that_never_gets_ready_is_a_clear_error(answers: Answers) -> No
     assert answers.seen >= 2
 
 
+@pytest.mark.unit
 def test_nothing_listening_is_a_clear_error() -> None:
     url = f"http://127.0.0.1:{free_port()}/debug.ping"
     with pytest.raises(StepwiseError, match=rf"did not answer on {url} within 0\.5s"):
         wait_until_ready(url, timeout=0.5)
 
 
+@pytest.mark.integration
 def test_a_process_that_exits_ends_the_wait_with_its_status_and_log(tmp_path: Path) -> None:
     log_file = tmp_path / "server.log"
     with log_file.open("wb") as out:

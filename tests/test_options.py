@@ -11,6 +11,8 @@ import pytest
 from stepwise.errors import InvalidRequest
 from stepwise.serve.options import MAX_BEAM_SIZE, MAX_OUTPUT_TOKENS, OptionsSchema, TranslateOptions
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_are_the_schemas_and_stated_once() -> None:
     fields = dataclasses.fields(TranslateOptions)

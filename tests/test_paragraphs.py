@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
 from bench.sentence_split import GOLD, paragraphs, score
 from stepwise.serve.sentences import split_sentences
 
-from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
+from support.models import PARAGRAPH, SAMPLE_PAIRS
+from support.processes import BentoProcess
 
-PARAGRAPH = " ".join(source for source, _ in SAMPLE_PAIRS[:3])  # three sentences, one with a colon inside
 
-
+@pytest.mark.unit
 def test_splitter_on_the_german_gold_set() -> None:
     """The figures the README states for sentencex; a new version that does worse fails here."""
     measured = score(split_sentences)
@@ -25,18 +23,16 @@ def test_splitter_on_the_german_gold_set() -> None:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    folder = tmp_path_factory.mktemp("paragraphs")
-    _, export = export_tiny_model(folder, seed=5)
-    server = serve_export(export, folder / "bentoml.log")
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service: these tests only read from it."""
+    return tiny_service
 
 
 def _without_timings(body: dict) -> dict:
     return {k: v for k, v in body.items() if k != "timings"}
 
 
+@pytest.mark.integration
 def test_three_sentences_come_back_translated_one_by_one_and_joined(service: BentoProcess) -> None:
     answer = service.post("/translate", {"text": PARAGRAPH, "split": "sentences", "attention": "all",
                                          "alignment": "hard"})
@@ -62,6 +58,7 @@ def test_three_sentences_come_back_translated_one_by_one_and_joined(service: Ben
     assert body["timings"]["batch_size"] == 3  # the three sentences were decoded as one batch
 
 
+@pytest.mark.integration
 def test_one_sentence_answers_as_before(service: BentoProcess) -> None:
     text = SAMPLE_PAIRS[1][0]
     before = service.post("/translate", {"text": text}).json()
@@ -72,6 +69,7 @@ def test_one_sentence_answers_as_before(service: BentoProcess) -> None:
     assert "sentences" not in unsplit and len(np.array(unsplit["attention"]["cross"]).shape) == 4
 
 
+@pytest.mark.integration
 def test_batch_endpoint_splits_each_text(service: BentoProcess) -> None:
     texts = [PARAGRAPH, SAMPLE_PAIRS[5][0]]
     answer = service.post("/translate_batch", {"texts": texts, "split": "sentences", "attention": "none"})
@@ -83,6 +81,7 @@ def test_batch_endpoint_splits_each_text(service: BentoProcess) -> None:
     assert bad.status_code == 400 and any("split" in d["loc"] for d in bad.json()["detail"])
 
 
+@pytest.mark.integration
 def test_split_sentences_carry_their_attention_in_the_compact_format(service: BentoProcess) -> None:
     from stepwise.serve.attention_codec import decode_all
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from support.processes import ROOT, free_port
+
+pytestmark = pytest.mark.integration
 
 
 def _closed(port: int) -> bool:

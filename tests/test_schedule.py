@@ -15,7 +15,7 @@ from stepwise.errors import ConfigError
 from stepwise.train.checkpoint import load_checkpoint
 from stepwise.train.schedule import ScheduleToTheEnd, TrainingClock, build_optimizer, decay_factor, lr_factor
 
-from conftest import ROOT, ClearMLServerProcess
+from support.processes import ROOT, ClearMLServerProcess
 
 
 def _schedule(train: dict, clock: TrainingClock | None = None) -> tuple[torch.optim.Optimizer, ScheduleToTheEnd]:
@@ -32,6 +32,7 @@ def _advance(optimizer: torch.optim.Optimizer, scheduler: ScheduleToTheEnd) -> f
     return optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_step_budget_warms_up_to_the_peak_and_decays_to_the_minimum_at_max_steps(kind: str) -> None:
     optimizer, scheduler = _schedule({"lr_schedule": kind, "warmup_steps": 10, "max_steps": 110,
@@ -49,6 +50,7 @@ def test_step_budget_warms_up_to_the_peak_and_decays_to_the_minimum_at_max_steps
         assert lrs[34] > 1e-3 * (0.1 + 0.9 * 0.75)  # but above the line in its first half
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_time_budget_follows_the_training_clock(kind: str) -> None:
     """With max_minutes the schedule reads training seconds, whatever the step count."""
@@ -70,6 +72,7 @@ def test_time_budget_follows_the_training_clock(kind: str) -> None:
     assert _advance(optimizer, scheduler) == 0.0
 
 
+@pytest.mark.unit
 def test_warmup_in_steps_under_a_time_budget_decays_from_where_warmup_ended() -> None:
     clock = TrainingClock()
     optimizer, scheduler = _schedule({"lr_schedule": "linear", "warmup_steps": 4, "max_minutes": 10,
@@ -86,6 +89,7 @@ def test_warmup_in_steps_under_a_time_budget_decays_from_where_warmup_ended() ->
     assert _advance(optimizer, scheduler) == pytest.approx(2e-4)
 
 
+@pytest.mark.unit
 def test_resume_restores_the_schedule() -> None:
     """A fresh scheduler loaded from the state (as --resume does) continues the same curve."""
     clock = TrainingClock()
@@ -114,6 +118,7 @@ def test_resume_restores_the_schedule() -> None:
     assert again == later
 
 
+@pytest.mark.unit
 def test_decay_shapes() -> None:
     assert decay_factor("linear", 0.0, 0.0) == 1.0 and decay_factor("linear", 1.0, 0.0) == 0.0
     assert decay_factor("cosine", 0.5, 0.0) == pytest.approx(0.5)
@@ -121,6 +126,7 @@ def test_decay_shapes() -> None:
     assert decay_factor("linear", 2.0, 0.3) == pytest.approx(0.3)  # clamped past the end
 
 
+@pytest.mark.unit
 def test_the_step_schedules_are_unchanged() -> None:
     """noam, inverse_sqrt and constant keep their formulas (existing configs and checkpoints)."""
     config = Config.from_dict({"model": {"d_model": 256}, "train": {"lr_schedule": "inverse_sqrt",
@@ -133,6 +139,7 @@ def test_the_step_schedules_are_unchanged() -> None:
     assert noam(100) == pytest.approx(256**-0.5 * 100**-0.5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("train", "message"), [
     ({"lr_schedule": "inverse_sqrt", "warmup_minutes": 1}, "train.warmup_minutes: only for lr_schedule linear"),
     ({"lr_schedule": "linear", "warmup_minutes": 10, "max_minutes": 10}, "train.warmup_minutes: must be <"),
@@ -145,6 +152,7 @@ def test_bad_schedule_settings_name_the_key(train: dict, message: str) -> None:
     assert str(error.value).startswith(message), error.value
 
 
+@pytest.mark.integration
 def test_a_real_run_with_a_time_budget_ends_at_the_minimum_and_resumes_the_budget(
         clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     """A few-second budget, linear to 10% of the peak: the final learning rate is the minimum;
@@ -180,6 +188,7 @@ def test_a_real_run_with_a_time_budget_ends_at_the_minimum_and_resumes_the_budge
     assert second.optimizer_state["param_groups"][0]["lr"] == pytest.approx(0.003 * 0.1)
 
 
+@pytest.mark.integration
 def test_the_clock_adds_earlier_invocations_and_takes_the_agreed_reading() -> None:
     clock = TrainingClock(spent=5.0)
     assert clock.tick() == 5.0 and clock.seconds() == 5.0  # not started: only what earlier invocations spent

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -26,46 +25,8 @@ from stepwise.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from stepwise.train.data import encode_pairs
 from stepwise.train.evaluate import encode_sources, translate, translate_ids
 
-from conftest import SAMPLE_PAIRS, make_model, padded_batch
-
-PAD, BOS, EOS = 0, 2, 3
-VOCAB = 12
-
-
-def table_log_probs(sentence: int, prefix: tuple[int, ...]) -> np.ndarray:
-    """A fixed, made-up next-token distribution per (sentence, prefix): PAD and BOS impossible,
-    EOS likely enough that hypotheses end at different lengths."""
-    rng = np.random.default_rng(zlib.crc32(repr((sentence, prefix)).encode()))
-    logits = 2.0 * rng.normal(size=VOCAB)
-    logits[EOS] += 1.0
-    logits[[PAD, BOS]] = -np.inf
-    return logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
-
-
-class TableSteps:
-    """A :class:`stepwise.decode.search.Step` over :func:`table_log_probs`: its "cache" is each row's prefix."""
-
-    encoder_attention = None
-
-    def __init__(self, sentences: int, beam_size: int, can_drop_rows: bool) -> None:
-        self.sentence = np.repeat(np.arange(sentences), beam_size)  # the memory: which sentence a row is
-        self.prefixes: list[tuple[int, ...]] = [() for _ in self.sentence]
-        self.can_drop_rows = can_drop_rows
-        self.first = True
-
-    def select_rows(self, positions: np.ndarray) -> None:
-        self.sentence = self.sentence[positions]
-
-    def __call__(self, tokens: np.ndarray, past_order: np.ndarray, need_attention: bool) -> tuple:
-        assert len(tokens) == len(self.sentence)
-        if self.first:
-            assert (tokens[:, 0] == BOS).all()
-            self.first = False
-        else:
-            self.prefixes = [(*self.prefixes[i], int(t)) for i, t in zip(past_order, tokens[:, 0], strict=True)]
-        log_probs = np.stack([table_log_probs(int(s), p) for s, p in zip(self.sentence, self.prefixes, strict=True)])
-        top_ids = np.argsort(-log_probs, axis=-1)[:, :8]
-        return np.take_along_axis(log_probs, top_ids, -1).astype(np.float32), top_ids, None, None
+from support.models import SAMPLE_PAIRS, make_model, padded_batch
+from support.search_tables import BOS, EOS, PAD, TableSteps, table_log_probs
 
 
 def reference_beam_search(log_probs: Callable[[tuple[int, ...]], np.ndarray], *, beam_size: int,
@@ -91,6 +52,7 @@ def reference_beam_search(log_probs: Callable[[tuple[int, ...]], np.ndarray], *,
     return list(max(beams, key=lambda b: b[1] / ((5.0 + len(b[0])) / 6.0) ** length_penalty)[0])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("can_drop_rows", [True, False])
 @pytest.mark.parametrize("beam_size", [1, 2, 4])
 def test_k_by_k_beam_equals_full_vocabulary_beam_search(beam_size: int, can_drop_rows: bool) -> None:
@@ -105,6 +67,7 @@ def test_k_by_k_beam_equals_full_vocabulary_beam_search(beam_size: int, can_drop
     assert any(h.finished for h in hyps) and len({len(e) for e in emitted}) > 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("beam_size", [2, 4])
 def test_pytorch_beam_search_equals_full_vocabulary_beam_search(beam_size: int) -> None:
     model = make_model(seed=3, vocab_size=24)  # an untrained model whose beams part from greedy search
@@ -139,6 +102,7 @@ def never_eos(model: Transformer) -> Transformer:
     return model
 
 
+@pytest.mark.unit
 def test_default_budget_is_two_source_lengths_plus_ten_within_the_positional_table() -> None:
     model = never_eos(make_model(seed=2, vocab_size=40, norm_placement="pre", max_positions=48))
     lengths = [3, 9, 20]  # budgets 16, 28 and 50 -> 47 (max_positions - 1)
@@ -169,6 +133,7 @@ def write_checkpoint(path: Path, *, max_positions: int = 64, eos: bool = True, s
                                             tokenizer_model=tokenizer.model_proto, step=0))
 
 
+@pytest.mark.integration
 def test_onnx_path_decodes_with_torch_blocked(tmp_path: Path) -> None:
     export_checkpoint(load_checkpoint(write_checkpoint(tmp_path / "model.pt")), tmp_path / "export")
     code = f"""
@@ -187,6 +152,7 @@ print("torch" in sys.modules and sys.modules["torch"] is None, sorted(m for m in
     assert result.stdout.split() == ["True", "['torch']"]  # only the blocked entry: nothing torch-like loaded
 
 
+@pytest.mark.integration
 def test_onnx_default_budget_and_max_length(tmp_path: Path) -> None:
     export_checkpoint(load_checkpoint(write_checkpoint(tmp_path / "model.pt", max_positions=48, eos=False)),
                       tmp_path / "export")
@@ -200,6 +166,7 @@ def test_onnx_default_budget_and_max_length(tmp_path: Path) -> None:
         assert [len(h.tokens) for h in capped] == [12, 12, 12]
 
 
+@pytest.mark.integration
 def test_sentences_leaving_at_different_steps_decode_as_alone_pytorch_and_onnx(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each sentence's memory is kept once for its k beams; when sentences leave the batch (here at
@@ -237,6 +204,7 @@ def test_sentences_leaving_at_different_steps_decode_as_alone_pytorch_and_onnx(
 
 
 # -- one input-length rule ----------------------------------------------------------------------
+@pytest.mark.integration
 def test_too_long_input_is_cut_the_same_way_everywhere(tmp_path: Path) -> None:
     max_positions = 16
     checkpoint = load_checkpoint(write_checkpoint(tmp_path / "model.pt", max_positions=max_positions))

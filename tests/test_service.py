@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,30 +32,22 @@ from stepwise.serve.translation import Job, translate
 from stepwise.train.checkpoint import load_checkpoint
 from stepwise.train.evaluate import translate_ids
 
-from conftest import (
-    SAMPLE_PAIRS,
-    BentoProcess,
-    ClearMLServerProcess,
-    export_tiny_model,
-    make_checkpoint,
-    register_exports,
-    register_files,
-    serve_export,
-)
+from support.models import SAMPLE_PAIRS, make_checkpoint
+from support.processes import BentoProcess, ClearMLServerProcess, register_exports, register_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return export_tiny_model(tmp_path_factory.mktemp("service"), seed=5)
+def exported(tiny_export: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The session's tiny checkpoint and export (the shared service's model)."""
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
-def service(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    server = serve_export(exported[1], tmp_path_factory.mktemp("logs") / "bentoml.log")
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service: these tests only read from it."""
+    return tiny_service
 
 
 def _pytorch(checkpoint_path: Path, text: str, beam: int) -> tuple[list[str], list[str]]:
@@ -67,6 +58,7 @@ def _pytorch(checkpoint_path: Path, text: str, beam: int) -> tuple[list[str], li
     return tokenizer.pieces(tokenizer.encode(text)), tokenizer.pieces(emitted)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("beam", [1, 4, MAX_BEAM_SIZE])  # the widest beam is the decoder's, not a second limit
 def test_translation_and_attention_match_pytorch(service: BentoProcess, exported: tuple[Path, Path],
                                                  beam: int) -> None:
@@ -86,6 +78,7 @@ def test_translation_and_attention_match_pytorch(service: BentoProcess, exported
     assert body["model"]["name"] == "transformer-test" and body["timings"]["total_ms"] > 0
 
 
+@pytest.mark.integration
 def test_attention_selection_and_batch_endpoint(service: BentoProcess) -> None:
     text = "Liebet eure Feinde."
     none = service.post("/translate", {"text": text, "attention": "none"}).json()
@@ -127,6 +120,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("body", "field"), BAD_INPUTS)
 def test_bad_input_is_4xx_naming_the_field(service: BentoProcess, body: dict, field: str) -> None:
     answer = service.post("/translate", body)
@@ -136,6 +130,7 @@ def test_bad_input_is_4xx_naming_the_field(service: BentoProcess, body: dict, fi
     assert any(field in d.get("loc", []) for d in payload["detail"]) or payload["error"].startswith(field)
 
 
+@pytest.mark.integration
 def test_malformed_json_invalid_utf8_and_bad_batches(service: BentoProcess) -> None:
     headers = {"Content-Type": "application/json"}
     for raw in (b'{"text": "hallo"', b'{"text": "\xff\xfe"}', b"[1, 2]", b"null"):
@@ -147,17 +142,20 @@ def test_malformed_json_invalid_utf8_and_bad_batches(service: BentoProcess) -> N
     assert service.post("/translate", {"text": "Liebet eure Feinde."}).status_code == 200  # still serving
 
 
+@pytest.mark.integration
 def test_64_concurrent_requests_are_batched(service: BentoProcess) -> None:
     texts = [f"{src} {i}" for i in range(16) for src, _ in SAMPLE_PAIRS[:4]]
+    mark = service.log_mark()  # the shared service's log: this test's batches are those logged after it
     with ThreadPoolExecutor(max_workers=64) as pool:
         answers = list(pool.map(lambda t: service.post("/translate", {"text": t, "attention": "cross"}), texts))
     assert [a.status_code for a in answers] == [200] * 64
     sizes = [int(line.split("translating a batch of ")[1].split()[0])
-             for line in service.log_path.read_text().splitlines() if "translating a batch of" in line]
+             for line in service.log_since(mark).splitlines() if "translating a batch of" in line]
     assert max(sizes) > 1, sizes
     assert max(a.json()["timings"]["requests_in_batch"] for a in answers) > 1
 
 
+@pytest.mark.integration
 def test_model_endpoint_describes_what_is_loaded(service: BentoProcess, exported: tuple[Path, Path]) -> None:
     described = service.post("/model", {}).json()
     assert described["provider"] == "CPUExecutionProvider" and described["source"] == "STEPWISE_MODEL_DIR"
@@ -166,6 +164,7 @@ def test_model_endpoint_describes_what_is_loaded(service: BentoProcess, exported
     assert requests.get(f"{service.url}/livez", timeout=30).status_code == 200
 
 
+@pytest.mark.integration
 def test_model_endpoint_reports_every_limit(service: BentoProcess) -> None:
     described = service.post("/model", {}).json()
     assert described["limits"] == {"max_text_chars": MAX_TEXT_CHARS, "max_batch_texts": MAX_BATCH_TEXTS,
@@ -174,6 +173,7 @@ def test_model_endpoint_reports_every_limit(service: BentoProcess) -> None:
     assert described["max_beam_size"] <= described["limits"]["max_beam_size"]  # the default model's own
 
 
+@pytest.mark.integration
 def test_hot_swap_on_promotion_drops_no_request(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     env = {**clearml_server.env, "STEPWISE_ORT_THREADS": "1", "STEPWISE_EXPORT_CACHE": str(tmp_path / "exports")}
     first, second = make_checkpoint(tmp_path / "a.pt", seed=11), make_checkpoint(tmp_path / "b.pt", seed=12)
@@ -257,6 +257,7 @@ def _export_with_layers(folder: Path, encoder_layers: int, decoder_layers: int) 
     return folder / "export"
 
 
+@pytest.mark.integration
 def test_requests_are_checked_against_each_attention_kind(tmp_path: Path) -> None:
     """Layer indices are checked against every kind asked for; nothing is silently dropped."""
     store = ModelStore(model_dir=str(_export_with_layers(tmp_path, encoder_layers=1, decoder_layers=2)))
@@ -276,6 +277,7 @@ def test_requests_are_checked_against_each_attention_kind(tmp_path: Path) -> Non
         check_request(Job.parse({**cross_only, "beam_size": loaded.translator.top_k + 1}).options, loaded)
 
 
+@pytest.mark.integration
 def test_unusable_export_directories_are_named_errors(exported: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="no such directory"):
         ModelStore(model_dir=str(tmp_path / "missing"))
@@ -290,6 +292,7 @@ def test_unusable_export_directories_are_named_errors(exported: tuple[Path, Path
         ModelStore(model_dir=str(corrupt))
 
 
+@pytest.mark.unit
 def test_missing_gpu_is_device_unavailable() -> None:
     import onnxruntime as ort
 

@@ -13,16 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import (
-    SAMPLE_PAIRS,
-    BentoProcess,
-    ClearMLServerProcess,
-    make_checkpoint,
-    register_exports,
-    register_files,
-)
+from support.models import SAMPLE_PAIRS, make_checkpoint
+from support.processes import BentoProcess, ClearMLServerProcess, register_exports, register_files
+
+pytestmark = pytest.mark.integration
 
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
 

