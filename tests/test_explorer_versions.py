@@ -283,6 +283,7 @@ def test_training_slider_shows_each_checkpoint(setup: Setup, browser: object) ->
     page.screenshot(path=str(_artifacts() / "explorer-training.png"), full_page=True)
 
 
+@pytest.mark.browser
 def test_training_view_opens_on_the_production_run_and_exports_nothing(setup: Setup, browser: object) -> None:
     """As a new user after `stepwise up`: the tab opens on the served model's run, a click translates at
     every checkpoint through the registered exports (the service exports nothing), and no handler fails."""

@@ -99,6 +99,7 @@ def test_a_real_run_draws_the_bar_of_what_ends_it(budget: str, clearml_server: C
         assert last.startswith("100%") and "| 12/12 [" in last and "step/s" in last, last
 
 
+@pytest.mark.unit
 def test_a_failed_export_registers_nothing_for_that_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """A save whose ONNX export fails (here its parity check) is logged and not registered, and
