@@ -113,6 +113,7 @@ def test_corpus_upload_and_training_from_the_dataset(clearml_server: ClearMLServ
          "--set", "model.vocab_size=300", "--set", "data.max_train_pairs=400", "--set", "data.max_length=64",
          "--set", "train.eval_sentences=4", "--set", "train.batch_tokens=800", "--set", "train.heatmap_sentences=0",
          "--set", "train.max_steps=4", "--set", "train.save_every=4", "--set", "data.dataset=corpora/bible-de-en",
+         "--set", "train.export_onnx=false",  # the checkpoint alone: one output model
          "--project-name", "from-dataset", "--task-name", "dataset-run", "--output-dir", str(tmp_path / "run")],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,6 +1,6 @@
 """The explorer on the set-up `stepwise up` makes itself: a new user's first look after `make run`.
 
-`stepwise up` starts its own ClearML server, trains the quick preset briefly (saving every few
+`stepwise up` starts its own ClearML server, trains the quick preset for 20 steps (saving every 5
 steps, so the run registers several checkpoints, each with its ONNX export), promotes, serves and
 starts the explorer, and stays up. In Chromium, the "Attention over training" tab opens on the
 served model's run without a choice, translates a sentence at every checkpoint through the
@@ -62,9 +62,9 @@ def test_attention_over_training_opens_on_the_served_run_of_stepwise_up(tmp_path
     ports = [free_port() for _ in range(3)]
     log = tmp_path / "up.log"
     args = [sys.executable, "-m", "stepwise", "up", "--state-dir", str(state), "--clearml-port", str(ports[0]),
-            "--port", str(ports[1]), "--explorer-port", str(ports[2]), "--train-minutes", "0.3",
-            "--set", "train.save_every=10", "--set", "train.eval_every=10", "--set", "train.eval_sentences=4",
-            "--set", "train.keep_checkpoints=4"]
+            "--port", str(ports[1]), "--explorer-port", str(ports[2]),  # a budget in steps, not minutes:
+            "--set", "train.max_minutes=0", "--set", "train.max_steps=20", "--set", "train.save_every=5",
+            "--set", "train.eval_every=5", "--set", "train.eval_sentences=4", "--set", "train.keep_checkpoints=4"]
     with log.open("wb") as out:
         process = subprocess.Popen(args, cwd=tmp_path, env=_local_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
