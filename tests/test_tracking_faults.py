@@ -10,6 +10,7 @@ A second run loses the server before its only (final) save: it waits for the ser
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -73,13 +74,27 @@ def _reported_train_loss_steps(server: ClearMLServerProcess, output: str) -> lis
                       .splitlines()[-1])
 
 
+def _stop_between_saves(server: ClearMLServerProcess, training: subprocess.Popen) -> None:
+    """Stop the server while training is held still, so the outage starts between two saves.
+
+    A tiny run saves every ~0.1 s: a server that stops while a registration is under way (its
+    ping answered, the SDK's model calls not yet) leaves that registration to the SDK, which
+    retries until the server answers. The outage this module tests starts before a save.
+    """
+    training.send_signal(signal.SIGSTOP)
+    try:
+        server.stop()
+    finally:
+        training.send_signal(signal.SIGCONT)
+
+
 def test_server_restarted_mid_run_loses_no_checkpoint_and_no_scalar(
         clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
     log = tmp_path / "train.log"
     process = _start_training(clearml_server, tmp_path, log)
     try:
         assert _wait_for(log, "registered transformer-de-en-tiny step", 1, process, 180), log.read_text()[-3000:]
-        clearml_server.stop()
+        _stop_between_saves(clearml_server, process)
         saved_before = log.read_text(errors="replace").count("saved ")
         # down until training has saved (and failed to register) two more checkpoints: training goes on
         # while the server is away, and registers them at a later save once it is back
@@ -108,7 +123,7 @@ def test_run_ending_while_the_server_is_down_registers_its_last_save_when_it_is_
                               "train.save_every=1000", "--set", "train.eval_every=1000")
     try:
         assert _wait_for(log, "training pairs", 1, process, 180), log.read_text()[-3000:]
-        clearml_server.stop()
+        _stop_between_saves(clearml_server, process)
         assert _wait_for(log, "waiting up to", 1, process, OUTAGE_LIMIT_S), log.read_text()[-3000:]
         clearml_server.start()
         process.wait(timeout=300)
