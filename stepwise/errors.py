@@ -16,6 +16,7 @@ class                      when
 ``ExportError``            an export failed a check, or an export directory is unusable
 ``ExportFormatError``      an export directory written by another exporter version
 ``RegistryUnavailable``    the ClearML server is unreachable or answers with errors
+``DigestMismatch``         a registered version's file differs from the one registered
 ``DeviceUnavailable``      the device asked for (CUDA) is not there
 =========================  ==========================================================
 """
@@ -70,6 +71,10 @@ class ExportFormatError(ExportError):
 
 class RegistryUnavailable(StepwiseError):
     """The ClearML server (tracking and model registry) cannot be reached or answers with errors."""
+
+
+class DigestMismatch(StepwiseError):
+    """A downloaded version's file does not match the SHA-256 digest recorded when it was registered."""
 
 
 class DeviceUnavailable(StepwiseError):

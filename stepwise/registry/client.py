@@ -9,17 +9,23 @@ the exporter and the service :func:`resolve` a tag to a version and download it,
 service loads its export. Nothing else in stepwise calls ``Model.query_models``.
 
 Metadata on every version: ``bleu``, ``loss``, ``step``, ``config_hash``, ``language_pair``
-(and, after a gated promotion, the comparison that allowed it).
+(and, after a gated promotion, the comparison that allowed it), and ``sha256``: the SHA-256 digest
+of the registered file (of an export: :func:`export_digest` of its directory), recorded at
+registration and checked by :func:`download` and :func:`download_export` before the file is used
+(a mismatch raises :class:`~stepwise.errors.DigestMismatch`; a version without one, registered
+before digests were recorded, is used with a logged warning).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepwise.errors import ModelNotFound, RegistryUnavailable
+from stepwise.errors import DigestMismatch, ModelNotFound, RegistryUnavailable
 from stepwise.registry import tracking
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,52 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 REGISTER_PING_S = 3.0
 PRODUCTION = "production"
+DIGEST_KEY = "sha256"  # the metadata entry holding the registered file's digest
+CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 digest of one file, as hex."""
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def export_digest(export_dir: Path) -> str:
+    """The SHA-256 digest of an export: its ``manifest.json`` and each file the manifest lists.
+
+    Each file counts by its name and its own digest, in the manifest's order; a file the
+    manifest lists but the directory lacks counts as empty, so the digest differs.
+    """
+    manifest_file = export_dir / "manifest.json"
+    try:
+        names = [str(name) for name in json.loads(manifest_file.read_text()).get("files", [])]
+    except (OSError, ValueError, AttributeError):
+        names = []
+    sha = hashlib.sha256()
+    for name in ["manifest.json", *names]:
+        path = export_dir / name
+        digest = file_digest(path) if path.is_file() else ""
+        sha.update(f"{name}\0{digest}\n".encode())
+    return sha.hexdigest()
+
+
+def _check_digest(version: ModelVersion, actual: str) -> None:
+    """Raise when ``actual`` differs from the digest recorded at registration; warn when none was.
+
+    Raises:
+        DigestMismatch: the downloaded file is not the one registered.
+    """
+    expected = version.metadata.get(DIGEST_KEY)
+    if not expected:
+        log.warning("version %s has no recorded file digest (registered before digests): used unchecked",
+                    version.id)
+        return
+    if actual != expected:
+        raise DigestMismatch(f"version {version.id}: file digest mismatch (expected {expected[:16]}…, "
+                             f"got {actual[:16]}…): the registered file was changed")
 
 
 class RegistrationInterrupted(RegistryUnavailable):
@@ -134,6 +186,7 @@ def register_checkpoint(
                             comment=comment)
         for key, value in metadata.items():
             model.set_metadata(key, str(value), type(value).__name__ if isinstance(value, (int, float)) else "str")
+    model.set_metadata(DIGEST_KEY, file_digest(path), "str")
     try:
         model.update_weights(weights_filename=str(path), iteration=step, target_filename=path.name,
                              auto_delete_file=False, async_enable=False)
@@ -225,14 +278,19 @@ def set_metadata(model_id: str, values: dict[str, Any]) -> None:
 
 
 def download(model_id: str) -> Path:
-    """Download a version's weights (cached by the SDK); returns the local path."""
-    get_version(model_id)
+    """Download a version's weights (cached by the SDK), checked against its digest; returns the local path.
+
+    Raises:
+        DigestMismatch: the file differs from the one registered.
+    """
+    version = get_version(model_id)
     try:
         path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
     except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
         raise _unavailable(f"downloading model {model_id}", exc) from None
     if not path:
         raise RegistryUnavailable(f"model {model_id}: its weights could not be downloaded")
+    _check_digest(version, file_digest(Path(path)))
     return Path(path)
 
 
@@ -310,6 +368,7 @@ def register_export(export_dir: Path, manifest: dict[str, Any], *, task: Any = N
                            "parity_max_log_prob_diff": parity.get("max_abs_log_prob_diff", ""),
                            "parity_max_attention_diff": parity.get("max_abs_attention_diff", "")}.items():
             model.set_metadata(key, str(value), "str")
+    model.set_metadata(DIGEST_KEY, export_digest(Path(export_dir)), "str")
     try:
         # a package name of its own: one task registers the exports of all its saves
         model.update_weights_package(weights_path=str(export_dir), target_filename=f"onnx-{source_id}.zip",
@@ -341,12 +400,17 @@ def find_export(source_id: str) -> ModelVersion | None:
 
 
 def download_export(model_id: str) -> Path:
-    """Download and unpack an ONNX export package; returns the export directory."""
-    get_version(model_id)
+    """Download and unpack an ONNX export package, checked against its digest; returns the export directory.
+
+    Raises:
+        DigestMismatch: the unpacked files differ from the ones registered.
+    """
+    version = get_version(model_id)
     try:
         path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
     except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
         raise _unavailable(f"downloading export {model_id}", exc) from None
     if not path:
         raise RegistryUnavailable(f"model {model_id}: its export could not be downloaded")
+    _check_digest(version, export_digest(Path(path)))
     return Path(path)

@@ -15,9 +15,10 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, with_config
+from typing_extensions import TypedDict
 
 from stepwise.decode.onnx_runtime import TOP_K
 from stepwise.errors import InvalidRequest
@@ -42,6 +43,17 @@ AttentionFormat = Literal["json", "float16", "uint10"]  # ATTENTION_FORMATS
 Alignment = Literal["none", "soft", "hard"]
 Split = Literal["none", "sentences"]
 IndexOrAverage = int | Literal["average"]
+Index = Annotated[int, Field(ge=0)]  # a 0-based layer or head index (the schema publishes the bound)
+HeadPair = Annotated[list[Index], Field(min_length=2, max_length=2)]  # [layer, head]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class MaskHeads(TypedDict, total=False):
+    """``mask_heads``: per attention kind, the ``[layer, head]`` pairs switched off (a plain dict)."""
+
+    encoder: list[HeadPair]
+    decoder: list[HeadPair]
+    cross: list[HeadPair]
 
 
 def limits() -> dict[str, int]:
@@ -59,45 +71,24 @@ class OptionsSchema(BaseModel):
     max_length: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS,
                                    description="most target tokens (default 2 x source + 10)")
     attention: Attention = Field(default="cross", description="attention kinds to return")
-    layers: list[int] | None = Field(default=None, description="only these layers (0-based)")
-    heads: list[int] | None = Field(default=None, description="only these heads (0-based)")
+    layers: Annotated[list[Index], Field(min_length=1)] | None = Field(
+        default=None, description="only these layers (0-based)")
+    heads: Annotated[list[Index], Field(min_length=1)] | None = Field(
+        default=None, description="only these heads (0-based)")
     model: str | None = Field(default=None, description="a registry tag or version id (default: production)")
-    mask_heads: dict[Kind, list[list[int]]] | None = Field(
+    mask_heads: MaskHeads | None = Field(
         default=None, description="heads to switch off (ablation): per kind [[layer, head], ...], 0-based")
     attention_format: AttentionFormat = Field(
         default="json", description="json: nested lists; float16 / uint10: compact base64 arrays "
                                     "(stepwise.serve.attention_codec)")
     alignment: Alignment = Field(
         default="none", description="word alignment from cross-attention: soft = word matrix, hard = Pharaoh i-j")
-    alignment_layer: IndexOrAverage | None = Field(
+    alignment_layer: Index | Literal["average"] | None = Field(
         default=None, description="cross-attention layer to align with, or average (the default)")
-    alignment_head: IndexOrAverage | None = Field(
+    alignment_head: Index | Literal["average"] | None = Field(
         default=None, description="head to align with, or average (the default)")
     split: Split = Field(
         default="none", description="sentences: split a paragraph, translate the sentences as one batch, join")
-
-    @field_validator("layers", "heads")
-    @classmethod
-    def _indices(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or any(i < 0 for i in value)):
-            raise ValueError("must be a non-empty list of indices >= 0")
-        return value
-
-    @field_validator("alignment_layer", "alignment_head")
-    @classmethod
-    def _index_or_average(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value < 0:
-            raise ValueError('must be an index >= 0 or "average"')
-        return value
-
-    @field_validator("mask_heads")
-    @classmethod
-    def _pairs(cls, value: dict[str, list[list[int]]] | None) -> dict[str, list[list[int]]] | None:
-        for kind, pairs in (value or {}).items():
-            for pair in pairs:
-                if len(pair) != 2 or any(i < 0 for i in pair):
-                    raise ValueError(f"{kind}: each item must be [layer, head], indices >= 0 (got {pair})")
-        return value
 
 
 HeadPairs = tuple[tuple[int, int], ...]
@@ -107,8 +98,8 @@ HeadPairs = tuple[tuple[int, int], ...]
 class TranslateOptions:
     """One request's options, as :class:`OptionsSchema` validated them (its fields, its defaults).
 
-    Lists become tuples (the object is immutable); ``mask_heads`` keeps the kinds and pairs in the
-    order given, :attr:`mask_key` is the same set of heads as a canonical key.
+    Lists become tuples (the object is immutable); ``mask_heads`` keeps the pairs in the order
+    given (the kinds in MaskHeads's order), :attr:`mask_key` is the same set of heads as a canonical key.
     """
 
     beam_size: int

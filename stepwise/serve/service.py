@@ -37,6 +37,7 @@ threads come from ``STEPWISE_ORT_THREADS`` (default: all cores). No torch is imp
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -89,6 +90,13 @@ logging.getLogger("stepwise").setLevel(logging.INFO)  # BentoML's handlers print
 
 
 # -- schemas ---------------------------------------------------------------------------------------
+# the schema's "not empty or whitespace": a character str.isspace refuses, the same in every regex
+# dialect (ECMA's and Rust's \s leave out U+001C-U+001F, which Python counts as space); the
+# validators below check it too
+NOT_BLANK = r"[^\s\u001c-\u001f]"
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NOT_BLANK)]
+
+
 def _not_blank(text: str, where: str = "") -> str:
     if not text.strip():
         raise ValueError(f"{where}must not be empty or whitespace")
@@ -98,7 +106,8 @@ def _not_blank(text: str, where: str = "") -> str:
 class TranslateRequest(OptionsSchema, bentoml.IODescriptor):
     """``POST /translate``."""
 
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the sentence to translate")
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NOT_BLANK,
+                      description="the sentence to translate")
 
     @field_validator("text")
     @classmethod
@@ -109,7 +118,7 @@ class TranslateRequest(OptionsSchema, bentoml.IODescriptor):
 class TranslateBatchRequest(OptionsSchema, bentoml.IODescriptor):
     """``POST /translate_batch``."""
 
-    texts: list[str] = Field(min_length=1, max_length=MAX_BATCH_TEXTS, description="sentences to translate")
+    texts: list[Text] = Field(min_length=1, max_length=MAX_BATCH_TEXTS, description="sentences to translate")
 
     @field_validator("texts")
     @classmethod
@@ -170,6 +179,73 @@ EventStream = Annotated[str, ContentType("text/event-stream")]
 
 
 # -- the HTTP side ---------------------------------------------------------------------------------
+API_ROUTES = frozenset({"/translate", "/translate_batch", "/translate_stream", "/model", "/reload"})
+JSON_TYPES = frozenset({"application/json"})
+
+
+class JSONBodyOnly:
+    """ASGI middleware: a POST to an API route whose body is not JSON is a 415 or 400 naming ``body``.
+
+    BentoML would parse a ``multipart/form-data`` body (and fail with a 500 when its boundary is
+    missing) or hand a malformed JSON body to its decoder; here such a request (or JSON that is
+    not an object, which pydantic would refuse without naming a field) is answered before it
+    gets there. A body without a ``Content-Type`` is read as JSON (as BentoML reads it); an
+    empty body (``/model``, ``/reload``) and every valid JSON request pass unchanged.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Check the body of a POST to an API route, then pass it on (replayed) or answer the error."""
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in API_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        content_type = headers.get("content-type")
+        media_type = content_type.split(";", 1)[0].strip().lower() if content_type is not None else None
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = self._problem(media_type, body)
+        if problem is not None:
+            status, text = problem
+            log.info("refused a %s body to %s: %s", media_type or "typeless", scope["path"], text)
+            await JSONResponse({"error": f"body: {text}", "detail": [{"loc": ["body"], "msg": text}]},
+                               status_code=status)(scope, receive, send)
+            return
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _problem(media_type: str | None, body: bytes) -> tuple[int, str] | None:
+        """``(status, message)`` for a body the API does not take, or None."""
+        if media_type is not None and media_type not in JSON_TYPES:
+            return 415, f"Content-Type {media_type!r} is not supported: send the body as application/json"
+        if body.strip():
+            try:
+                value = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return 400, f"not valid JSON ({exc})"
+            if not isinstance(value, dict):
+                return 400, f"must be a JSON object of the request's fields, not {type(value).__name__}"
+        return None
+
+
 def error_response(error: StepwiseError) -> JSONResponse:
     """The one mapping: a ``stepwise.errors`` exception as a status and a body naming the field."""
     status = next(code for kind, code in STATUS if isinstance(error, kind))
@@ -284,3 +360,6 @@ class Translator:
             return await anyio.to_thread.run_sync(self.store.reload)
         except StepwiseError as exc:
             return error_response(exc)
+
+
+Translator.add_asgi_middleware(JSONBodyOnly)
