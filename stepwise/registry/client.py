@@ -277,6 +277,17 @@ def set_metadata(model_id: str, values: dict[str, Any]) -> None:
         model.set_metadata(key, str(value), "str")
 
 
+def _local_copy(model_id: str, what: str, *, extract: bool) -> Path:
+    """The SDK's local copy of a version's file (``extract``: an export's package, unpacked)."""
+    try:
+        path = _model_class()(model_id=model_id).get_local_copy(extract_archive=extract, raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
+        raise _unavailable(f"downloading the {what} of model {model_id}", exc) from None
+    if not path:
+        raise RegistryUnavailable(f"model {model_id}: its {what} could not be downloaded")
+    return Path(path)
+
+
 def download(model_id: str) -> Path:
     """Download a version's weights (cached by the SDK), checked against its digest; returns the local path.
 
@@ -284,14 +295,9 @@ def download(model_id: str) -> Path:
         DigestMismatch: the file differs from the one registered.
     """
     version = get_version(model_id)
-    try:
-        path = _model_class()(model_id=model_id).get_local_copy(raise_on_error=True)
-    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
-        raise _unavailable(f"downloading model {model_id}", exc) from None
-    if not path:
-        raise RegistryUnavailable(f"model {model_id}: its weights could not be downloaded")
-    _check_digest(version, file_digest(Path(path)))
-    return Path(path)
+    path = _local_copy(model_id, "weights", extract=False)
+    _check_digest(version, file_digest(path))
+    return path
 
 
 def resolve(project: str | None, name: str | None, tag: str | None = None) -> ResolvedModel:
@@ -406,11 +412,6 @@ def download_export(model_id: str) -> Path:
         DigestMismatch: the unpacked files differ from the ones registered.
     """
     version = get_version(model_id)
-    try:
-        path = _model_class()(model_id=model_id).get_local_copy(extract_archive=True, raise_on_error=True)
-    except Exception as exc:  # noqa: BLE001 - the SDK's download errors come in several kinds
-        raise _unavailable(f"downloading export {model_id}", exc) from None
-    if not path:
-        raise RegistryUnavailable(f"model {model_id}: its export could not be downloaded")
-    _check_digest(version, export_digest(Path(path)))
-    return Path(path)
+    path = _local_copy(model_id, "export", extract=True)
+    _check_digest(version, export_digest(path))
+    return path
