@@ -247,16 +247,23 @@ def test_sigint_saves_a_checkpoint(clearml_server: ClearMLServerProcess, tmp_pat
         proc = subprocess.Popen([sys.executable, "-m", "stepwise.train", *SMALL, "--no-register", "--output-dir",
                                  str(out), "--project-name", "stepwise-test", "--task-name", "interrupted",
                                  "--set", "train.save_every=100000", "--set", "train.eval_every=100000"],
-                                env=clearml_server.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+                                env=clearml_server.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr,
+                                # Ctrl-C's default action even when the suite runs as a background job
+                                # (a shell starts those with SIGINT ignored, and children inherit it)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # wait until steps are running (the progress bar counts one), then interrupt
     stepped = re.compile(r"\| ?[1-9][\d,]*/[\d,]+ \[|step=[1-9]")
     deadline = time.monotonic() + 180
     while (time.monotonic() < deadline and proc.poll() is None
            and not stepped.search(stderr_path.read_text(errors="replace"))):
         time.sleep(0.2)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     log = stderr_path.read_text(errors="replace")
     assert proc.returncode == 130, log[-2000:]
     saved = sorted((out / "checkpoints").glob("step-*.pt"))
