@@ -132,6 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     average_last: int = 0  # at the end, average the last N saves into one more version (0 = off)
     export_onnx: bool = True  # register each saved version's ONNX export beside it (off: checkpoints only)
+    export_parity_sentences: int = 8  # validation sentences each save's export is parity-checked on
     precision: str = "fp32"
     seed: int = 1234
 
@@ -148,7 +149,7 @@ class TrainConfig:
         if self.max_minutes < 0:
             raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no limit), got {self.max_minutes}")
         for name in ("warmup_steps", "batch_tokens", "max_steps", "eval_every", "save_every", "log_every",
-                     "eval_sentences", "eval_beam_size", "keep_checkpoints"):
+                     "eval_sentences", "eval_beam_size", "keep_checkpoints", "export_parity_sentences"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.grad_clip < 0:

@@ -137,7 +137,8 @@ def test_training_averages_its_last_saves_and_registers_the_average(clearml_serv
              "model.vocab_size=300", "--set", "data.max_train_pairs=300", "--set", "data.max_length=64", "--set",
              "train.eval_sentences=4", "--set", "train.batch_tokens=600", "--set", "train.heatmap_sentences=0",
              "--set", "train.max_minutes=0", "--set", "train.max_steps=15", "--set", "train.save_every=5",
-             "--set", "train.eval_every=5", "--set", "train.average_last=2"]
+             "--set", "train.eval_every=5", "--set", "train.average_last=2",
+             "--set", "train.export_parity_sentences=2"]
     env = clearml_server.env
     result = subprocess.run([sys.executable, "-m", "stepwise.train", *small, "--output-dir", str(out), "--project-name",
                              "stepwise-avg", "--task-name", "averaged"], env=env, cwd=tmp_path, capture_output=True,

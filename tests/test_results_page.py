@@ -32,7 +32,8 @@ TRAIN = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model
          "--set", "model.n_encoder_layers=1", "--set", "model.n_decoder_layers=1", "--set", "model.vocab_size=300",
          "--set", "data.max_train_pairs=400", "--set", "data.max_length=64", "--set", "train.eval_sentences=4",
          "--set", "train.batch_tokens=800", "--set", "train.log_every=5", "--set", "train.heatmap_sentences=1",
-         "--set", "train.max_steps=10", "--set", "train.eval_every=5", "--set", "train.save_every=10"]
+         "--set", "train.max_steps=10", "--set", "train.eval_every=5", "--set", "train.save_every=10",
+         "--set", "train.export_parity_sentences=2"]
 LOGGED_STEPS = [1, 5, 10]
 
 PLAIN_SDK = """

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model=32", "--set", "model.d_ff=64",
          "--set", "model.n_encoder_layers=1", "--set", "model.n_decoder_layers=1", "--set", "model.vocab_size=300",
          "--set", "data.max_train_pairs=600", "--set", "data.max_length=64", "--set", "train.eval_sentences=8",
-         "--set", "train.batch_tokens=800", "--set", "train.log_every=5", "--set", "train.heatmap_sentences=1"]
+         "--set", "train.batch_tokens=800", "--set", "train.log_every=5", "--set", "train.heatmap_sentences=1",
+         "--set", "train.export_parity_sentences=2"]
 
 
 def train(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

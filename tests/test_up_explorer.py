@@ -64,7 +64,9 @@ def test_attention_over_training_opens_on_the_served_run_of_stepwise_up(tmp_path
     args = [sys.executable, "-m", "stepwise", "up", "--state-dir", str(state), "--clearml-port", str(ports[0]),
             "--port", str(ports[1]), "--explorer-port", str(ports[2]),  # a budget in steps, not minutes:
             "--set", "train.max_minutes=0", "--set", "train.max_steps=20", "--set", "train.save_every=5",
-            "--set", "train.eval_every=5", "--set", "train.eval_sentences=4", "--set", "train.keep_checkpoints=4"]
+            "--set", "train.eval_every=5", "--set", "train.eval_sentences=4", "--set", "train.keep_checkpoints=4",
+            "--set", "train.export_parity_sentences=2", "--set", "model.d_model=32", "--set", "model.d_ff=64",
+            "--set", "model.vocab_size=500", "--set", "data.max_train_pairs=2000"]  # and a smaller model
     with log.open("wb") as out:
         process = subprocess.Popen(args, cwd=tmp_path, env=_local_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)

@@ -493,10 +493,10 @@ class Trainer:
         The failure is logged, never raised: training goes on. The export uses the CPU and leaves
         the random number generators as they were (a resumed run continues the same streams).
         """
-        from stepwise.export import PARITY_SENTENCES, export_checkpoint
+        from stepwise.export import export_checkpoint
 
         out = self.export_dir(path)
-        sentences = [source for source, _ in self.valid_pairs[:PARITY_SENTENCES]] or None
+        sentences = [source for source, _ in self.valid_pairs[: self.config.train.export_parity_sentences]] or None
         with self.clock.paused(), torch.random.fork_rng(devices=[]):
             try:
                 manifest = export_checkpoint(load_checkpoint(path), out, sentences=sentences,
