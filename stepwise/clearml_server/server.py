@@ -188,10 +188,11 @@ class ClearMLServer(ThreadingHTTPServer):
                  trace: Path | None = None, allowed_hosts: tuple[str, ...] = ()) -> None:
         self.trace = trace
         self.trace_lock = threading.Lock()
-        if trace is not None:  # it holds what the API answers: readable by its owner only
-            os.close(os.open(trace, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
         self.data_dir = private_dir(data_dir).resolve()
         self._lock_fd = lock_data_dir(self.data_dir)
+        if trace is not None:  # it holds what the API answers: readable by its owner only
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(trace, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
         # names a Host header may carry (IP literals always may): loopback, the bound name, the
         # configured ones, and on a network bind this machine's names
         self.allowed_hosts = {"localhost", host.lower(), *(h.lower() for h in allowed_hosts)}
