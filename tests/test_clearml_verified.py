@@ -202,7 +202,8 @@ def test_expired_unsigned_wrong_key_and_expiry_less_tokens_are_refused(clearml_s
     tokens = {
         "valid": jwt.encode({**claims, "iat": now, "exp": now + 600}, key, algorithm="HS256"),
         "expired": jwt.encode({**claims, "iat": now - 7200, "exp": now - 3600}, key, algorithm="HS256"),
-        "wrong key": jwt.encode({**claims, "iat": now, "exp": now + 600}, "another-key", algorithm="HS256"),
+        "wrong key": jwt.encode({**claims, "iat": now, "exp": now + 600}, "another-key-of-thirty-two-bytes!",
+                                algorithm="HS256"),
         "no expiry": jwt.encode({**claims, "iat": now}, key, algorithm="HS256"),
         "unsigned": jwt.encode({**claims, "iat": now, "exp": now + 600}, None, algorithm="none"),
         "unsigned, alg stripped": jwt.encode({**claims, "iat": now, "exp": now + 600}, key,
