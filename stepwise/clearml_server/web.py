@@ -11,7 +11,8 @@ on every ``Task.init``; these pages answer that link and the other paths of Clea
   ``info-output/metrics/plots`` (plots: the attention heatmaps, by iteration),
   ``info-output/debugImages``; anything else shows the overview (status, metrics, models).
 * ``/projects/<project>/models`` and ``/projects/<project>/models/<model>/...``: models, one model.
-* ``/compare?ids=a,b`` (or the web app's ``/projects/*/compare-experiments;ids=a,b/...``):
+* ``/compare?ids=a,b`` (``?ids=a&ids=b`` from the pages' compare form, or the web app's
+  ``/projects/*/compare-experiments;ids=a,b/...``):
   the scalar curves of several experiments overlaid, and their differing hyperparameters.
 * ``/static/plotly.min.js``: plotly.js from the ``plotly`` package (no CDN, no network), and
   ``/static/figures.js``, which draws a page's figures from its JSON block.
