@@ -17,6 +17,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +182,7 @@ def test_tokens_follow_the_secret_and_cannot_renew_themselves(tmp_path: Path) ->
                             headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert old.status_code == 401
         assert requests.get(f"{server.url}/auth.login", auth=(KEY, "a-new-secret"), timeout=10).status_code == 200
+        assert KEY in server.output.read_text() and "a-new-secret" not in server.output.read_text()
     finally:
         server.stop()
 
@@ -382,3 +384,140 @@ def test_cross_site_writes_dot_names_and_broken_uploads_leave_nothing(clearml_se
         deadline_checks = [p for p in data.rglob("*") if p.name.endswith(".part") or p.name == "half.bin"]
     assert deadline_checks == []
     assert not (data / "files/p/t/evil.txt").exists()
+
+
+def _log_of(server: ClearMLServerProcess) -> Path:
+    """The output file of the ``clearml_server`` fixture's process (see ``support.processes``)."""
+    return server.data.parent / f"clearml-server-{server.port}.log"
+
+
+# -- row 11: workers expire safely while requests race ------------------------------------------------
+def test_worker_expiry_racing_in_many_threads_answers_no_5xx(clearml_server: ClearMLServerProcess) -> None:
+    url = clearml_server.url
+    auth = _token(url)
+    for i in range(40):  # workers that expire (timeout 1 s) while the threads below race
+        _call(url, auth, "workers.register", {"worker": f"old-{i}", "timeout": 1}).raise_for_status()
+    time.sleep(1.5)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def race(thread: int) -> None:
+        session = requests.Session()
+        for i in range(15):
+            for name, body in (("workers.register", {"worker": f"new-{thread}-{i}", "timeout": 1}),
+                               ("workers.get_all", {"last_seen": 0}),
+                               ("workers.status_report", {"worker": f"old-{(thread + i) % 40}", "timeout": 1}),
+                               ("workers.get_all", {})):
+                answer = session.post(f"{url}/v2.23/{name}", json=body, headers=auth, timeout=30)
+                with lock:
+                    statuses.append(answer.status_code)
+
+    threads = [threading.Thread(target=race, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    log = _log_of(clearml_server).read_text(errors="replace")
+    assert "Traceback" not in log and "KeyError" not in log, log[-3000:]
+
+
+# -- row 11: a server error answers a generic message; the details go to the log only --------------------
+def test_internal_errors_answer_a_generic_500_without_paths_or_exception_text(
+        clearml_server: ClearMLServerProcess) -> None:
+    url, data = clearml_server.url, clearml_server.data
+    auth = _token(url)
+    task_id = _call(url, auth, "tasks.create", {"name": "broken", "type": "training"}).json()["data"]["id"]
+    # the server's own folders broken under it: the upload folder gone, the events table dropped
+    (data / "incoming").rmdir()
+    with sqlite3.connect(data / "clearml.sqlite") as other:
+        other.execute("DROP TABLE events")
+    answers = [
+        requests.post(f"{url}/files/", files={"/p/t/a.bin": ("a.bin", b"x")}, auth=(KEY, SECRET), timeout=10),
+        requests.post(f"{url}/v2.23/events.add_batch", headers=auth, timeout=10,
+                      data=json.dumps({"type": "log", "task": task_id, "msg": "hello"})),
+        _call(url, auth, "events.get_task_events", {"task": task_id}),
+        requests.get(f"{url}/projects/*/experiments/{task_id}/output/log", timeout=10),
+    ]
+    for answer in answers:
+        assert answer.status_code == 500, (answer.request.url, answer.status_code, answer.text)
+        assert answer.json()["meta"]["result_msg"] == "Internal server error"
+        for detail in (str(data), str(data.parent), "Errno", "No such file", "no such table", "OperationalError",
+                       "Traceback", "sqlite", ".part", "incoming"):
+            assert detail not in answer.text, (detail, answer.text)
+    assert _call(url, auth, "debug.ping", {}).status_code == 200  # the server carries on
+    log = _log_of(clearml_server).read_text(errors="replace")
+    assert "no such table: events" in log and "No such file or directory" in log  # the details are logged
+
+
+# -- row 11: remote images are not loaded in the reader's browser; every page carries the headers ----------
+def test_remote_images_are_not_loaded_and_every_page_type_has_the_security_headers(
+        clearml_server: ClearMLServerProcess) -> None:
+    url = clearml_server.url
+    auth = _token(url)
+    task_id = _call(url, auth, "tasks.create", {"name": "images", "type": "training"}).json()["data"]["id"]
+    requests.post(f"{url}/files/", files={"/p/images.x/local.png": ("local.png", b"\x89PNG fake")},
+                  auth=(KEY, SECRET), timeout=10).raise_for_status()
+    remote = ("https://evil.example/track.png", "//evil.example/protocol-relative.png")
+    figure = {"data": [{"type": "scatter", "x": [1], "y": [1]}],
+              "layout": {"images": [{"source": "https://evil.example/layout.png"},
+                                    {"source": "//evil.example/layout2.png"},
+                                    {"source": "data:image/png;base64,iVBORw0KGgo="}]}}
+    lines = [json.dumps({"type": "training_debug_image", "task": task_id, "metric": "m", "variant": f"v{i}",
+                         "iter": 1, "url": address}) for i, address in enumerate(remote)]
+    lines.append(json.dumps({"type": "training_debug_image", "task": task_id, "metric": "m", "variant": "local",
+                             "iter": 1, "url": f"{url}/files/p/images.x/local.png"}))
+    lines.append(json.dumps({"type": "plot", "task": task_id, "metric": "p", "variant": "v", "iter": 1,
+                             "plot_str": json.dumps(figure)}))
+    added = requests.post(f"{url}/v2.23/events.add_batch", data="\n".join(lines), headers=auth, timeout=10)
+    assert added.status_code == 200, added.text
+    model_id = _call(url, auth, "models.create", {"name": "m", "uri": f"{url}/files/p/images.x/local.png",
+                                                  "task": task_id}).json()["data"]["id"]
+
+    base = f"/projects/*/experiments/{task_id}"
+    images = requests.get(f"{url}{base}/info-output/debugImages", timeout=10).text
+    sources = re.findall(r"""src=['"]([^'"]*)['"]""", images)
+    assert len(sources) == 1 and sources[0].startswith("/view-files/p/images.x/local.png?"), sources
+    assert requests.get(url + html.unescape(sources[0]), timeout=10).content == b"\x89PNG fake"
+    assert images.count("remote-image") == len(remote)  # named as text, not loaded
+    plots = requests.get(f"{url}{base}/info-output/metrics/plots", timeout=10).text
+    block = re.search(r'<script type="application/json" id="figures">(.*?)</script>', plots, re.S).group(1)
+    layout_images = [image["source"] for fig in json.loads(block).values() for image in fig["layout"]["images"]]
+    assert layout_images == ["data:image/png;base64,iVBORw0KGgo="]
+
+    pages = ["/", "/projects", "/projects/*", "/projects/*/models", f"/projects/*/models/{model_id}/general",
+             f"/compare?ids={task_id}", f"/compare?ids={task_id}&ids={task_id}", "/projects/nothing-here",
+             "/static/plotly.min.js", "/static/figures.js", "/view-files/p/images.x/local.png",
+             *(f"{base}/{tab}" for tab in ("output/log", "info-output/metrics/scalar", "info-output/metrics/plots",
+                                           "info-output/debugImages", "hyper-params/hyper-param", "execution",
+                                           "artifacts/output-model", "info-output/general"))]
+    for path in pages:
+        answer = requests.get(f"{url}{path}", auth=(KEY, SECRET), timeout=30)
+        assert answer.status_code in (200, 404), (path, answer.status_code)
+        policy = answer.headers.get("Content-Security-Policy", "")
+        for directive in ("default-src 'self'", "script-src 'self'", "img-src 'self' data: blob:",
+                          "connect-src 'self'", "frame-ancestors 'none'"):
+            assert directive in policy, (path, directive)
+        assert answer.headers["X-Frame-Options"] == "DENY" and answer.headers["X-Content-Type-Options"] == "nosniff"
+        if answer.headers["Content-Type"].startswith("text/html"):
+            assert "<script>" not in answer.text and "onsubmit=" not in answer.text, path  # no inline script
+    download = requests.get(f"{url}/files/p/images.x/local.png", auth=(KEY, SECRET), timeout=10)
+    assert download.headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'none'" in download.headers["Content-Security-Policy"]
+
+
+# -- row 10: the data folder is private on loopback too ---------------------------------------------------
+def test_the_data_folder_and_its_files_are_private_on_loopback(clearml_server: ClearMLServerProcess) -> None:
+    url, data = clearml_server.url, clearml_server.data
+    auth = _token(url)
+    _call(url, auth, "tasks.create", {"name": "private", "type": "training"}).raise_for_status()
+    requests.post(f"{url}/files/", files={"/p/t/w.bin": ("w.bin", b"weights")}, auth=(KEY, SECRET),
+                  timeout=10).raise_for_status()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = [p for p in data.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"clearml.sqlite", "token.key", "server.lock", "w.bin"} <= names, names
+    for path in files:  # the database and its journal, keys, lock, uploads, the --trace file
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (path.name, oct(path.stat().st_mode))
+    printed = _log_of(clearml_server).read_text()
+    assert KEY in printed and SECRET not in printed  # the start-up lines name the key, never the secret

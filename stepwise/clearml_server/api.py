@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ class Api:
         self.store = store
         self.issue_token = issue_token
         self.workers: dict[str, dict[str, Any]] = {}  # agents, by worker id (in memory, like Redis)
+        self.workers_lock = threading.RLock()  # held by every read and change of ``workers``
 
     def handle(self, name: str, raw: bytes) -> dict[str, Any]:
         """Read a request body as the endpoint declares it, then :meth:`call` the endpoint.

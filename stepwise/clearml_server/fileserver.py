@@ -15,8 +15,6 @@ whatever the file size.
 from __future__ import annotations
 
 import email.message
-import email.parser
-import email.policy
 import os
 import re
 import uuid
@@ -145,10 +143,22 @@ def _boundary(content_type: str) -> bytes:
     return boundary.encode("latin-1")
 
 
+_NAME_PARAM = re.compile(r'(?:^|;)\s*name\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
+
+
 def _field_name(headers: bytes) -> str | None:
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(headers + b"\r\n\r\n")
-    name = parsed.get_param("name", header="content-disposition")
-    return name if isinstance(name, str) else None
+    """A form part's field name, read as HTML5 multipart forms write it (browsers, urllib3 under
+    the SDK): a quoted name runs to the next quote, backslashes included (a quote in a name is
+    sent as ``%22``). A backslash is not an escape here, so ``a\\..\\b`` reaches the path check
+    as written and is refused."""
+    for line in headers.decode("utf-8", "surrogateescape").split("\r\n"):
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-disposition":
+            match = _NAME_PARAM.search(value)
+            if match is None:
+                return None
+            return match.group(1) if match.group(1) is not None else match.group(2)
+    return None
 
 
 def store_upload(root: Path, incoming: Path, content_type: str, read: Callable[[int], bytes],

@@ -77,6 +77,8 @@ IDLE_TIMEOUT_S = 10  # a connection whose request head has not arrived this long
 MAX_WAITING = 1024  # connections accepted and waiting for their first bytes
 MAX_ACTIVE = 64  # requests handled at once (a thread each); over it, 503
 MAX_HEAD_BYTES = 64 * 1024  # a request head (request line and headers) longer than this is not waited for
+# a /files download is data for the SDK: never sniffed or run as a page, whoever opens it
+FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 API_PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<name>[a-z_]+\.[a-z_]+)$")
 
 
@@ -188,6 +190,9 @@ class ClearMLServer(ThreadingHTTPServer):
         self.trace_lock = threading.Lock()
         self.data_dir = private_dir(data_dir).resolve()
         self._lock_fd = lock_data_dir(self.data_dir)
+        if trace is not None:  # it holds what the API answers: readable by its owner only
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(trace, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
         # names a Host header may carry (IP literals always may): loopback, the bound name, the
         # configured ones, and on a network bind this machine's names
         self.allowed_hosts = {"localhost", host.lower(), *(h.lower() for h in allowed_hosts)}
@@ -568,7 +573,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 if found is None:
                     self._api_error("files", None, ApiError(404, 0, "File not found"))
                     return
-                self._send_file(*found, "application/octet-stream", {})
+                self._send_file(*found, "application/octet-stream", FILE_HEADERS)
             elif self.command == "DELETE":
                 existed = fileserver.delete(self.server.files_dir, path)
                 self._send_json(200 if existed else 404, {"deleted": existed})

@@ -11,7 +11,8 @@ on every ``Task.init``; these pages answer that link and the other paths of Clea
   ``info-output/metrics/plots`` (plots: the attention heatmaps, by iteration),
   ``info-output/debugImages``; anything else shows the overview (status, metrics, models).
 * ``/projects/<project>/models`` and ``/projects/<project>/models/<model>/...``: models, one model.
-* ``/compare?ids=a,b`` (or the web app's ``/projects/*/compare-experiments;ids=a,b/...``):
+* ``/compare?ids=a,b`` (``?ids=a&ids=b`` from the pages' compare form, or the web app's
+  ``/projects/*/compare-experiments;ids=a,b/...``):
   the scalar curves of several experiments overlaid, and their differing hyperparameters.
 * ``/static/plotly.min.js``: plotly.js from the ``plotly`` package (no CDN, no network), and
   ``/static/figures.js``, which draws a page's figures from its JSON block.
@@ -25,7 +26,8 @@ from the store's documents and events; nothing here writes. Credentials are neve
 (and the server's key pair is masked should it appear in any stored text: stored values are
 masked before they are escaped into a page, never the finished HTML). Every page is sent with a
 Content-Security-Policy that keeps scripts, images and connections on the server's own origin
-(a debug image or a Plotly layout image pointing elsewhere does not load) and forbids framing.
+and forbids framing, and has no inline script. A debug image not on the file server is named as
+text, never put in an ``<img>``; a Plotly layout image from another address is left out.
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def _render(site: Site, path: str, query: str) -> Page:
         return _view_file(site, path[len("/view-files"):])
     if not parts or parts == ["projects"]:
         return _html(site, "Projects", _home(site))
-    if parts == ["compare"]:
-        return _compare_page(site, [i for i in params.get("ids", "").split(",") if i])
+    if parts == ["compare"]:  # ?ids=a,b or ?ids=a&ids=b (the compare form)
+        return _compare_page(site, [i for v in parse_qs(query).get("ids", []) for i in v.split(",") if i])
     project = parts[1]
     if len(parts) >= 3 and parts[2].startswith("compare-experiments"):
         ids = parts[2].partition(";ids=")[2]
@@ -301,9 +303,8 @@ def _experiments_table(store: Store, tasks: list[Document]) -> str:
                      _e(_project_name(store, task.get("project"))), _num(task.get("last_iteration")),
                      _e((task.get("last_update") or "")[:19]), _tags(task.get("tags"))])
     table = _table(["", "experiment", "id", "status", "type", "project", "iteration", "updated", "tags"], rows)
-    # compare: the checked ids joined by commas (a GET form would send ids=a&ids=b)
-    return (f'<form class="compare" onsubmit="event.preventDefault(); const ids = [...this.querySelectorAll('
-            f"'input:checked')].map(i => i.value); if (ids.length) location.href = '/compare?ids=' + ids.join(',');\">"
+    # compare: a plain GET form (ids=a&ids=b), no script (the CSP allows no inline script)
+    return (f'<form class="compare" method="get" action="/compare">'
             f'{table}<button type="submit">compare checked experiments</button></form>')
 
 
@@ -447,6 +448,9 @@ def _plots_tab(site: Site, task: Document, params: dict[str, str]) -> str:
             figure = json.loads(event.get("plot_str") or "{}")
         except json.JSONDecodeError:
             continue
+        if not isinstance(figure, dict):
+            continue
+        figure = _local_images(figure)
         figure.setdefault("layout", {})["title"] = {"text": f"{title} · {variant} · iteration {iteration}"}
         figures.append((f"plot-{i}", figure))
         charts.append(f'<div class="chart plot-chart" id="plot-{i}" data-metric="{_e(title)}" '
@@ -454,6 +458,25 @@ def _plots_tab(site: Site, task: Document, params: dict[str, str]) -> str:
     return (f"<p>plots: {title_links}</p><p>logged at iterations: {iter_links} "
             f"(showing iteration <b class='plot-iteration'>{iteration}</b>)</p>{''.join(charts)}"
             f"{_charts_script(figures)}")
+
+
+def _local_images(figure: dict[str, Any]) -> dict[str, Any]:
+    """A Plotly figure without the layout images that would load from another address: only
+    ``data:`` images and this server's own paths stay."""
+    layout = figure.get("layout")
+    if not isinstance(layout, dict) or not isinstance(layout.get("images"), list):
+        return figure
+    images = [image for image in layout["images"] if isinstance(image, dict)
+              and isinstance(image.get("source"), str) and _same_origin(image["source"])]
+    return {**figure, "layout": {**layout, "images": images}}
+
+
+def _same_origin(url: str) -> bool:
+    """Whether a URL stays on the page's own origin (a path, or inline ``data:``)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme == "data":
+        return True
+    return not parts.scheme and not parts.netloc and url.strip().startswith("/") and not url.strip().startswith("//")
 
 
 def _file_link(uri: Any) -> str | None:
@@ -477,10 +500,13 @@ def _debug_images_tab(site: Site, task: Document, params: dict[str, str]) -> str
         return "<p class='muted'>no debug images reported</p>"
     cells = []
     for (metric, variant), event in latest.items():
-        src = _file_link(event.get("url")) or event.get("url")
-        cells.append(f"<figure><img class='debug' src='{_e(src)}' alt='{_e(metric)} {_e(variant)}'>"
-                     f"<figcaption>{_e(metric)} · {_e(variant)} · iteration {_num(event.get('iter'))}"
-                     f"</figcaption></figure>")
+        src = _file_link(event.get("url"))
+        # an image elsewhere is named, not loaded: the reader's browser fetches nothing off this server
+        image = (f"<img class='debug' src='{_e(src)}' alt='{_e(metric)} {_e(variant)}'>" if src else
+                 f"<p class='muted remote-image'>not shown (not on this server): <code>{_e(event.get('url'))}</code>"
+                 "</p>")
+        cells.append(f"<figure>{image}<figcaption>{_e(metric)} · {_e(variant)} · iteration "
+                     f"{_num(event.get('iter'))}</figcaption></figure>")
     return "".join(cells)
 
 

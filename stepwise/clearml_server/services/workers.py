@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timezone
 from typing import Any
 
 from stepwise.clearml_server.api import COMPANY_ID, USER_ID, Api, ApiError, as_list, endpoint, match_tags, now
 
 # Workers (agents) are kept in memory, as the real server keeps them in Redis: they re-register
-# when the server restarts. A worker not heard from for its ``timeout`` is dropped.
+# when the server restarts. A worker not heard from for its ``timeout`` is dropped. Requests run
+# in threads of their own: every read and change of ``api.workers`` holds ``api.workers_lock``,
+# and a worker enters the table complete, so expiry in one thread never meets a half-made or
+# already-dropped worker in another.
 WORKER_TIMEOUT_S = 600
 
 
 def live_workers(api: Api) -> list[dict[str, Any]]:
-    """The registered workers, after dropping those not heard from within their ``timeout``."""
+    """The registered workers (copies), after dropping those not heard from within their ``timeout``."""
     stamp = datetime.now(timezone.utc).timestamp()
-    for worker_id, worker in list(api.workers.items()):
-        if stamp - worker["seen"] > worker["timeout"]:
-            api.workers.pop(worker_id, None)  # another thread may have dropped it already
-    return list(api.workers.values())
+    with api.workers_lock:
+        for worker_id, worker in list(api.workers.items()):
+            if stamp - worker["seen"] > worker["timeout"]:
+                del api.workers[worker_id]
+        return [copy.deepcopy(worker) for worker in api.workers.values()]
 
 
 def _worker_id(body: dict[str, Any]) -> str:
@@ -29,15 +34,15 @@ def _worker_id(body: dict[str, Any]) -> str:
 
 
 def _touch_worker(api: Api, body: dict[str, Any], *, register: bool) -> dict[str, Any]:
+    """Register or update a worker from a request (the caller holds ``api.workers_lock``)."""
     worker_id = _worker_id(body)
     stamp = now()
     worker = api.workers.get(worker_id)
     if worker is None:
         if not register:
             raise ApiError(400, 1004, f"Worker is not registered: worker={worker_id}")
-        worker = api.workers[worker_id] = {"id": worker_id, "register_time": stamp, "queue_ids": [], "task": None,
-                                       "queue": None, "tags": [], "system_tags": [],
-                                       "timeout": WORKER_TIMEOUT_S, "task_started": None}
+        worker = {"id": worker_id, "register_time": stamp, "queue_ids": [], "task": None, "queue": None,
+                  "tags": [], "system_tags": [], "timeout": WORKER_TIMEOUT_S, "task_started": None}
     if isinstance(body.get("timeout"), int) and body["timeout"] > 0:
         worker["timeout"] = body["timeout"]
     if isinstance(body.get("queues"), list):
@@ -57,25 +62,30 @@ def _touch_worker(api: Api, body: dict[str, Any], *, register: bool) -> dict[str
             api.store.update("task", task, lambda d: d.update(last_worker=worker_id, last_update=now()))
     worker["last_activity_time"] = stamp
     worker["seen"] = datetime.now(timezone.utc).timestamp()
+    api.workers[worker_id] = worker
     return worker
 
 
 @endpoint("workers.register")
 def workers_register(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    _touch_worker(api, body, register=True)
+    with api.workers_lock:
+        _touch_worker(api, body, register=True)
     return {}
 
 
 @endpoint("workers.unregister")
 def workers_unregister(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    api.workers.pop(_worker_id(body), None)
+    worker_id = _worker_id(body)
+    with api.workers_lock:
+        api.workers.pop(worker_id, None)
     return {}
 
 
 @endpoint("workers.status_report")
 def workers_status_report(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    _touch_worker(api, body, register=True)  # as the real server: a report re-registers a lost worker
-    _touch_worker(api, body, register=False)
+    with api.workers_lock:
+        _touch_worker(api, body, register=True)  # as the real server: a report re-registers a lost worker
+        _touch_worker(api, body, register=False)
     return {}
 
 
