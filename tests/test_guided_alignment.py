@@ -87,11 +87,13 @@ def test_word_links_become_piece_links_and_normalised_batch_rows() -> None:
     links = alignments.piece_links(source, target, {(1, 0), (2, 1), (0, 1)}, source_words=3, target_words=2)
     assert links.tolist() == [[0, 1], [0, 2], [1, 0], [1, 3], [2, 0], [2, 3]]
     assert alignments.piece_links(source, target, {(0, 0)}, source_words=4, target_words=2) is None
-    batch = collate([([5, 6, 7, 8, 3], [10, 11, 12], links), ([5, 3], [10], np.zeros((0, 2), dtype=np.int32))])
-    assert batch.alignment.shape == (2, 4, 5)  # [B, T (BOS + target), S]
-    torch.testing.assert_close(batch.alignment[0, 0], torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0]))
-    torch.testing.assert_close(batch.alignment[0, 1], torch.tensor([0.5, 0.0, 0.0, 0.5, 0.0]))
-    assert batch.alignment[0, 3].sum() == 0 and batch.alignment[1].sum() == 0  # EOS row; a pair with no link
+    batch = collate([([5, 3], [10], np.zeros((0, 2), dtype=np.int32)), ([5, 6, 7, 8, 3], [10, 11, 12], links)])
+    assert batch.alignment.tolist() == [[1, *link] for link in links.tolist()]  # sparse until asked for
+    rows = batch.alignment_rows()
+    assert rows.shape == (2, 4, 5)  # [B, T (BOS + target), S]
+    torch.testing.assert_close(rows[1, 0], torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(rows[1, 1], torch.tensor([0.5, 0.0, 0.0, 0.5, 0.0]))
+    assert rows[1, 3].sum() == 0 and rows[0].sum() == 0  # the EOS row; a pair with no link
     assert collate([([5, 3], [10])]).alignment is None
 
 
@@ -252,7 +254,7 @@ def _guided_head_aer(weight: float, pairs, links, steps: int) -> float:
         model.train()
         logits, cross = model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask, cross_attention_layer=0)
         loss = F.cross_entropy(logits.transpose(1, 2), batch.tgt_out, ignore_index=tokenizer.pad_id)
-        loss = loss + weight * guided_alignment_loss(cross[:, 0], batch.alignment)
+        loss = loss + weight * guided_alignment_loss(cross[:, 0], batch.alignment_rows())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

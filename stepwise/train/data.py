@@ -38,9 +38,9 @@ class Batch:
     """A padded batch; masks are True at padding.
 
     ``tgt_in`` is the decoder input (BOS + target), ``tgt_out`` what it must predict
-    (target + EOS). ``alignment`` (guided alignment only) is ``[B, T, S]``: row ``t`` is the
-    gold distribution over source pieces for the step that predicts ``tgt_out[t]`` (uniform over
-    the pieces linked to that target piece), all zeros where the piece has no link.
+    (target + EOS). ``alignment`` (guided alignment only) holds the gold piece links as ``[N, 3]``
+    rows ``(batch row, target position, source position)``, kept sparse until
+    :meth:`alignment_rows` makes the dense rows on the batch's device.
     """
 
     src: Tensor
@@ -61,6 +61,14 @@ class Batch:
                                                                "tgt_pad_mask")),
                      alignment=None if self.alignment is None else self.alignment.to(device))
 
+    def alignment_rows(self) -> Tensor:
+        """``[B, T, S]``: row ``t`` is the gold distribution over source pieces for the step that predicts
+        ``tgt_out[t]`` (uniform over the pieces linked to that target piece), all zeros where it has none."""
+        assert self.alignment is not None
+        rows = torch.zeros(*self.tgt_in.shape, self.src.shape[1], device=self.src.device)
+        rows[self.alignment[:, 0], self.alignment[:, 1], self.alignment[:, 2]] = 1.0
+        return rows / rows.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tensor, Tensor]:
     """Right-pad to a ``[B, T]`` long tensor; returns ``(ids, pad_mask)``."""
@@ -75,18 +83,17 @@ def collate(examples: Sequence[tuple]) -> Batch:
     """Turn ``(source ids with EOS, target ids without BOS/EOS)`` pairs into a Batch.
 
     Examples of three (guided alignment: :func:`encode_pairs` with ``alignments``) carry their
-    ``[N, 2]`` ``(target piece, source piece)`` links, which become ``Batch.alignment``.
+    ``[N, 2]`` ``(target piece, source piece)`` links, which become ``Batch.alignment`` (with
+    each example's row in the batch in front).
     """
     src, src_mask = pad_sequences([e[0] for e in examples])
     tgt_in, tgt_mask = pad_sequences([[BOS_ID, *e[1]] for e in examples])
     tgt_out, _ = pad_sequences([[*e[1], EOS_ID] for e in examples])
     alignment = None
     if examples and len(examples[0]) == 3:
-        alignment = torch.zeros(len(examples), tgt_in.shape[1], src.shape[1])
-        for b, example in enumerate(examples):
-            links = torch.as_tensor(example[2], dtype=torch.long).reshape(-1, 2)
-            alignment[b, links[:, 0], links[:, 1]] = 1.0
-        alignment /= alignment.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        alignment = torch.cat([torch.cat([torch.full((len(e[2]), 1), b, dtype=torch.long),
+                                          torch.as_tensor(e[2], dtype=torch.long).reshape(-1, 2)], dim=1)
+                               for b, e in enumerate(examples)])
     return Batch(src, tgt_in, tgt_out, src_mask, tgt_mask, alignment)
 
 

@@ -81,7 +81,7 @@ def guided_alignment_loss(attention: torch.Tensor, gold: torch.Tensor) -> torch.
 
     Args:
         attention: ``[B, T, S]`` one head's cross-attention weights, rows summing to 1.
-        gold: ``[B, T, S]`` the normalised gold alignment rows (:attr:`Batch.alignment`), rows
+        gold: ``[B, T, S]`` the normalised gold alignment rows (:meth:`Batch.alignment_rows`), rows
             summing to 1 where the position has a link, all zeros elsewhere.
 
     Returns:
@@ -343,7 +343,7 @@ class Trainer:
         loss = loss_sum / max(tokens, 1)
         total = loss
         if guided:
-            alignment_loss = guided_alignment_loss(cross[:, cfg.guided_alignment_head], batch.alignment)
+            alignment_loss = guided_alignment_loss(cross[:, cfg.guided_alignment_head], batch.alignment_rows())
             total = loss + cfg.guided_alignment_weight * alignment_loss
             self.alignment_loss = float(alignment_loss)
         self.optimizer.zero_grad(set_to_none=True)
