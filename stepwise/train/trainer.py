@@ -345,7 +345,7 @@ class Trainer:
         if guided:
             alignment_loss = guided_alignment_loss(cross[:, cfg.guided_alignment_head], batch.alignment_rows())
             total = loss + cfg.guided_alignment_weight * alignment_loss
-            self.alignment_loss = float(alignment_loss)
+            self.alignment_loss = alignment_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
