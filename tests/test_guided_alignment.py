@@ -324,3 +324,37 @@ def test_a_guided_run_registers_its_aer_and_reading(clearml_server: ClearMLServe
     manifest = json.loads(next((tmp_path / "run" / "exports").glob("*/manifest.json")).read_text())
     assert manifest["source_model"]["metadata"]["aer"] == versions["transformer-de-en-tiny"]["aer"]
     assert os.path.isdir(cache) and len(list(cache.glob("*.align"))) == 1  # read, not aligned again
+
+
+@pytest.mark.integration
+def test_a_dataset_version_carries_its_alignments(clearml_server: ClearMLServerProcess, tmp_path: Path) -> None:
+    """``stepwise corpus --upload --alignments`` puts ``train.align`` into the version (here from the cache,
+    seeded beforehand, so no eflomal); guided training on that version reads it and aligns nothing."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    settings = ["--set", "data.corpus=tsv"]
+    for split, pairs in {"train": SAMPLE_PAIRS, "valid": SAMPLE_PAIRS[:2]}.items():
+        (corpus / f"{split}.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+        settings += ["--set", f"data.{split}_path={corpus / f'{split}.tsv'}"]
+    seeded = tmp_path / "seeded"
+    links = [{(0, 0), (1, 1)}] * len(SAMPLE_PAIRS)
+    alignments.write_links(seeded / f"{alignments.corpus_digest(SAMPLE_PAIRS)}.align", links)
+    upload = subprocess.run([sys.executable, "-m", "stepwise", "corpus", "--upload", "corpora/guided", "--alignments",
+                             *settings], env={**clearml_server.env, alignments.CACHE_ENV: str(seeded)}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert upload.returncode == 0, upload.stderr[-3000:]
+
+    empty = tmp_path / "empty-cache"
+    run = subprocess.run(
+        [sys.executable, "-m", "stepwise.train", "--config", str(ROOT / "config" / "tiny.json"),
+         "--set", "data.dataset=corpora/guided", "--set", "model.d_model=32", "--set", "model.d_ff=64",
+         "--set", "model.vocab_size=100", "--set", "train.eval_sentences=2", "--set", "train.heatmap_sentences=0",
+         "--set", "train.max_steps=2", "--set", "train.save_every=2", "--set", "train.export_onnx=false",
+         "--set", "train.guided_alignment_weight=0.1", "--no-register",
+         "--project-name", "guided", "--task-name", "from-dataset", "--output-dir", str(tmp_path / "run")],
+        env={**clearml_server.env, alignments.CACHE_ENV: str(empty)}, cwd=tmp_path, capture_output=True, text=True,
+        timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "word alignments from the dataset version (train.align)" in run.stderr
+    assert "eflomal" not in run.stderr and not empty.exists()  # nothing aligned, nothing cached
+    assert "no alignment error rate" in run.stderr  # not the gold set's corpus
