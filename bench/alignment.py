@@ -2,7 +2,7 @@
 
 ``python -m bench alignment [--checkpoint PATH]`` (or ``python -m bench.alignment [PATH ...]``) scores
 word alignments against the hand-made gold links of the 94 validation verses
-(:mod:`bench.gold`, ``bench/gold/GUIDELINES.md``): alignment error rate (Och & Ney; lower is
+(:mod:`stepwise.train.gold`, ``bench/gold/GUIDELINES.md``): alignment error rate (Och & Ney; lower is
 better), precision against the possible links and recall of the sure links, each with the links of
 all verses pooled, as AER is usually reported.
 
@@ -10,8 +10,9 @@ Systems:
 
 - **diagonal**: no model; target word ``j`` linked to the source word at the same relative place.
 - **eflomal** (Östling & Tiedemann 2016), trained on the training split plus the gold verses
-  (whitespace words, lowercased, punctuation at a word's edges stripped; the words keep their
-  places, so its links index the same words): forward (each English word gets one German word),
+  as training's guided alignment runs it (:mod:`stepwise.train.alignments`: whitespace words,
+  punctuation at a word's edges stripped; the words keep their places, so its links index the
+  same words): forward (each English word gets one German word),
   reverse (each German word gets one English word), their intersection, their union and
   grow-diag-final-and (Koehn et al. 2005), the usual symmetrisation.
 - **the model** (with ``--checkpoint``): each verse teacher-forced (German source, English
@@ -25,7 +26,9 @@ Systems:
     sends through the head, ``‖α·f(x)‖`` with ``f(x) = x W_V W_O`` (Kobayashi et al. 2020), rows
     renormalised;
 
-  each per layer × head, per layer (head average) and averaged over everything. The summary table
+  each per layer × head, per layer (head average) and averaged over everything; a checkpoint
+  trained with guided alignment (``train.guided_alignment_weight``) also gets the row of its
+  guided head, read at the predicting step as training guided it. The summary table
   gives each reading's best layer × head (picked on these same verses, so an optimistic figure),
   each layer's head average and the overall average; the AER of every layer × head follows in one
   grid per reading.
@@ -36,41 +39,24 @@ Results go to ``bench/results/alignment-DEVICE.md``.
 from __future__ import annotations
 
 import argparse
-import string
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bench.common import table, write_results
-from bench.gold import GoldVerse, read_gold
-from stepwise.serve.alignment import AVERAGE, Choice, alignment_error_rate, attention_source, word_alignment
+from stepwise.serve.alignment import AVERAGE, Choice, attention_source, word_alignment
+from stepwise.train.alignments import eflomal_directions, grow_diag_final_and
+from stepwise.train.gold import GoldVerse, read_gold, scores
 
 Links = set[tuple[int, int]]
 READINGS = ("predicting step", "reading step", "value-norm")
-_EDGE_PUNCTUATION = string.punctuation + "„“”‚‘’«»–—"
 
 
-# ---------------------------------------------------------------------------------------------- scores
-
-def scores(hypotheses: list[Links], verses: list[GoldVerse]) -> tuple[float, float, float]:
-    """AER, precision and recall of one system's links, pooled over the verses.
-
-    Precision is ``|A∩P| / |A|`` (a link is right if it is at least possible), recall
-    ``|A∩S| / |S|`` (sure links found); AER is ``1 - (|A∩S| + |A∩P|) / (|A| + |S|)``.
-    """
-    hypothesis, sure, possible = set(), set(), set()
-    for n, (links, verse) in enumerate(zip(hypotheses, verses, strict=True)):
-        hypothesis |= {(n, i, j) for i, j in links}
-        sure |= {(n, i, j) for i, j in verse.sure}
-        possible |= {(n, i, j) for i, j in verse.sure | verse.possible}
-    precision = len(hypothesis & possible) / len(hypothesis) if hypothesis else 0.0
-    recall = len(hypothesis & sure) / len(sure) if sure else 0.0
-    return alignment_error_rate(hypothesis, sure, possible), precision, recall
-
+# ---------------------------------------------------------------------------------------------- baselines
 
 def diagonal(verses: list[GoldVerse]) -> list[Links]:
     """The no-model baseline: target word ``j`` linked to the source word at the same relative place."""
@@ -83,66 +69,15 @@ def diagonal(verses: list[GoldVerse]) -> list[Links]:
 
 # ---------------------------------------------------------------------------------------------- eflomal
 
-def eflomal_words(text: str) -> str:
-    """The whitespace words as eflomal sees them: punctuation at the edges stripped, one per word."""
-    return " ".join(word.strip(_EDGE_PUNCTUATION) or word for word in text.split())
-
-
-def grow_diag_final_and(forward: Links, reverse: Links) -> Links:
-    """Symmetrise two directional alignments (Koehn et al. 2005; Moses' ``grow-diag-final-and``).
-
-    Start from the intersection; add union links next to (also diagonally) an aligned link while
-    either of their words is unaligned, until nothing changes; then add union links of each
-    direction whose words are both unaligned.
-    """
-    union = forward | reverse
-    alignment = forward & reverse
-    source_aligned = {i for i, _ in alignment}
-    target_aligned = {j for _, j in alignment}
-    neighbours = [(-1, 0), (0, -1), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
-    grown = True
-    while grown:
-        grown = False
-        for i, j in sorted(alignment):
-            for di, dj in neighbours:
-                link = (i + di, j + dj)
-                if link in union and link not in alignment and (
-                        link[0] not in source_aligned or link[1] not in target_aligned):
-                    alignment.add(link)
-                    source_aligned.add(link[0])
-                    target_aligned.add(link[1])
-                    grown = True
-    for direction in (forward, reverse):
-        for i, j in sorted(direction):
-            if i not in source_aligned and j not in target_aligned:
-                alignment.add((i, j))
-                source_aligned.add(i)
-                target_aligned.add(j)
-    return alignment
-
-
-def _read_links(path: Path) -> list[Links]:
-    return [{(int(i), int(j)) for i, j in (pair.split("-") for pair in line.split())}
-            for line in path.read_text().splitlines()]
-
-
 def eflomal_alignments(verses: list[GoldVerse], training: Iterable[tuple[str, str]]) -> dict[str, list[Links]]:
     """eflomal's links for the gold verses, aligned together with ``training`` (the gold verses last).
 
     Returns:
         ``{"forward", "reverse", "intersection", "union", "grow-diag-final-and"}`` -> links per verse.
     """
-    from eflomal import Aligner
-
     pairs = [*training, *((verse.source, verse.reference) for verse in verses)]
-    source = [eflomal_words(s) for s, _ in pairs]
-    target = [eflomal_words(t) for _, t in pairs]
-    with tempfile.TemporaryDirectory(prefix="stepwise-eflomal-") as tmp:
-        forward_file, reverse_file = Path(tmp) / "forward", Path(tmp) / "reverse"
-        Aligner().align(source, target, links_filename_fwd=str(forward_file),
-                        links_filename_rev=str(reverse_file), quiet=True)
-        forward = _read_links(forward_file)[-len(verses):]
-        reverse = _read_links(reverse_file)[-len(verses):]
+    forward, reverse = eflomal_directions(pairs)
+    forward, reverse = forward[-len(verses):], reverse[-len(verses):]
     return {
         "forward": forward,
         "reverse": reverse,
@@ -154,12 +89,12 @@ def eflomal_alignments(verses: list[GoldVerse], training: Iterable[tuple[str, st
 
 # ---------------------------------------------------------------------------------------------- the model
 
-def cross_attention(checkpoint_path: str, verses: list[GoldVerse]) -> tuple[list[dict], int]:
+def cross_attention(checkpoint_path: str, verses: list[GoldVerse]) -> tuple[list[dict], Any]:
     """Teacher-forced cross-attention of every verse, per reading, with its pieces.
 
     Returns:
         One dict per verse (``"maps"``: reading -> ``[L, H, T, S]``, ``"source"``/``"target"``:
-        the pieces each map's columns/rows stand for), and the checkpoint's step.
+        the pieces each map's columns/rows stand for), and the checkpoint.
     """
     import torch
 
@@ -187,7 +122,7 @@ def cross_attention(checkpoint_path: str, verses: list[GoldVerse]) -> tuple[list
         source_pieces, target_pieces = tokenizer.pieces(src), tokenizer.pieces(tgt)
         out.append({"maps": {"predicting step": cross, "reading step": cross, "value-norm": weighted},
                     "source": source_pieces, "target": target_pieces, "verse": verse})
-    return out, checkpoint.step
+    return out, checkpoint
 
 
 def model_links(verses: list[dict], reading: str, layer: Choice, head: Choice) -> list[Links]:
@@ -208,9 +143,14 @@ def model_links(verses: list[dict], reading: str, layer: Choice, head: Choice) -
 
 def model_sections(checkpoint_path: str, verses: list[GoldVerse]) -> tuple[list[list], list[str]]:
     """Summary rows of every reading of one checkpoint, and the AER grid of each reading."""
-    items, step = cross_attention(checkpoint_path, verses)
+    items, checkpoint = cross_attention(checkpoint_path, verses)
+    step, train = checkpoint.step, checkpoint.config.train
     layers, heads = items[0]["maps"]["predicting step"].shape[:2]
     rows, grids = [], []
+    if train.guided_alignment_weight > 0:  # the head training pulled towards eflomal's links
+        layer, head = range(layers)[train.guided_alignment_layer], train.guided_alignment_head
+        rows.append([f"step {step}, predicting step, guided head (weight {train.guided_alignment_weight:g}): "
+                     f"layer {layer} head {head}", *scores(model_links(items, "predicting step", layer, head), verses)])
     for reading in READINGS:
         grid = {(layer, head): scores(model_links(items, reading, layer, head), verses)
                 for layer in [*range(layers), AVERAGE] for head in [*range(heads), AVERAGE]}

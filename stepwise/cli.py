@@ -36,7 +36,8 @@ def _corpus_command(args: argparse.Namespace) -> int:
     if args.upload:
         from stepwise.train.data import upload_corpus
 
-        print(f"ClearML dataset {args.upload}: new version {upload_corpus(config.data, args.upload)}")
+        version = upload_corpus(config.data, args.upload, alignments=args.alignments)
+        print(f"ClearML dataset {args.upload}: new version {version}")
         return 0
     for split in SPLITS:
         pairs = load_split(config.data, split)
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=0, help="print the first N pairs of each split")
     p.add_argument("--upload", default=None, metavar="PROJECT/NAME",
                    help="put the splits into a new version of this ClearML dataset (train data.dataset=PROJECT/NAME)")
+    p.add_argument("--alignments", action="store_true",
+                   help="with --upload: add eflomal's word alignments of the training split (train.align), "
+                        "which guided alignment then reads instead of aligning")
     p.set_defaults(handler=_corpus_command)
     p = sub.add_parser("clearml-server", help="run the local ClearML server (API, file server, registry)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

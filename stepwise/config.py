@@ -133,6 +133,12 @@ class TrainConfig:
     average_last: int = 0  # at the end, average the last N saves into one more version (0 = off)
     export_onnx: bool = True  # register each saved version's ONNX export beside it (off: checkpoints only)
     export_parity_sentences: int = 8  # validation sentences each save's export is parity-checked on
+    # guided alignment (Garg et al. 2019): weight of the loss pulling one cross-attention head towards
+    # eflomal's word alignments of the training corpus (0 = off); the head: decoder layer (negative
+    # counts from the last) and head index
+    guided_alignment_weight: float = 0.0
+    guided_alignment_layer: int = -2
+    guided_alignment_head: int = 0
     precision: str = "fp32"
     seed: int = 1234
 
@@ -165,6 +171,9 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.average_last < 0 or self.average_last == 1:
             raise ConfigError(f"train.average_last: must be 0 (off) or >= 2, got {self.average_last}")
+        if self.guided_alignment_weight < 0:
+            raise ConfigError(f"train.guided_alignment_weight: must be >= 0 (0 = off), got "
+                              f"{self.guided_alignment_weight}")
         if self.average_last > self.keep_checkpoints:
             raise ConfigError(f"train.average_last: must be <= train.keep_checkpoints ({self.keep_checkpoints}), "
                               f"got {self.average_last}")
@@ -186,6 +195,14 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        if self.train.guided_alignment_weight > 0:
+            layers, heads = self.model.n_decoder_layers, self.model.n_heads
+            if not -layers <= self.train.guided_alignment_layer < layers:
+                raise ConfigError(f"train.guided_alignment_layer: must be in [-{layers}, {layers}) "
+                                  f"(model.n_decoder_layers), got {self.train.guided_alignment_layer}")
+            if not 0 <= self.train.guided_alignment_head < heads:
+                raise ConfigError(f"train.guided_alignment_head: must be in [0, {heads}) (model.n_heads), "
+                                  f"got {self.train.guided_alignment_head}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -188,14 +188,14 @@ def test_registry_view_matches_cli_and_promotes_through_the_gate(setup: Setup, b
         cells = row["cells"]
         assert cells[2] == version["created"] and cells[3] == version["metadata"]["step"]
         assert cells[4].split() == version["tags"] and cells[5] == ("yes" if version["published"] else "no")
-        assert cells[6] == f"{version['bleu']:.2f}"
+        assert cells[6] == f"{version['bleu']:.2f}" and cells[7] == ""  # AER: these versions measured none
         assert row["marked"] == [t for t in version["tags"] if t in ("production", "candidate")]
         assert row["link"] == f"{setup.server.url}/projects/{setup.project}/experiments/{setup.task}/output/log"
     # the link opens the experiment's results page on the embedded server
     page_of_run = requests.get(rows[0]["link"], timeout=60)
     assert page_of_run.status_code == 200 and setup.task in page_of_run.text
     oldest = next(r for r in rows if r["id"] == setup.ids[0])
-    assert "production" in oldest["marked"] and oldest["cells"][7].startswith("passed:")  # the CLI's gate
+    assert "production" in oldest["marked"] and oldest["cells"][8].startswith("passed:")  # the CLI's gate
 
     # the gate refuses (the version must beat production by 100 BLEU): both scores shown, nothing moves
     _choose(page, "promote-version", f"{setup.ids[2]} (step 15)")

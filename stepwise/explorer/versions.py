@@ -1,9 +1,11 @@
 """The explorer's views across versions: the registry, attention over training, a version diff.
 
-* ``RegistryView``: every registered version of a model name, with its tags, BLEU, the gate's
-  comparison and a link to the experiment it came from. Started with ``--admin``, the page can
-  promote (through :func:`stepwise.registry.promotion.promote`, the BLEU gate of ``stepwise promote``)
-  and demote; then it asks the service to ``/reload`` and says which version now answers.
+* ``RegistryView``: every registered version of a model name, with its tags, BLEU, its gold-set
+  alignment error rate (AER, with the layer/head it was measured with: the reading the service
+  aligns with by default), the gate's comparison and a link to the experiment it came from.
+  Started with ``--admin``, the page can promote (through :func:`stepwise.registry.promotion.promote`,
+  the BLEU gate of ``stepwise promote``) and demote; then it asks the service to ``/reload`` and
+  says which version now answers.
 * ``TrainingView``: one run's registered checkpoints translating the same sentence; a slider over
   the training steps redraws that step's attention, with its BLEU beside it. The run menu opens on
   the run of the ``production`` version (the one the service answers with); only checkpoints with a
@@ -100,10 +102,20 @@ def gate_summary(metadata: dict[str, str]) -> str:
     return f"{result}: {metadata.get('gate_candidate_bleu', '?')} vs {against} on {metadata.get('gate_split', '?')}"
 
 
+def alignment_summary(version: registry.ModelVersion) -> str:
+    """The AER cell: the gold-set alignment error rate and the reading it was measured with (HTML)."""
+    if version.aer is None:
+        return ""
+    layer, head = version.metadata.get("alignment_layer", "?"), version.metadata.get("alignment_head", "?")
+    where = "average" if layer == head == "average" else f"layer {layer} head {head}"
+    return (f"<span class='aer' title='gold-set alignment error rate (lower is better), "
+            f"{html.escape(where)}'>{version.aer:.3f}</span> <small>{html.escape(where)}</small>")
+
+
 def registry_table(versions: list[registry.ModelVersion], host: str) -> str:
     """The versions as an HTML table, one row per version (``data-id`` on each row)."""
     head = "".join(f"<th>{h}</th>" for h in ("id", "name", "created", "step", "tags", "published", "BLEU",
-                                             "gate", "experiment"))
+                                             "AER", "gate", "experiment"))
     rows = []
     for v in versions:
         tags = " ".join(
@@ -116,7 +128,8 @@ def registry_table(versions: list[registry.ModelVersion], host: str) -> str:
         step = _step(v)
         cells = [f"<code class='version-id'>{html.escape(v.id)}</code>", html.escape(v.name), html.escape(v.created),
                  "" if step is None else str(step), tags, "yes" if v.published else "no",
-                 "" if v.bleu is None else f"{v.bleu:.2f}", html.escape(gate_summary(v.metadata)), link]
+                 "" if v.bleu is None else f"{v.bleu:.2f}", alignment_summary(v),
+                 html.escape(gate_summary(v.metadata)), link]
         rows.append(f"<tr data-id='{html.escape(v.id)}'>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return (f"<table id='registry-table' style='font-size:13px'><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")

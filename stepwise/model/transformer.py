@@ -10,6 +10,11 @@ Attention, when asked for, is returned in one layout everywhere (PyTorch, ONNX, 
 
     {"encoder": [L x (B, H, S, S)], "decoder": [L x (B, H, T, T)], "cross": [L x (B, H, T, S)]}
 
+Guided alignment (Garg et al. 2019) trains one cross-attention head: ``forward(...,
+cross_attention_layer=n)`` returns ``(logits, weights [B, H, T, S])`` of decoder layer ``n``'s
+cross-attention, computed on the explicit path in that layer only; every other attention keeps
+the fused kernel, so training without the alignment loss computes no weights at all.
+
 Head ablation takes the same keys: ``head_mask = {"encoder": [L_enc, H], "decoder": [L_dec, H],
 "cross": [L_dec, H]}`` (any kind may be left out), each row scaling that layer's heads' outputs
 before ``W^O`` (Michel et al. 2019; see :mod:`stepwise.model.attention`).
@@ -119,6 +124,7 @@ class Transformer(nn.Module):
         past: list[KeyValue] | None = None,
         need_weights: bool = False,
         head_mask: HeadMask | None = None,
+        cross_weights_layer: int | None = None,
     ) -> tuple[Tensor, list[KeyValue], list[Tensor], list[Tensor]]:
         """Run the decoder on ``tgt_ids [B, T]`` (all positions, or new ones after ``past``).
 
@@ -131,6 +137,9 @@ class Transformer(nn.Module):
             past: per-layer self-attention keys/values ``[B, H, t, d_k]`` of earlier positions.
             need_weights: also return attention weights.
             head_mask: ``"decoder"`` and ``"cross"`` ``[L_dec, H]`` head-output factors (ablation).
+            cross_weights_layer: without ``need_weights``, compute the cross-attention weights of
+                this layer alone (negative counts from the last); they are the only entry of the
+                returned cross-attention list.
 
         Returns:
             ``(logits [B, T, V], present keys/values, self-attention, cross-attention)``.
@@ -149,14 +158,17 @@ class Transformer(nn.Module):
         present, self_weights, cross_weights = [], [], []
         self_masks = _layer_masks(head_mask, "decoder", len(self.decoder_layers))
         cross_masks = _layer_masks(head_mask, "cross", len(self.decoder_layers))
+        weighed = None if cross_weights_layer is None else range(len(self.decoder_layers))[cross_weights_layer]
         for i, layer in enumerate(self.decoder_layers):
             x, kv, sw, cw = layer(x, cross_kv[i], self_bias=self_bias, cross_bias=cross_bias,
                                   past=None if past is None else past[i], is_causal=is_causal,
-                                  need_weights=need_weights, self_head_mask=self_masks[i],
+                                  need_weights=need_weights or i == weighed, self_head_mask=self_masks[i],
                                   cross_head_mask=cross_masks[i])
             present.append(kv)
             if need_weights:
                 self_weights.append(sw)
+                cross_weights.append(cw)
+            elif i == weighed:
                 cross_weights.append(cw)
         logits = self.output_projection(self.decoder_norm(x))
         return logits, present, self_weights, cross_weights
@@ -169,7 +181,8 @@ class Transformer(nn.Module):
         tgt_pad_mask: Tensor | None = None,
         return_attention: bool = False,
         head_mask: HeadMask | None = None,
-    ) -> Tensor | tuple[Tensor, Attention]:
+        cross_attention_layer: int | None = None,
+    ) -> Tensor | tuple[Tensor, Attention] | tuple[Tensor, Tensor]:
         """Teacher-forced forward pass.
 
         Args:
@@ -179,15 +192,19 @@ class Transformer(nn.Module):
             tgt_pad_mask: ``[B, T]`` bool, True at padding.
             return_attention: also return the attention weights of every layer and head.
             head_mask: per kind ``[layers, heads]`` factors for each head's output (module docstring).
+            cross_attention_layer: also return this decoder layer's cross-attention weights
+                ``[B, H, T, S]`` (guided alignment; ignored with ``return_attention``).
 
         Returns:
-            logits ``[B, T, V]``, or ``(logits, attention)`` when ``return_attention``.
+            logits ``[B, T, V]``; ``(logits, attention)`` when ``return_attention``; ``(logits,
+            cross-attention weights of one layer)`` when ``cross_attention_layer`` is given.
         """
         memory, enc_weights = self.encode(src_ids, src_pad_mask, need_weights=return_attention,
                                           head_mask=head_mask)
         logits, _, dec_weights, cross_weights = self.decode(
             tgt_ids, self.cross_key_values(memory), src_pad_mask=src_pad_mask, tgt_pad_mask=tgt_pad_mask,
-            need_weights=return_attention, head_mask=head_mask)
+            need_weights=return_attention, head_mask=head_mask,
+            cross_weights_layer=None if return_attention else cross_attention_layer)
         if not return_attention:
-            return logits
+            return logits if cross_attention_layer is None else (logits, cross_weights[0])
         return logits, {"encoder": enc_weights, "decoder": dec_weights, "cross": cross_weights}

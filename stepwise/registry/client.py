@@ -34,6 +34,9 @@ CANDIDATE = "candidate"
 REGISTER_PING_S = 3.0
 PRODUCTION = "production"
 DIGEST_KEY = "sha256"  # the metadata entry holding the registered file's digest
+# the gold-set alignment error rate and the cross-attention reading it was measured with (training
+# records them on a checkpoint's version; its ONNX export's version repeats them)
+ALIGNMENT_KEYS = ("aer", "alignment_reading", "alignment_layer", "alignment_head")
 CHUNK = 1 << 20
 
 
@@ -115,11 +118,19 @@ class ModelVersion:
         except (KeyError, ValueError):
             return None
 
+    @property
+    def aer(self) -> float | None:
+        """Gold-set alignment error rate recorded at registration, if any (lower is better)."""
+        try:
+            return float(self.metadata["aer"])
+        except (KeyError, ValueError):
+            return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (``stepwise models list --json``)."""
         return {"id": self.id, "name": self.name, "project": self.project, "created": self.created,
                 "tags": self.tags, "published": self.published, "framework": self.framework, "uri": self.uri,
-                "task": self.task, "bleu": self.bleu, "metadata": self.metadata}
+                "task": self.task, "bleu": self.bleu, "aer": self.aer, "metadata": self.metadata}
 
 
 @dataclass
@@ -328,7 +339,8 @@ def register_export(export_dir: Path, manifest: dict[str, Any], *, task: Any = N
     """Register an export directory as its own model (framework ONNX), linked to its source version.
 
     The files are uploaded as one package; metadata names the source version and the parity
-    figures, and the tag ``source:<id>`` lets :func:`find_export` find it.
+    figures (and repeats the source version's gold-set AER and alignment reading, ``ALIGNMENT_KEYS``,
+    when ``source_model.metadata`` has them), and the tag ``source:<id>`` lets :func:`find_export` find it.
 
     Args:
         export_dir: what :func:`stepwise.export.export_checkpoint` wrote.
@@ -374,6 +386,10 @@ def register_export(export_dir: Path, manifest: dict[str, Any], *, task: Any = N
                            "parity_max_log_prob_diff": parity.get("max_abs_log_prob_diff", ""),
                            "parity_max_attention_diff": parity.get("max_abs_attention_diff", "")}.items():
             model.set_metadata(key, str(value), "str")
+        measured = source.get("metadata", {})  # the source version's alignment figures, when training measured them
+        for key in ALIGNMENT_KEYS:
+            if key in measured:
+                model.set_metadata(key, str(measured[key]), "str")
     model.set_metadata(DIGEST_KEY, export_digest(Path(export_dir)), "str")
     try:
         # a package name of its own: one task registers the exports of all its saves

@@ -20,8 +20,10 @@ The result, ``soft``, is a ``[target words, source words]`` matrix whose rows su
 alignment links each target word ``j`` to its argmax source word ``i`` (one link per target
 word, none left unaligned), written as Pharaoh pairs ``i-j`` (0-based, source first), ordered
 by ``j``. Which cross-attention feeds it — one layer or the average of the layers, one head or
-the average of the heads — is :func:`attention_source`'s choice; the README says which layer
-aligns best on hand-aligned verses (``DEFAULT_LAYER``).
+the average of the heads — is :func:`attention_source`'s choice. A model aligns by default with
+the reading its registered version records (:func:`default_reading`: training measures the
+gold-set AER of the average and, with guided alignment, of the guided head, and keeps the better);
+a model whose version records none aligns with ``DEFAULT_LAYER``/``DEFAULT_HEAD``.
 
 numpy only: the service imports this module.
 """
@@ -38,13 +40,70 @@ WORD_START = "\u2581"  # "▁", SentencePiece's mark for a preceding space
 EOS_PIECE = "</s>"
 AVERAGE = "average"
 
-# Which cross-attention aligns by default: the average of every layer and head, chosen by
-# alignment error rate on hand-aligned verses (``python -m bench.alignment``; README, "Word
-# alignments"). It needs no depth-specific rule, so it means the same for any model.
+# Which cross-attention aligns when the model's version records no reading of its own: the
+# average of every layer and head, the best reading of a model trained without guided alignment
+# (``python -m bench alignment``). It needs no depth-specific rule, so it means the same for any model.
 DEFAULT_LAYER: Literal["average"] = AVERAGE
 DEFAULT_HEAD: Literal["average"] = AVERAGE
 
 Choice = int | Literal["average"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Which cross-attention aligns a model's words by default, and how well it aligned the gold set.
+
+    ``source`` says where it comes from: ``"version metadata"`` (what training measured) or
+    ``"fallback"`` (``DEFAULT_LAYER``/``DEFAULT_HEAD``; ``aer`` None).
+    """
+
+    layer: Choice
+    head: Choice
+    aer: float | None = None
+    reading: str = "predicting step"
+    source: str = "fallback"
+
+    def to_dict(self) -> dict[str, object]:
+        """What ``/model`` reports."""
+        return {"layer": self.layer, "head": self.head, "reading": self.reading, "aer": self.aer,
+                "source": self.source}
+
+
+def _choice(value: object, count: int) -> Choice | None:
+    """``"average"`` or an index below ``count`` (given as an int or its text); None otherwise."""
+    if value == AVERAGE:
+        return AVERAGE
+    try:
+        index = int(str(value))
+    except ValueError:
+        return None
+    return index if 0 <= index < count else None
+
+
+def default_reading(metadata: dict[str, object] | None, layers: int, heads: int) -> Reading:
+    """The reading a version's metadata records (``alignment_layer``, ``alignment_head``, ``aer``), if usable.
+
+    Args:
+        metadata: the version's metadata (values as the registry keeps them: text).
+        layers: the model's decoder layers.
+        heads: its heads per layer.
+
+    Returns:
+        The recorded reading; the fallback (``DEFAULT_LAYER``/``DEFAULT_HEAD``) when the metadata
+        has none, or one that does not fit the model, or one measured at another step than the
+        predicting one (the only one the service reads).
+    """
+    metadata = metadata or {}
+    layer = _choice(metadata.get("alignment_layer"), layers)
+    head = _choice(metadata.get("alignment_head"), heads)
+    reading = str(metadata.get("alignment_reading", "predicting step"))
+    if layer is None or head is None or reading != "predicting step":
+        return Reading(DEFAULT_LAYER, DEFAULT_HEAD)
+    try:
+        aer = float(str(metadata["aer"]))
+    except (KeyError, ValueError):
+        aer = None
+    return Reading(layer, head, aer, reading, "version metadata")
 
 
 @dataclass

@@ -61,8 +61,9 @@ def word_alignment(loaded: LoadedModel, options: TranslateOptions, out: Translat
     ``soft`` is ``[target word][source word]`` with rows summing to 1 (EOS dropped, rows
     renormalised; see :mod:`stepwise.serve.alignment`); ``hard`` is a Pharaoh line ``"i-j ..."``.
     """
-    layer = alignment.DEFAULT_LAYER if options.alignment_layer is None else options.alignment_layer
-    head = alignment.DEFAULT_HEAD if options.alignment_head is None else options.alignment_head
+    default = loaded.alignment_reading()  # the version's best reading, else the fallback
+    layer = default.layer if options.alignment_layer is None else options.alignment_layer
+    head = default.head if options.alignment_head is None else options.alignment_head
     eos = loaded.translator.tokenizer.pieces([loaded.translator.tokenizer.eos_id])[0]
     assert out.attention is not None  # decoded with attention whenever an alignment is asked for
     words = alignment.word_alignment(alignment.attention_source(out.attention["cross"], layer, head),

@@ -29,6 +29,7 @@ from typing import Any
 from stepwise.decode.onnx_runtime import EXPORT_FORMAT, OnnxTranslator, export_format
 from stepwise.errors import ConfigError, ExportError, ModelNotFound, RegistryUnavailable, StepwiseError
 from stepwise.registry import tracking
+from stepwise.serve import alignment
 from stepwise.serve.options import limits
 from stepwise.serve.sentences import DEFAULT_LANGUAGE
 
@@ -86,6 +87,12 @@ class LoadedModel:
 
     def identity(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "tags": self.tags}
+
+    def alignment_reading(self) -> alignment.Reading:
+        """Which cross-attention aligns words by default: what the version's metadata (in the export's
+        manifest, ``source_model.metadata``) records training measured best, else the fallback."""
+        metadata = self.translator.manifest.get("source_model", {}).get("metadata")
+        return alignment.default_reading(metadata, self.translator.n_layers, self.translator.n_heads)
 
     def layer_counts(self) -> dict[str, int]:
         """Layers per attention kind: the encoder may be deeper or shallower than the decoder."""
@@ -266,7 +273,9 @@ class ModelStore:
 
     def describe(self) -> dict[str, Any]:
         """``/model``: the default model's manifest, provider and load time, the registry's state, cached
-        ones, and every request limit (``limits``; ``max_beam_size`` is the default model's own)."""
+        ones, its default alignment reading (``alignment``: layer, head, the gold-set AER measured
+        with it, and whether it comes from the version's metadata or is the fallback), and every
+        request limit (``limits``; ``max_beam_size`` is the default model's own)."""
         default = self.default
         if self.model_dir:
             registry_state: dict[str, Any] = {"status": "not used (STEPWISE_MODEL_DIR)"}
@@ -287,6 +296,7 @@ class ModelStore:
             "manifest": default.translator.manifest,
             "layers": default.translator.n_layers, "heads": default.translator.n_heads,
             "encoder_layers": default.layer_counts()["encoder"], "max_beam_size": default.translator.top_k,
+            "alignment": default.alignment_reading().to_dict(),
             "limits": limits(),
             "cached": [{**m.identity(), "bytes": m.size_bytes, "loaded_at": _utc(m.loaded_at)}
                        for m in self._cache.values()],

@@ -204,9 +204,14 @@ def write_splits(config: DataConfig, folder: Path) -> dict[str, int]:
     return counts
 
 
-def upload_corpus(config: DataConfig, spec: str) -> str:
+def upload_corpus(config: DataConfig, spec: str, *, alignments: bool = False) -> str:
     """Put the configured corpus into a new version of ClearML dataset ``PROJECT/NAME``; the
-    latest finalized version of that name, if any, becomes its parent. Returns the new id."""
+    latest finalized version of that name, if any, becomes its parent. Returns the new id.
+
+    With ``alignments``, the version also carries eflomal's word alignments of its training split
+    (``train.align``, :mod:`stepwise.train.alignments`; taken from the local cache when this corpus
+    was aligned before), so guided alignment on this version never aligns again.
+    """
     import tempfile
 
     from clearml import Dataset
@@ -222,6 +227,10 @@ def upload_corpus(config: DataConfig, spec: str) -> str:
         parent = None
     with tempfile.TemporaryDirectory(prefix="stepwise-corpus-") as tmp:
         counts = write_splits(config, Path(tmp))
+        if alignments:
+            from stepwise.train.alignments import ALIGNMENTS_FILE, training_alignments, write_links
+
+            write_links(Path(tmp) / ALIGNMENTS_FILE, training_alignments(read_tsv(Path(tmp) / "train.tsv")))
         dataset = Dataset.create(dataset_project=project, dataset_name=name,
                                  parent_datasets=[parent.id] if parent is not None else None,
                                  description=f"{config.language_pair} parallel corpus "

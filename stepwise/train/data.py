@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,7 +38,9 @@ class Batch:
     """A padded batch; masks are True at padding.
 
     ``tgt_in`` is the decoder input (BOS + target), ``tgt_out`` what it must predict
-    (target + EOS).
+    (target + EOS). ``alignment`` (guided alignment only) holds the gold piece links as ``[N, 3]``
+    rows ``(batch row, target position, source position)``, kept sparse until
+    :meth:`alignment_rows` makes the dense rows on the batch's device.
     """
 
     src: Tensor
@@ -45,6 +48,7 @@ class Batch:
     tgt_out: Tensor
     src_pad_mask: Tensor
     tgt_pad_mask: Tensor
+    alignment: Tensor | None = None
 
     @property
     def target_tokens(self) -> int:
@@ -54,7 +58,16 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         """Move every tensor to ``device``."""
         return Batch(*(getattr(self, f).to(device) for f in ("src", "tgt_in", "tgt_out", "src_pad_mask",
-                                                               "tgt_pad_mask")))
+                                                               "tgt_pad_mask")),
+                     alignment=None if self.alignment is None else self.alignment.to(device))
+
+    def alignment_rows(self) -> Tensor:
+        """``[B, T, S]``: row ``t`` is the gold distribution over source pieces for the step that predicts
+        ``tgt_out[t]`` (uniform over the pieces linked to that target piece), all zeros where it has none."""
+        assert self.alignment is not None
+        rows = torch.zeros(*self.tgt_in.shape, self.src.shape[1], device=self.src.device)
+        rows[self.alignment[:, 0], self.alignment[:, 1], self.alignment[:, 2]] = 1.0
+        return rows / rows.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[Tensor, Tensor]:
@@ -66,30 +79,69 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> t
     return ids, ids == pad_id
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]]) -> Batch:
-    """Turn ``(source ids with EOS, target ids without BOS/EOS)`` pairs into a Batch."""
-    src, src_mask = pad_sequences([s for s, _ in examples])
-    tgt_in, tgt_mask = pad_sequences([[BOS_ID, *t] for _, t in examples])
-    tgt_out, _ = pad_sequences([[*t, EOS_ID] for _, t in examples])
-    return Batch(src, tgt_in, tgt_out, src_mask, tgt_mask)
+def collate(examples: Sequence[tuple]) -> Batch:
+    """Turn ``(source ids with EOS, target ids without BOS/EOS)`` pairs into a Batch.
+
+    Examples of three (guided alignment: :func:`encode_pairs` with ``alignments``) carry their
+    ``[N, 2]`` ``(target piece, source piece)`` links, which become ``Batch.alignment`` (with
+    each example's row in the batch in front).
+    """
+    src, src_mask = pad_sequences([e[0] for e in examples])
+    tgt_in, tgt_mask = pad_sequences([[BOS_ID, *e[1]] for e in examples])
+    tgt_out, _ = pad_sequences([[*e[1], EOS_ID] for e in examples])
+    alignment = None
+    if examples and len(examples[0]) == 3:
+        alignment = torch.cat([torch.cat([torch.full((len(e[2]), 1), b, dtype=torch.long),
+                                          torch.as_tensor(e[2], dtype=torch.long).reshape(-1, 2)], dim=1)
+                               for b, e in enumerate(examples)])
+    return Batch(src, tgt_in, tgt_out, src_mask, tgt_mask, alignment)
 
 
 def encode_pairs(
     pairs: Sequence[Pair], tokenizer: object, max_length: int, *, max_positions: int | None = None,
-) -> list[tuple[list[int], list[int]]]:
+    alignments: Sequence[set[tuple[int, int]]] | None = None,
+) -> list[tuple]:
     """Tokenize pairs, dropping those longer than ``max_length`` tokens on either side.
 
     With ``max_positions``, a pair whose source :func:`stepwise.tokenizer.truncate` would cut is
     dropped too: translation cuts such a source, but a cut source no longer matches its target.
+
+    Args:
+        pairs: ``(source, target)`` texts.
+        tokenizer: the run's tokenizer.
+        max_length: the longest side kept, in tokens (the target's with its EOS).
+        max_positions: the positional table's size, if a source may be cut.
+        alignments: word links per pair (:mod:`stepwise.train.alignments`): each kept example
+            then carries a third item, its ``[N, 2]`` piece links (none for a pair whose pieces
+            do not make its whitespace words).
+
+    Returns:
+        ``(source ids with EOS, target ids)`` per kept pair (and its piece links).
     """
     src = tokenizer.encode_batch([s for s, _ in pairs])  # type: ignore[attr-defined]
     tgt = tokenizer.encode_batch([t for _, t in pairs], add_eos=False)  # type: ignore[attr-defined]
-    kept = [(s, t) for s, t in zip(src, tgt) if len(s) <= max_length and len(t) + 1 <= max_length
+    keep = [n for n, (s, t) in enumerate(zip(src, tgt)) if len(s) <= max_length and len(t) + 1 <= max_length
             and (max_positions is None or len(truncate(s, max_positions)) == len(s))]
-    if len(kept) < len(pairs):
+    if len(keep) < len(pairs):
         log.info("dropped %d of %d pairs longer than %d tokens (or than the positional table allows)",
-                 len(pairs) - len(kept), len(pairs), max_length)
-    return kept
+                 len(pairs) - len(keep), len(pairs), max_length)
+    if alignments is None:
+        return [(src[n], tgt[n]) for n in keep]
+    from stepwise.train.alignments import piece_links
+
+    eos = tokenizer.pieces([tokenizer.eos_id])[0]  # type: ignore[attr-defined]
+    examples, unplaced = [], 0
+    for n in keep:
+        links = piece_links(tokenizer.pieces(src[n]), tokenizer.pieces(tgt[n]), alignments[n],  # type: ignore[attr-defined]
+                            source_words=len(pairs[n][0].split()), target_words=len(pairs[n][1].split()), eos=eos)
+        if links is None:
+            unplaced += 1
+            links = np.zeros((0, 2), dtype=np.int32)
+        examples.append((src[n], tgt[n], links))
+    if unplaced:
+        log.info("guided alignment: %d of %d pairs have pieces that do not make their words; they train "
+                 "without alignment links", unplaced, len(keep))
+    return examples
 
 
 def token_batches(

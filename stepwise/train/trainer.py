@@ -14,6 +14,17 @@ or otherwise) is logged and not registered at all, so no registered version lack
 checkpoint stays on disk. ``torchrun --nproc_per_node N -m stepwise.train`` trains data-parallel (DDP; gloo on CPU,
 NCCL on GPU); rank 0 alone logs, saves and registers.
 
+Guided alignment (``train.guided_alignment_weight`` > 0; Garg et al. 2019) adds a loss pulling one
+cross-attention head (``train.guided_alignment_layer``/``guided_alignment_head``) towards eflomal's
+word alignments of the training corpus (:mod:`stepwise.train.alignments`, aligned once per corpus
+version). When the validation split is the hand-aligned gold set (:mod:`stepwise.train.gold`, the
+bundled de→en corpus), every evaluation also scores the model's word alignments against it
+(teacher-forced, the predicting step's cross-attention: the service's reading): the AER of the
+average of all layers and heads and, with guided alignment, of the guided head, reported as
+ClearML scalars; the better of the two, with its layer and head, goes into each registered
+version's metadata (``aer``, ``alignment_reading``, ``alignment_layer``, ``alignment_head``), and
+the service aligns with that reading by default.
+
 The tracking server may go away mid-run (a restart): the SDK keeps the scalars and console
 lines it could not send and delivers them when the server is back, and a checkpoint saved
 meanwhile stays on disk (with its export) in a pending-registration queue, retried at each later save and at
@@ -49,14 +60,39 @@ from stepwise.errors import StepwiseError
 from stepwise.model import Transformer
 from stepwise.registry import client as registry
 from stepwise.registry import tracking
+from stepwise.serve import alignment as word_alignments
 from stepwise.tokenizer import Tokenizer
 from stepwise.train.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from stepwise.train.data import Batch, encode_pairs, load_split, token_batches
-from stepwise.train.evaluate import evaluate_bleu
+from stepwise.train.data import Batch, dataset_copy, encode_pairs, load_split, pad_sequences, token_batches
+from stepwise.train.evaluate import encode_sources, evaluate_bleu
+from stepwise.train.gold import gold_for, scores
 from stepwise.train.schedule import TrainingClock, build_optimizer
 
 log = logging.getLogger(__name__)
 REGISTRATION_WAIT_S = 600.0  # at the end of a run, how long to wait for the server to register pending saves
+ALIGNMENT_READING = "predicting step"  # the cross-attention row that aligns a target piece: the service's rule
+
+
+def guided_alignment_loss(attention: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Garg et al. (2019)'s alignment loss: the cross-entropy of one head's attention against the gold rows.
+
+    ``-sum_s p(s | t) log a(t, s)`` for each target position ``t`` that has a link, averaged over
+    those positions; positions without a link (padding, EOS, unaligned words) add nothing.
+
+    Args:
+        attention: ``[B, T, S]`` one head's cross-attention weights, rows summing to 1.
+        gold: ``[B, T, S]`` the normalised gold alignment rows (:meth:`Batch.alignment_rows`), rows
+            summing to 1 where the position has a link, all zeros elsewhere.
+
+    Returns:
+        A scalar (0, still attached to the graph, when no position has a link).
+    """
+    linked = gold.sum(dim=-1) > 0
+    if not bool(linked.any()):
+        return attention.sum() * 0.0
+    log_attention = torch.log(attention.float().clamp_min(1e-9))
+    cross_entropy = -(gold * log_attention).sum(dim=-1)
+    return cross_entropy[linked].mean()
 
 
 @dataclass
@@ -157,6 +193,8 @@ class Trainer:
         self.pending: list[PendingRegistration] = []
         self.clock = TrainingClock()  # training seconds over every invocation (train/schedule.py)
         self.lr = 0.0  # the learning rate the last optimizer step used
+        self.alignment_loss: float | None = None  # the guided-alignment loss of the last step
+        self.gold: list[Any] | None = None  # the gold verses, when the validation split is them
 
     # -- set-up ---------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Checkpoint | None:
@@ -224,12 +262,33 @@ class Trainer:
         # the vocabulary actually learned can be smaller than asked on a small corpus
         self.config.model.vocab_size = self.tokenizer.vocab_size
         max_positions = self.config.model.max_positions
-        self.train_examples = encode_pairs(train_pairs, self.tokenizer, data.max_length, max_positions=max_positions)
+        alignments = None
+        if self.config.train.guided_alignment_weight > 0:
+            alignments = self.training_alignments()[: len(train_pairs)]
+        self.train_examples = encode_pairs(train_pairs, self.tokenizer, data.max_length, max_positions=max_positions,
+                                           alignments=alignments)
+        self.gold = gold_for(self.valid_pairs)
+        if self.gold is None:
+            log.info("the validation split is not the gold set (bundled de-en corpus only): no alignment error rate")
         self.valid_examples = encode_pairs(self.valid_pairs, self.tokenizer, data.max_length,
                                            max_positions=max_positions)
         if not self.train_examples:
             raise StepwiseError("no training pairs left after filtering by data.max_length")
         log.info("data: %d training pairs, %d validation pairs", len(self.train_examples), len(self.valid_examples))
+
+    def training_alignments(self) -> list[set[tuple[int, int]]]:
+        """eflomal's word links of the whole training split (:func:`stepwise.train.alignments.training_alignments`).
+
+        Rank 0 aligns (or reads them) first; the other ranks then read what it stored.
+        """
+        from stepwise.train.alignments import training_alignments
+
+        data = self.config.data
+        folder = dataset_copy(data.dataset)[1] if data.dataset else None
+        pairs = load_split(data, "train")
+        links = training_alignments(pairs, dataset_folder=folder) if self.dist.is_main else []
+        self.dist.barrier()
+        return links if self.dist.is_main else training_alignments(pairs, dataset_folder=folder)
 
     def build(self, resumed: Checkpoint | None) -> None:
         torch.manual_seed(self.config.train.seed)
@@ -270,15 +329,25 @@ class Trainer:
         self.ddp_model.train()
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                     else nullcontext())
+        guided = cfg.guided_alignment_weight > 0 and batch.alignment is not None
         with autocast:
-            logits = self.ddp_model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask)
+            if guided:
+                logits, cross = self.ddp_model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask,
+                                               cross_attention_layer=cfg.guided_alignment_layer)
+            else:
+                logits = self.ddp_model(batch.src, batch.tgt_in, batch.src_pad_mask, batch.tgt_pad_mask)
         tokens = batch.target_tokens
         loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(),
                                    ignore_index=self.tokenizer.pad_id, label_smoothing=cfg.label_smoothing,
                                    reduction="sum")
         loss = loss_sum / max(tokens, 1)
+        total = loss
+        if guided:
+            alignment_loss = guided_alignment_loss(cross[:, cfg.guided_alignment_head], batch.alignment_rows())
+            total = loss + cfg.guided_alignment_weight * alignment_loss
+            self.alignment_loss = alignment_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.lr = self.optimizer.param_groups[0]["lr"]
@@ -376,8 +445,9 @@ class Trainer:
         cfg = self.config.train
         self.last_metrics, hypotheses = self.validation_metrics(self.model)
         bleu = self.last_metrics["bleu"]
-        log.info("step %d: val loss %.3f, accuracy %.3f, BLEU %.2f | %s -> %s", self.step,
+        log.info("step %d: val loss %.3f, accuracy %.3f, BLEU %.2f%s | %s -> %s", self.step,
                  self.last_metrics["val_loss"], self.last_metrics["val_accuracy"], bleu,
+                 f", gold AER {self.last_metrics['aer']:.3f}" if "aer" in self.last_metrics else "",
                  self.valid_pairs[0][0][:60], hypotheses[0][:60])
         if self.task is not None:
             logger = self.task.get_logger()
@@ -385,13 +455,21 @@ class Trainer:
             logger.report_scalar("token accuracy", "validation", self.last_metrics["val_accuracy"],
                                  iteration=self.step)
             logger.report_scalar("BLEU", f"validation (beam {cfg.eval_beam_size})", bleu, iteration=self.step)
+            if "aer" in self.last_metrics:
+                logger.report_scalar("alignment error rate (gold)", "average of all layers and heads",
+                                     self.last_metrics["aer_average"], iteration=self.step)
+                if "aer_guided" in self.last_metrics:
+                    layer = range(self.config.model.n_decoder_layers)[cfg.guided_alignment_layer]
+                    logger.report_scalar("alignment error rate (gold)", f"guided: layer {layer} head "
+                                         f"{cfg.guided_alignment_head}", self.last_metrics["aer_guided"],
+                                         iteration=self.step)
             for i, (src, _) in enumerate(self.valid_pairs[: cfg.heatmap_sentences]):
                 self.report_heatmaps(logger, i, src)
         self.dist.barrier()
 
     @torch.no_grad()
     def validation_metrics(self, model: Transformer) -> tuple[dict[str, float], list[str]]:
-        """``model``'s validation loss, token accuracy and BLEU; and its translations."""
+        """``model``'s validation loss, token accuracy and BLEU (and its gold-set AER); and its translations."""
         cfg = self.config.train
         model.eval()
         loss_sum, correct, total = 0.0, 0, 0
@@ -405,7 +483,70 @@ class Trainer:
             total += int(keep.sum())
         bleu, hypotheses = evaluate_bleu(model, self.tokenizer, self.valid_pairs, beam_size=cfg.eval_beam_size,
                                          limit=cfg.eval_sentences)
-        return {"val_loss": loss_sum / max(total, 1), "val_accuracy": correct / max(total, 1), "bleu": bleu}, hypotheses
+        metrics = {"val_loss": loss_sum / max(total, 1), "val_accuracy": correct / max(total, 1), "bleu": bleu}
+        if self.gold is not None:
+            metrics.update(self.gold_alignment_error_rates(model))
+        return metrics, hypotheses
+
+    @torch.no_grad()
+    def gold_alignment_error_rates(self, model: Transformer) -> dict[str, float]:
+        """AER of ``model``'s word alignments on the gold verses, teacher-forced on their references.
+
+        Returns:
+            ``aer_average`` (all layers and heads averaged) and, with guided alignment on,
+            ``aer_guided`` (the guided head); ``aer`` is the better of them.
+        """
+        assert self.gold is not None
+        cfg = self.config.train
+        model.eval()
+        layers = model.config.n_decoder_layers
+        readings: dict[str, tuple[Any, Any]] = {"aer_average": (word_alignments.AVERAGE, word_alignments.AVERAGE)}
+        if cfg.guided_alignment_weight > 0:
+            readings["aer_guided"] = (range(layers)[cfg.guided_alignment_layer], cfg.guided_alignment_head)
+        sources = encode_sources(self.tokenizer, [verse.source for verse in self.gold], model.config.max_positions)
+        targets = [ids[: model.config.max_positions] for ids in
+                   self.tokenizer.encode_batch([verse.reference for verse in self.gold])]  # pieces + EOS
+        eos = self.tokenizer.pieces([self.tokenizer.eos_id])[0]
+        links: dict[str, list[set[tuple[int, int]]]] = {name: [] for name in readings}
+        for start in range(0, len(self.gold), 16):
+            chunk = range(start, min(start + 16, len(self.gold)))
+            src, src_mask = pad_sequences([sources[n] for n in chunk], pad_id=model.config.pad_id)
+            tgt_in, tgt_mask = pad_sequences([[self.tokenizer.bos_id, *targets[n][:-1]] for n in chunk],
+                                             pad_id=model.config.pad_id)
+            _, attention = model(src.to(self.device), tgt_in.to(self.device), src_mask.to(self.device),
+                                 tgt_mask.to(self.device), return_attention=True)
+            cross = torch.stack(attention["cross"], dim=1).float().cpu().numpy()  # [B, L, H, T, S]
+            for row, n in enumerate(chunk):
+                weights = cross[row, :, :, : len(targets[n]), : len(sources[n])]
+                source_pieces, target_pieces = self.tokenizer.pieces(sources[n]), self.tokenizer.pieces(targets[n])
+                for name, (layer, head) in readings.items():
+                    aligned = word_alignments.word_alignment(word_alignments.attention_source(weights, layer, head),
+                                                             source_pieces, target_pieces, eos=eos)
+                    links[name].append(set(aligned.hard()) if len(aligned.target_words) ==
+                                       len(self.gold[n].target_words) else set())
+        rates = {name: scores(found, self.gold)[0] for name, found in links.items()}
+        rates["aer"] = min(rates.values())
+        return rates
+
+    def alignment_metadata(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """The gold-set AER of ``metrics`` with the reading, layer and head it was measured with (registry
+        metadata; empty without a gold set): the guided head when it aligns better than the average."""
+        if "aer" not in metrics:
+            return {}
+        cfg = self.config.train
+        layer: Any = word_alignments.AVERAGE
+        head: Any = word_alignments.AVERAGE
+        if "aer_guided" in metrics and metrics["aer_guided"] < metrics["aer_average"]:
+            layer = range(self.config.model.n_decoder_layers)[cfg.guided_alignment_layer]
+            head = cfg.guided_alignment_head
+        return {"aer": round(metrics["aer"], 4), "alignment_reading": ALIGNMENT_READING,
+                "alignment_layer": layer, "alignment_head": head}
+
+    def registration_metadata(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """What a registered version's metadata records of a checkpoint with these validation metrics."""
+        return {"bleu": round(metrics.get("bleu", 0.0), 2), "loss": round(metrics.get("val_loss", float("nan")), 4),
+                "step": self.step, "config_hash": self.config.hash(),
+                "language_pair": self.config.data.language_pair, **self.alignment_metadata(metrics)}
 
     def report_heatmaps(self, logger: Any, index: int, sentence: str) -> None:
         """Cross-attention of a fixed sentence: head-averaged and per head, for every layer."""
@@ -436,6 +577,8 @@ class Trainer:
         for name, norm in _layer_grad_norms(self.model).items():
             logger.report_scalar("gradient norm per layer", name, norm, iteration=self.step)
         logger.report_scalar("throughput", "target tokens/s", tokens_per_s, iteration=self.step)
+        if self.alignment_loss is not None:
+            logger.report_scalar("loss", "guided alignment (train)", self.alignment_loss, iteration=self.step)
 
     def checkpoint_path(self) -> Path:
         return self.checkpoint_dir / f"step-{self.step:07d}.pt"
@@ -456,10 +599,7 @@ class Trainer:
         path = save_checkpoint(self.checkpoint_path(), self.checkpoint())
         log.info("saved %s", path)
         if self.registering:
-            metadata = {"bleu": round(self.last_metrics.get("bleu", 0.0), 2),
-                        "loss": round(self.last_metrics.get("val_loss", float("nan")), 4), "step": self.step,
-                        "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair}
-            self.queue_registration(PendingRegistration(path, self.step, metadata))
+            self.queue_registration(PendingRegistration(path, self.step, self.registration_metadata(self.last_metrics)))
         waiting = {item.path.name for item in self.pending}  # never delete a save before it is registered
         for old in sorted(self.checkpoint_dir.glob("step-*.pt"))[: -self.config.train.keep_checkpoints]:
             if old.name not in waiting:
@@ -587,9 +727,7 @@ class Trainer:
                                              f"{len(steps)}", bleu, iteration=self.step)
         if self.args.offline or self.args.no_register:
             return
-        metadata = {"bleu": round(bleu, 2), "loss": round(averaged.metrics["val_loss"], 4), "step": self.step,
-                    "config_hash": self.config.hash(), "language_pair": self.config.data.language_pair,
-                    "averaged_steps": ",".join(map(str, steps))}
+        metadata = {**self.registration_metadata(averaged.metrics), "averaged_steps": ",".join(map(str, steps))}
         self.queue_registration(PendingRegistration(path, self.step, metadata, tags=[registry.CANDIDATE, "averaged"],
                                                     comment=f"average of steps {metadata['averaged_steps']}"))
 
