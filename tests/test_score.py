@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stepwise.decode.onnx_runtime import OnnxTranslator
+from stepwise.explorer.divergence import common_prefix
 from stepwise.export import teacher_forced
 from stepwise.serve import alignment
 from stepwise.train.checkpoint import load_checkpoint
@@ -95,11 +96,16 @@ def test_score_of_the_services_own_translation_returns_its_attention(tiny_servic
         own = tiny_service.post("/translate", {"text": TEXT, "attention": "all", "beam_size": beam}).json()
         scored = tiny_service.post("/score", {"text": TEXT, "translation": own["translation"],
                                               "attention": "all"}).json()
-        if scored["target_tokens"] != own["target_tokens"]:  # the text does not re-encode to the same pieces
-            pytest.skip(f"re-encoding changed the pieces: {own['target_tokens']} -> {scored['target_tokens']}")
-        for kind in ("encoder", "decoder", "cross"):
-            np.testing.assert_allclose(np.array(scored["attention"][kind]), np.array(own["attention"][kind]),
-                                       atol=1e-4)
+        # an untrained model's translation may stop at its length budget without EOS, which the given
+        # text then gains: the rows of the tokens both share are the same prefixes, so the same weights
+        shared = common_prefix(scored["target_tokens"], own["target_tokens"])
+        assert shared >= len(own["target_tokens"]) - 1 and shared > 0, (own["target_tokens"], scored["target_tokens"])
+        np.testing.assert_allclose(np.array(scored["attention"]["encoder"]), np.array(own["attention"]["encoder"]),
+                                   atol=1e-4)
+        for kind in ("decoder", "cross"):
+            ours, theirs = np.array(scored["attention"][kind]), np.array(own["attention"][kind])
+            keys = shared if kind == "decoder" else ours.shape[-1]
+            np.testing.assert_allclose(ours[:, :, :shared, :keys], theirs[:, :, :shared, :keys], atol=1e-4)
 
 
 def test_contributions_are_optional_and_change_nothing_else(tiny_service: BentoProcess) -> None:
