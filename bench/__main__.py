@@ -1,4 +1,5 @@
-"""``python -m bench {all,train,translate,serve,export,headmask,alignment} [--checkpoint PATH] [--sentences N]``.
+"""``python -m bench {all,train,translate,serve,export,headmask,alignment,contributions} [--checkpoint PATH]
+[--sentences N]``.
 
 ``serve`` also measures the service against its engine (``OnnxTranslator`` offline on the same
 sentences), the answer's size per ``attention_format``, and the service's resident memory (idle,
@@ -117,7 +118,7 @@ def prepare_translation(checkpoint: Path, work: Path, sentences: int) -> dict[st
     for name in ("encoder.onnx", "decoder.onnx"):
         quantize_dynamic(str(work / "export" / name), str(int8 / name), weight_type=QuantType.QInt8)
     quantize_s = time.perf_counter() - started
-    for name in ("tokenizer.model", "manifest.json"):
+    for name in ("tokenizer.model", "manifest.json", "scorer.onnx"):  # the scorer stays fp32 (not timed here)
         (int8 / name).write_bytes((work / "export" / name).read_bytes())
     started = time.perf_counter()
     convert(ck, work / "ct2")
@@ -140,6 +141,8 @@ def bench_translate(checkpoint: Path, work: Path, sentences: int, device: str, r
         ("ONNX Runtime (service path, cross-attention)", {"system": "onnx", "export": str(work / "export"),
                                                           "attention": True}),
         ("ONNX Runtime, no attention", {"system": "onnx", "export": str(work / "export")}),
+        ("ONNX Runtime, search then scorer pass (all attention)", {"system": "onnx", "export": str(work / "export"),
+                                                                  "attention": "scorer"}),
         ("ONNX Runtime int8 (cross-attention)", {"system": "onnx", "export": str(work / "export-int8"),
                                                  "attention": True}),
         ("CTranslate2 fp32", {"system": "ct2", "ct2": str(work / "ct2"), "compute_type": "float32"}),
@@ -468,7 +471,8 @@ def bench_load(checkpoint: Path, work: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("what", choices=["all", "train", "translate", "serve", "export", "headmask", "alignment"])
+    parser.add_argument("what", choices=["all", "train", "translate", "serve", "export", "headmask", "alignment",
+                                         "contributions"])
     parser.add_argument("--checkpoint", default=None, help="checkpoint to measure (default: production, or fresh)")
     parser.add_argument("--sentences", type=int, default=None,
                         help=f"held-out sentences (default 500; {UNTRAINED_SENTENCES} for an untrained model)")
@@ -488,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
         bench_alignment([*(["--checkpoint", args.checkpoint] if args.checkpoint else []),
                          *(["--out", args.out] if args.out else [])])
         return 0
+    if args.what == "contributions":  # the source-share sanity check on the gold verses (needs a checkpoint)
+        from bench.contributions import main as bench_contributions
+
+        if not args.checkpoint:
+            parser.error("contributions needs --checkpoint (a trained model)")
+        return bench_contributions(["--checkpoint", args.checkpoint, *(["--out", args.out] if args.out else [])])
     if args.what == "headmask":  # needs no corpus: an untrained default-size model unless --checkpoint
         from bench.headmask import bench_headmask
 

@@ -1,7 +1,9 @@
 """One translation-throughput measurement: ``python -m bench.translate_worker '{...}'``.
 
 Systems: ``pytorch`` (this project's decoder with a KV cache), ``onnx`` (the ONNX Runtime loop the
-service uses; ``export`` may point at a quantized copy), ``ct2`` (CTranslate2 on converted weights).
+service uses; ``export`` may point at a quantized copy; ``"attention": "scorer"`` searches without
+attention and gets it from one pass of the scorer graph over the results), ``ct2`` (CTranslate2 on
+converted weights).
 Every system sees the same sentences in the same batches (sorted by length, then cut). Besides
 the totals it reports the median time per sentence (at batch 1: of single sentences, what a
 service's p50 latency is compared with) and the process's CPU seconds (with ``"threads": 1``, a
@@ -52,8 +54,12 @@ def main() -> None:
         translator = OnnxTranslator(args["export"], device=args.get("device", "cpu"), threads=args.get("threads"))
 
         def run(group: list[int]) -> list[list[int]]:
-            hyps = translator.decode_ids([sources[i] for i in group], beam_size=beam,
-                                         return_attention=args.get("attention", False))
+            batch = [sources[i] for i in group]
+            if args.get("attention") == "scorer":  # search without attention, then one scorer pass for it
+                hyps = translator.decode_ids(batch, beam_size=beam)
+                translator.score_ids(batch, [h.tokens + ([tokenizer.eos_id] if h.finished else []) for h in hyps])
+            else:
+                hyps = translator.decode_ids(batch, beam_size=beam, return_attention=args.get("attention", False))
             return [h.tokens for h in hyps]
     elif system == "ct2":
         import ctranslate2

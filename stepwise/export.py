@@ -1,4 +1,5 @@
-"""Compile a checkpoint to ONNX: an encoder graph and a one-step decoder graph with a KV cache.
+"""Compile a checkpoint to ONNX: an encoder graph, a one-step decoder graph with a KV cache, and a
+teacher-forced scorer graph.
 
 ``encoder.onnx``
     in: ``src_ids [B, S]`` (int64), ``src_pad_mask [B, S]`` (bool, True at padding),
@@ -20,6 +21,15 @@
     excluded: beam search of width k <= K needs no more, so the V-sized distribution never leaves
     the graph), ``present_keys_{i}``/``present_values_{i} [B*k, H, T+1, d_k]``,
     ``self_attention [L, B*k, H, 1, T+1]``, ``cross_attention [L, B*k, H, 1, S]``
+
+``scorer.onnx`` (format 5: the teacher-forced pass, :class:`ScorerGraph`; the encoder runs once
+and its outputs feed it)
+    in: ``src_pad_mask [B, S]``, ``tgt_ids [B, T]`` (BOS + the given tokens, padded), ``next_ids
+    [B, T]`` (the given tokens + EOS, padded), ``decoder_head_mask``/``cross_head_mask [L_dec, H]``,
+    per layer ``cross_keys_{i}``/``cross_values_{i} [B, H, S, d_k]``
+    out: ``log_probs [B, T]`` (each given token's log-probability, PAD and BOS at -inf as the step
+    graph ranks), ``decoder_attention [L, B, H, T, T]``, ``cross_attention [L, B, H, T, S]``,
+    ``contributions [B, T, S + T]`` (ALTI+, :mod:`stepwise.model.contributions`)
 
 The head masks (format 3) cost one multiply per attention sub-layer; ``python -m bench headmask``
 times the decoder step against a graph without them.
@@ -55,15 +65,18 @@ from stepwise.decode.onnx_runtime import (
     ENCODER_FILE,
     EXPORT_FORMAT,
     MANIFEST_FILE,
+    SCORER_FILE,
     TOKENIZER_FILE,
     TOP_K,
     OnnxTranslator,
+    Scored,
     cache_names,
 )
 from stepwise.decode.pytorch import decode
 from stepwise.decode.search import Hypothesis
 from stepwise.errors import CorpusError, ExportError, ModelNotFound
-from stepwise.model import Transformer
+from stepwise.model import Transformer, contributions
+from stepwise.model.attention import attention_bias
 from stepwise.train.checkpoint import Checkpoint
 from stepwise.train.data import load_split
 
@@ -130,6 +143,88 @@ class DecoderStepGraph(nn.Module):
         top_log_probs, top_ids = torch.topk(log_probs, self.top_k, dim=-1)
         return (top_log_probs, top_ids, *[k for k, _ in present], *[v for _, v in present], torch.stack(self_w),
                 torch.stack(cross_w))
+
+
+class ScorerGraph(nn.Module):
+    """What ``scorer.onnx`` computes: a teacher-forced decoder pass over given target tokens.
+
+    The decoder layers run as :class:`stepwise.model.layers.DecoderLayer` runs them (its own
+    sub-modules, the whole target at once under the causal mask), keeping what
+    :mod:`stepwise.model.contributions` needs of each attention sub-layer: its residual input, its
+    values and its weights. Row ``t`` of every output belongs to input position ``t``, the step
+    that predicts ``next_ids[:, t]``; rows past a sentence's length are padding (the causal mask
+    keeps them out of the real rows).
+
+    Inputs: ``src_pad_mask [B, S]``, ``tgt_ids [B, T]`` (BOS + given tokens), ``next_ids [B, T]``
+    (given tokens + EOS), ``decoder_head_mask``/``cross_head_mask [L, H]``, per layer
+    ``cross_keys_{i}``/``cross_values_{i} [B, H, S, d_k]`` (the encoder graph's outputs).
+    Outputs: ``log_probs [B, T]`` (each next token's log-probability, PAD and BOS at -inf as the
+    step graph ranks them), ``decoder_attention [L, B, H, T, T]``, ``cross_attention [L, B, H, T, S]``,
+    ``contributions [B, T, S + T]`` (the rolled-out ALTI+ contributions of the ``S`` source and ``T``
+    target positions to each position's prediction).
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        never = torch.zeros(model.config.vocab_size)
+        never[[model.config.pad_id, model.config.bos_id]] = float("-inf")
+        self.register_buffer("never", never, persistent=False)
+
+    def forward(self, src_pad_mask: Tensor, tgt_ids: Tensor, next_ids: Tensor, decoder_head_mask: Tensor,
+                cross_head_mask: Tensor, *cross: Tensor) -> tuple[Tensor, ...]:
+        model = self.model
+        layers = len(model.decoder_layers)
+        dtype = model.tgt_embed.weight.dtype
+        length = tgt_ids.shape[1]
+        self_bias = attention_bias(causal=True, query_length=length, key_length=length, dtype=dtype,
+                                   device=tgt_ids.device)
+        cross_bias = attention_bias(key_padding_mask=src_pad_mask, dtype=dtype)
+        x = model._embed(model.tgt_embed, tgt_ids)
+        rollout = contributions.start(src_pad_mask, tgt_ids)
+        self_weights, cross_weights = [], []
+        for i, layer in enumerate(model.decoder_layers):
+            self_mask, cross_mask = decoder_head_mask[i].reshape(1, -1, 1, 1), cross_head_mask[i].reshape(1, -1, 1, 1)
+            seen: dict[str, Tensor] = {}
+
+            def self_attention(h: Tensor, layer: nn.Module = layer, mask: Tensor = self_mask,
+                               seen: dict[str, Tensor] = seen) -> Tensor:
+                key, value = layer.self_attn.project_key_value(h)
+                out, seen["weights"] = layer.self_attn.attend(h, key, value, bias=self_bias, need_weights=True,
+                                                              head_mask=mask)
+                seen["values"] = value
+                return out
+
+            def cross_attention(h: Tensor, layer: nn.Module = layer, mask: Tensor = cross_mask,
+                                seen: dict[str, Tensor] = seen, kv: tuple[Tensor, Tensor] = (cross[i],
+                                                                                             cross[layers + i])
+                                ) -> Tensor:
+                out, seen["cross_weights"] = layer.cross_attn.attend(h, *kv, bias=cross_bias, need_weights=True,
+                                                                     head_mask=mask)
+                return out
+
+            residual = x
+            x = layer.self_block(x, self_attention)
+            rollout = contributions.mix_self(rollout, *self._shares(layer.self_attn, layer.self_block, residual,
+                                                                    seen["weights"], seen["values"], self_mask))
+            residual = x
+            x = layer.cross_block(x, cross_attention)
+            rollout = contributions.mix_cross(rollout, *self._shares(
+                layer.cross_attn, layer.cross_block, residual, seen["cross_weights"], cross[layers + i], cross_mask))
+            x = layer.ff_block(x, layer.feed_forward)
+            self_weights.append(seen["weights"])
+            cross_weights.append(seen["cross_weights"])
+        logits = model.output_projection(model.decoder_norm(x))
+        log_probs = torch.log_softmax(logits.float(), dim=-1) + self.never
+        token_log_probs = log_probs.gather(-1, next_ids[..., None]).squeeze(-1)
+        return token_log_probs, torch.stack(self_weights), torch.stack(cross_weights), rollout
+
+    @staticmethod
+    def _shares(attention: nn.Module, block: nn.Module, residual: Tensor, weights: Tensor, values: Tensor,
+                head_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """One attention sub-layer's contribution shares (:func:`stepwise.model.contributions.shares`)."""
+        terms = contributions.decompose(weights, contributions.head_values(values, attention.out_proj), head_mask)
+        return contributions.shares(residual, terms, attention.out_proj.bias, None if block.pre_norm else block.norm)
 
 
 def fuse_shared_input_projections(model: onnx.ModelProto) -> int:
@@ -216,7 +311,8 @@ def candidates_as_input(model: onnx.ModelProto) -> None:
 
 
 def _export_graphs(model: Transformer, folder: Path, opset: int, *, head_mask_inputs: bool = True) -> None:
-    """Write ``encoder.onnx`` and ``decoder.onnx`` (with the head-mask inputs unless told not to)."""
+    """Write ``encoder.onnx``, ``decoder.onnx`` and ``scorer.onnx`` (without the head-mask inputs:
+    the format-2 encoder and decoder only, for ``bench``)."""
     cfg = model.config
     heads, d_k = cfg.n_heads, cfg.d_model // cfg.n_heads
     names = cache_names(cfg.n_decoder_layers)
@@ -256,8 +352,25 @@ def _export_graphs(model: Transformer, folder: Path, opset: int, *, head_mask_in
                           **{n: {0: "rows", 2: "length"} for n in cache_out},
                           "top_log_probs": {0: "rows"}, "top_ids": {0: "rows"},
                           "self_attention": {1: "rows", 4: "length"}, "cross_attention": {1: "rows", 4: "source"}})
+        graphs = [ENCODER_FILE, DECODER_FILE]
+        if head_mask_inputs:  # the teacher-forced pass (format 5), traced with 2 sentences of 4 positions
+            target = torch.randint(4, cfg.vocab_size, (2, 4))
+            torch.onnx.export(
+                ScorerGraph(model), (mask, target, target.roll(-1, dims=1), *decoder_masks, *cross),
+                str(folder / SCORER_FILE), dynamo=False, opset_version=opset,
+                input_names=["src_pad_mask", "tgt_ids", "next_ids", *decoder_mask_names,
+                             *names["cross_keys"], *names["cross_values"]],
+                output_names=["log_probs", "decoder_attention", "cross_attention", "contributions"],
+                dynamic_axes={"src_pad_mask": {0: "batch", 1: "source"}, "tgt_ids": {0: "batch", 1: "target"},
+                              "next_ids": {0: "batch", 1: "target"},
+                              **{n: batch_source for n in names["cross_keys"] + names["cross_values"]},
+                              "log_probs": {0: "batch", 1: "target"},
+                              "decoder_attention": {1: "batch", 3: "target", 4: "target"},
+                              "cross_attention": {1: "batch", 3: "target", 4: "source"},
+                              "contributions": {0: "batch", 1: "target", 2: "positions"}})
+            graphs.append(SCORER_FILE)
     model.eval()  # the TorchScript exporter leaves modules in training mode (dropout on)
-    for name in (ENCODER_FILE, DECODER_FILE):
+    for name in graphs:
         graph = onnx.load(str(folder / name))
         log.debug("%s: fused %d groups of projections", name, fuse_shared_input_projections(graph))
         if name == DECODER_FILE and head_mask_inputs:  # (the format-2 graph ``bench headmask`` times keeps its K)
@@ -308,9 +421,33 @@ def compare_hypotheses(ours: list[Hypothesis], theirs: list[Hypothesis], *, tie_
     return same, ties, differ
 
 
+def teacher_forced(model: Transformer, source: list[int], target: list[int], *,
+                   head_mask: dict[str, Tensor] | None = None) -> Scored:
+    """PyTorch's teacher-forced pass over one target (ids ending with EOS): the scorer's reference.
+
+    Returns the :class:`Scored` the scorer graph should give (log-probabilities with PAD and BOS at
+    -inf, attention cut to the real lengths; ``contributions`` left empty: the graph's own rule).
+    """
+    cfg = model.config
+    inputs = [cfg.bos_id, *target[:-1]]
+    with torch.no_grad():
+        logits, attention = model(torch.tensor([source]), torch.tensor([inputs]), return_attention=True,
+                                  head_mask=head_mask)
+        log_probs = torch.log_softmax(logits.float(), -1)[0]
+        log_probs[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")
+        chosen = log_probs.gather(-1, torch.tensor(target)[:, None])[:, 0].numpy()
+    return Scored(tokens=list(target), log_probs=chosen, score=float(chosen.sum()),
+                  attention={kind: torch.stack(weights)[:, 0].numpy() for kind, weights in attention.items()},
+                  contributions=np.zeros((len(target), 0), dtype=np.float32))
+
+
 def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict[str, Any]:
     """Compare the ONNX export in ``folder`` with ``model`` on ``sentences``, as exported and with
     one head of each kind masked (:func:`parity_head_mask`).
+
+    The scorer graph is compared too: with PyTorch teacher forcing (:func:`teacher_forced`) over the
+    greedy translations and over each sentence paired with another's translation, and over the
+    search's own greedy and beam outputs, whose attention it must give back.
 
     Returns the figures; raises ExportError when tokens differ or a tolerance is exceeded. Beam
     search may return a different hypothesis of the same score (:func:`compare_hypotheses`,
@@ -324,7 +461,7 @@ def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict
     max_length = min(48, model.config.max_positions - 1)
     figures: dict[str, Any] = {"sentences": len(sentences), "max_length": max_length,
                                "log_prob_tolerance": LOG_PROB_TOLERANCE, "attention_tolerance": ATTENTION_TOLERANCE}
-    worst_attention = worst_log_prob = 0.0
+    worst_attention = worst_log_prob = worst_scorer_attention = worst_scorer_log_prob = 0.0
     for label, head_mask in (("", None), ("_masked", parity_head_mask(model))):
         torch_mask = None if head_mask is None else {kind: torch.from_numpy(m) for kind, m in head_mask.items()}
         for beam in (1, 4):
@@ -345,6 +482,23 @@ def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict
             for a, b in (pair for i, pair in enumerate(zip(ours, theirs, strict=True)) if i in same):
                 for kind in ("encoder", "decoder", "cross"):
                     worst_attention = max(worst_attention, float(np.abs(a.attention[kind] - b.attention[kind]).max()))
+            # the scorer over the search's own outputs gives the attention the search returned
+            emitted = [h.tokens + ([tok.eos_id] if h.finished else []) for h in ours]
+            for hyp, scored in zip(ours, translator.score_ids(sources, emitted, head_mask=head_mask), strict=True):
+                for kind in ("encoder", "decoder", "cross"):
+                    worst_scorer_attention = max(worst_scorer_attention, float(np.abs(
+                        hyp.attention[kind] - scored.attention[kind]).max()))
+            if beam == 1:  # the scorer against PyTorch teacher forcing, on own and on others' translations
+                targets = emitted + emitted[1:] + emitted[:1]
+                pairs = list(zip(sources + sources, targets, strict=True))
+                scored = translator.score_ids([s for s, _ in pairs], [t for _, t in pairs], head_mask=head_mask)
+                for (src, target), ours_scored in zip(pairs, scored, strict=True):
+                    reference = teacher_forced(model, src, target, head_mask=torch_mask)
+                    worst_scorer_log_prob = max(worst_scorer_log_prob, float(np.abs(
+                        ours_scored.log_probs - reference.log_probs).max()))
+                    for kind in ("decoder", "cross"):
+                        worst_scorer_attention = max(worst_scorer_attention, float(np.abs(
+                            ours_scored.attention[kind] - reference.attention[kind]).max()))
         # the top-K log-probabilities along PyTorch's greedy path, step by step through the ONNX decoder
         greedy = decode(model, torch.tensor([sources[0]]), max_length=max_length, head_mask=torch_mask)[0]
         path = [tok.bos_id, *greedy.tokens]
@@ -361,6 +515,14 @@ def check_parity(model: Transformer, folder: Path, sentences: list[str]) -> dict
             worst_log_prob = max(worst_log_prob, float(np.abs(top_log_probs[0] - reference[t]).max()))
     figures["max_abs_log_prob_diff"] = worst_log_prob
     figures["max_abs_attention_diff"] = worst_attention
+    figures["scorer_max_abs_log_prob_diff"] = worst_scorer_log_prob
+    figures["scorer_max_abs_attention_diff"] = worst_scorer_attention
+    if worst_scorer_log_prob > LOG_PROB_TOLERANCE:
+        raise ExportError(f"parity: the scorer's log-probabilities differ from PyTorch teacher forcing by "
+                          f"{worst_scorer_log_prob:.2e} > {LOG_PROB_TOLERANCE:g}")
+    if worst_scorer_attention > ATTENTION_TOLERANCE:
+        raise ExportError(f"parity: the scorer's attention differs by {worst_scorer_attention:.2e} > "
+                          f"{ATTENTION_TOLERANCE:g}")
     if worst_log_prob > LOG_PROB_TOLERANCE:
         raise ExportError(f"parity: log-probabilities differ by {worst_log_prob:.2e} > {LOG_PROB_TOLERANCE:g}")
     if worst_attention > ATTENTION_TOLERANCE:
@@ -395,7 +557,7 @@ def export_checkpoint(
             "source_model": source or {}, "name": checkpoint.config.name,
             "language_pair": checkpoint.config.data.language_pair, "step": checkpoint.step,
             "config": checkpoint.config.to_dict(), "config_hash": checkpoint.config.hash(), "opset": opset,
-            "files": [ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE],
+            "files": [ENCODER_FILE, DECODER_FILE, SCORER_FILE, TOKENIZER_FILE],
             "top_k": min(TOP_K, checkpoint.config.model.vocab_size),
         }
         (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

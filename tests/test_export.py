@@ -27,7 +27,7 @@ def test_export_fresh_model_passes_checker_and_parity(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(make_checkpoint(tmp_path / "model.pt"))
     manifest = export_checkpoint(checkpoint, tmp_path / "export", source={"id": "abc", "name": "x", "tags": []})
     out = tmp_path / "export"
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json", "scorer.onnx",
                                                      "tokenizer.model"]
     for name in ("encoder.onnx", "decoder.onnx"):
         onnx.checker.check_model(str(out / name), full_check=True)

@@ -1,7 +1,7 @@
 """The service under fuzzing: its own OpenAPI schema (``/docs.json``) drives schemathesis against a
 real ``bentoml serve`` (the session's tiny service).
 
-Every generated request to the five POST endpoints gets no 5xx; every 4xx names what it is about
+Every generated request to the six POST endpoints gets no 5xx; every 4xx names what it is about
 (``detail[].loc``, ``["body"]`` for the body itself); what the schema allows is accepted unless
 only the loaded model can refuse it (its beam width, layers, heads). The run is bounded (a few
 examples per endpoint, derandomized so a failure reproduces), and the multipart-without-boundary
@@ -24,7 +24,7 @@ from support.processes import BentoProcess
 
 pytestmark = pytest.mark.integration
 
-ENDPOINTS = ("/translate", "/translate_batch", "/translate_stream", "/model", "/reload")
+ENDPOINTS = ("/translate", "/translate_batch", "/translate_stream", "/score", "/model", "/reload")
 EXAMPLES = 12  # per endpoint and mode: enough to cover the schema's branches, short enough for `make test`
 
 
@@ -76,9 +76,11 @@ def test_no_server_errors_and_4xx_name_the_field(api_schema: Any, path: str, mod
 
 
 def _model_dependent(response: requests.Response) -> bool:
-    """A 400 only the loaded model can decide (its top-K, layer and head counts; alignment settings)."""
+    """A 400 only the loaded model can decide (its top-K, layer and head counts; alignment settings),
+    or ``/score``'s ``translation`` splitting into another number of sentences than ``text``."""
     fields = {str(item["loc"][-1]) for item in response.json().get("detail", [])}
-    model_checked = {"beam_size", "layers", "heads", "mask_heads", "alignment_layer", "alignment_head", "model"}
+    model_checked = {"beam_size", "layers", "heads", "mask_heads", "alignment_layer", "alignment_head", "model",
+                     "translation"}
     return response.status_code in (400, 404) and bool(fields) and fields <= model_checked
 
 

@@ -1,7 +1,9 @@
 """The ONNX Runtime runtime: an export directory in, translations and attention out.
 
-Two ONNX Runtime sessions: the encoder (run once per batch) and one decoder step that takes the
-KV cache in and gives it back one position longer (:class:`DecoderSteps`). The search itself
+Three ONNX Runtime sessions: the encoder (run once per batch), one decoder step that takes the
+KV cache in and gives it back one position longer (:class:`DecoderSteps`), and the scorer, a
+teacher-forced pass over given target tokens (:meth:`OnnxTranslator.score_ids`: each token's
+log-probability, every kind of attention and the ALTI+ contributions, :class:`Scored`). The search itself
 (greedy and beam, length budget, GNMT length penalty, attention traced back through the beam) is
 the shared loop of :mod:`stepwise.decode.search`, the same one the PyTorch path runs. This module
 imports numpy, onnxruntime and sentencepiece only (no torch), so the service, the benchmarks and
@@ -44,11 +46,13 @@ log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+SCORER_FILE = "scorer.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
-# 4: cross-attention keys/values and source mask once per sentence, not per beam row; 3: head-mask
+# 5: the teacher-forced scorer graph (log-probabilities, attention, contributions); 4: cross-attention
+# keys/values and source mask once per sentence, not per beam row; 3: head-mask
 # inputs; 2: per-layer caches, top-K output; 1: stacked caches, full log-probs
-EXPORT_FORMAT = 4
+EXPORT_FORMAT = 5
 TOP_K = 16  # candidates the decoder graph returns per row: the widest beam it supports
 
 _THREAD_POOL_LOCK = threading.Lock()
@@ -65,6 +69,36 @@ class Translation:
     attention: dict[str, np.ndarray] | None
     score: float
     timings: dict[str, float] = field(default_factory=dict)
+    log_probs: list[float] | None = None  # each target token's log-probability (scored translations)
+    contributions: dict[str, list[float]] | None = None  # source_share, source (:class:`Scored`)
+
+
+@dataclass
+class Scored:
+    """One teacher-forced target: what :meth:`OnnxTranslator.score_ids` returns per sentence.
+
+    Attributes:
+        tokens: the target ids scored (the given tokens, then EOS when the target has one).
+        log_probs: ``[T]`` each token's log-probability given the source and the tokens before it.
+        score: their sum.
+        attention: per kind ``[L, H, T_q, T_k]`` cut to the real lengths (the search's layout).
+        contributions: ``[T, S + T]`` each prediction's ALTI+ contributions of the source and target
+            positions (:mod:`stepwise.model.contributions`), rows summing to 1.
+    """
+
+    tokens: list[int]
+    log_probs: np.ndarray
+    score: float
+    attention: dict[str, np.ndarray]
+    contributions: np.ndarray
+
+    def contribution_summary(self) -> dict[str, list[float]]:
+        """``source_share`` (per target token: its prediction's share from the source, in [0, 1]) and
+        ``source`` (per source token: its contribution averaged over the target tokens)."""
+        source_length = self.contributions.shape[1] - len(self.tokens)
+        from_source = self.contributions[:, :source_length]
+        return {"source_share": [round(float(v), 5) for v in from_source.sum(axis=1).clip(0.0, 1.0)],
+                "source": [round(float(v), 5) for v in from_source.mean(axis=0)]}
 
 
 def _init_global_thread_pool(threads: int) -> None:
@@ -234,6 +268,7 @@ class OnnxTranslator:
         # a run may override it), which ONNX Runtime warns about at every load: errors only
         options.log_severity_level = 3
         self.decoder = ort.InferenceSession(str(self.export_dir / DECODER_FILE), options, providers=providers)
+        self.scorer = ort.InferenceSession(str(self.export_dir / SCORER_FILE), options, providers=providers)
         self.provider = self.decoder.get_providers()[0]
         past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_keys_")]  # [B, H, T, d_k] each
         self.n_layers, self.n_heads, self.d_k = len(past), int(past[0].shape[1]), int(past[0].shape[3])
@@ -293,6 +328,52 @@ class OnnxTranslator:
                       max_length=max_length, max_positions=self.max_positions, bos_id=tok.bos_id,
                       eos_id=tok.eos_id, pad_id=tok.pad_id, return_attention=return_attention, on_step=on_step)
 
+    def score_ids(self, sources: list[list[int]], targets: list[list[int]], *,
+                  head_mask: dict[str, np.ndarray] | None = None) -> list[Scored]:
+        """Teacher-force ``targets`` on ``sources`` in one batch: the encoder once, then ``scorer.onnx``.
+
+        Args:
+            sources: source ids, each ending with EOS (:meth:`encode_text`).
+            targets: the target ids to score: a translation's tokens followed by EOS (an unfinished
+                hypothesis: its tokens alone). Position ``t`` is predicted from BOS and ``targets[:t]``.
+            head_mask: as in :meth:`decode_ids`.
+
+        Returns:
+            One :class:`Scored` per pair, in order; the attention is the search's for the same tokens.
+        """
+        tok = self.tokenizer
+        masks = self.full_head_mask(head_mask)
+        src = np.full((len(sources), max(len(s) for s in sources)), tok.pad_id, dtype=np.int64)
+        for i, ids in enumerate(sources):
+            src[i, : len(ids)] = ids
+        src_mask = src == tok.pad_id
+        tgt = np.full((len(targets), max(1, max(len(t) for t in targets))), tok.pad_id, dtype=np.int64)
+        following = tgt.copy()
+        for i, ids in enumerate(targets):
+            tgt[i, : len(ids)] = [tok.bos_id, *ids[:-1]][: len(ids)]
+            following[i, : len(ids)] = ids
+        names = cache_names(self.n_layers)
+        cross_names = names["cross_keys"] + names["cross_values"]
+        *cross, encoder_attention = self.encoder.run(
+            [*cross_names, "encoder_attention"],
+            {"src_ids": src, "src_pad_mask": src_mask, "encoder_head_mask": masks["encoder"]})
+        log_probs, decoder_attention, cross_attention, rollout = self.scorer.run(
+            ["log_probs", "decoder_attention", "cross_attention", "contributions"],
+            {"src_pad_mask": src_mask, "tgt_ids": tgt, "next_ids": following,
+             "decoder_head_mask": masks["decoder"], "cross_head_mask": masks["cross"],
+             **dict(zip(cross_names, cross, strict=True))})
+        width = src.shape[1]
+        results = []
+        for i, (source, target) in enumerate(zip(sources, targets, strict=True)):
+            s, t = len(source), len(target)
+            attention = {"encoder": encoder_attention[:, i, :, :s, :s], "decoder": decoder_attention[:, i, :, :t, :t],
+                         "cross": cross_attention[:, i, :, :t, :s]}
+            rows = rollout[i, :t]
+            results.append(Scored(tokens=list(target), log_probs=log_probs[i, :t], score=float(log_probs[i, :t].sum()),
+                                  attention=attention,
+                                  contributions=np.concatenate([rows[:, :s], rows[:, width : width + t]], axis=1)))
+        return results
+
     # -- text in, text out ----------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
         """Source ids (with EOS), cut to the positional table (:func:`stepwise.tokenizer.truncate`)."""
@@ -301,9 +382,12 @@ class OnnxTranslator:
     def translate(
         self, texts: list[str], *, beam_size: int = 1, max_length: int | None = None,
         return_attention: bool = False, batch_size: int = 32, head_mask: dict[str, np.ndarray] | None = None,
-        on_step: Callable[[list[int], Progress], None] | None = None,
+        on_step: Callable[[list[int], Progress], None] | None = None, contributions: bool = False,
     ) -> list[Translation]:
         """Translate texts, batching by length; keeps the input order (``head_mask``: see :meth:`decode_ids`).
+
+        ``contributions``: also score each batch's translations through the scorer graph
+        (:meth:`score_ids`) for their :meth:`Scored.contribution_summary`.
 
         ``on_step(texts, progress)`` follows each batch's search (streaming): ``texts`` are the
         indices into ``texts`` of the batch's sentences, in the order ``progress`` numbers them.
@@ -317,13 +401,43 @@ class OnnxTranslator:
             follow = None if on_step is None else partial(on_step, chunk)
             hyps = self.decode_ids([sources[i] for i in chunk], beam_size=beam_size, max_length=max_length,
                                    return_attention=return_attention, head_mask=head_mask, on_step=follow)
+            emitted = [hyp.tokens + ([self.tokenizer.eos_id] if hyp.finished else []) for hyp in hyps]
+            scored = (self.score_ids([sources[i] for i in chunk], emitted, head_mask=head_mask) if contributions
+                      else [None] * len(chunk))
             elapsed_ms = (time.perf_counter() - began) * 1000
-            for i, hyp in zip(chunk, hyps, strict=True):
-                emitted = hyp.tokens + ([self.tokenizer.eos_id] if hyp.finished else [])
+            for i, hyp, ids, pass_ in zip(chunk, hyps, emitted, scored, strict=True):
                 results[i] = Translation(
                     translation=self.tokenizer.decode(hyp.tokens),
                     source_tokens=self.tokenizer.pieces(sources[i]),
-                    target_tokens=self.tokenizer.pieces(emitted),
+                    target_tokens=self.tokenizer.pieces(ids),
                     attention=hyp.attention, score=hyp.score,
-                    timings={"decode_ms": round(elapsed_ms, 3), "batch_size": len(chunk)})
+                    timings={"decode_ms": round(elapsed_ms, 3), "batch_size": len(chunk)},
+                    contributions=None if pass_ is None else pass_.contribution_summary())
+        return results  # type: ignore[return-value]
+
+    def score(
+        self, texts: list[str], translations: list[str], *, batch_size: int = 32,
+        head_mask: dict[str, np.ndarray] | None = None,
+    ) -> list[Translation]:
+        """Teacher-force given translations of ``texts`` (:meth:`score_ids`), batching by length.
+
+        Each result carries the given translation, its tokens (ending with EOS), ``log_probs`` per
+        token, their sum as ``score``, every kind of attention and the contribution summary.
+        """
+        sources = [self.encode_text(t) for t in texts]
+        targets = [self.encode_text(t) for t in translations]
+        order = sorted(range(len(texts)), key=lambda i: (len(sources[i]), len(targets[i])))
+        results: list[Translation | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            began = time.perf_counter()
+            scored = self.score_ids([sources[i] for i in chunk], [targets[i] for i in chunk], head_mask=head_mask)
+            elapsed_ms = (time.perf_counter() - began) * 1000
+            for i, pass_ in zip(chunk, scored, strict=True):
+                results[i] = Translation(
+                    translation=translations[i], source_tokens=self.tokenizer.pieces(sources[i]),
+                    target_tokens=self.tokenizer.pieces(targets[i]), attention=pass_.attention, score=pass_.score,
+                    timings={"decode_ms": round(elapsed_ms, 3), "batch_size": len(chunk)},
+                    log_probs=[round(float(v), 5) for v in pass_.log_probs],
+                    contributions=pass_.contribution_summary())
         return results  # type: ignore[return-value]

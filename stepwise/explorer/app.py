@@ -6,8 +6,10 @@ alignments (``stepwise.explorer/words.py``), and two model versions side by side
 divergence between two versions, one run's attention
 over its training checkpoints, and the registry (with promotion for an explorer started as an
 admin: ``--admin``), and head ablation (``stepwise.explorer/ablation.py``: switch heads off, translate
-again, see which tokens changed). A paragraph is split into sentences by the service and a picker
-chooses the sentence every view shows. The current view exports as PNG and as a standalone HTML file.
+again, see which tokens changed), and scoring a given translation (``stepwise.explorer/scoring.py``:
+its tokens coloured by probability, the model's own translation beside it, a source-share strip).
+A paragraph is split into sentences by the service and a picker chooses the sentence every view
+shows. The current view exports as PNG and as a standalone HTML file.
 Layers, heads and tokens are numbered from 1 everywhere on the page (the service's JSON counts
 from 0). Every failure (service down, bad input) is shown as a sentence in the status line,
 never a traceback.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import gradio as gr
 
 from stepwise.explorer.ablation import AblationView
+from stepwise.explorer.scoring import ScoreView
 from stepwise.explorer.versions import DiffView, RegistryView, TrainingView
 from stepwise.explorer.views import CompareView, GridView, HeatmapView, LinesView, Selection, TranslationView
 from stepwise.explorer.words import AlignmentView, SentencePicker
@@ -28,6 +31,7 @@ NOTE = ("**A word of caution:** attention weights show where each layer and head
         "are numbered from 1.")
 EXAMPLES = ["Und Gott sprach: Es werde Licht!", "Der Herr ist mein Hirte, mir wird nichts mangeln.",
             "Selig sind die Friedfertigen, denn sie werden Söhne Gottes heißen."]
+SCORE_EXAMPLE = ("Und Gott sprach: Es werde Licht!", "And God said, Let there be light.")
 CACHE_LIFETIME_S = 24 * 3600  # Gradio's copies of thumbnails and exports older than this are deleted hourly
 
 
@@ -64,6 +68,8 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
                 registry = RegistryView.build(client, admin=admin, name=model_name, runs=training.run)
             with gr.Tab("Head ablation", id="ablation"):
                 ablation = AblationView.build(client, translation)
+            with gr.Tab("Score a translation", id="score"):
+                scoring = ScoreView.build(client, *SCORE_EXAMPLE)
 
         shown, picked = picker.wire(translation.wire(), selection)
         redraw = [*selection.wire(shown), picked]
@@ -75,5 +81,6 @@ def build_app(client: TranslationClient, *, admin: bool = False, model_name: str
         training.wire()
         registry.wire(demo)
         ablation.wire()
+        scoring.wire()
         demo.load(translation.refresh_limits, None, translation.beam)
     return demo

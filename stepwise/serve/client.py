@@ -111,7 +111,7 @@ class TranslationClient:
     def translate(self, text: str, *, beam_size: int = 1, model: str | None = None, attention: str = "all",
                   split: str = "none", alignment: str = "none", alignment_layer: int | str | None = None,
                   alignment_head: int | str | None = None,
-                  mask_heads: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
+                  mask_heads: dict[str, list[list[int]]] | None = None, contributions: bool = False) -> dict[str, Any]:
         """One translation with the attention kinds asked for, decoded to float32 arrays.
 
         Args:
@@ -125,11 +125,27 @@ class TranslationClient:
             alignment_layer: the cross-attention layer to align with (0-based) or ``average``.
             alignment_head: the head to align with (0-based) or ``average``.
             mask_heads: heads to switch off, per kind ``[[layer, head], ...]`` (0-based).
+            contributions: add ``contributions`` (``source_share`` per target token, ``source`` per
+                source token).
         """
         return self._decoded(self._post("/translate", self._body(text, beam_size=beam_size, model=model,
                                                               attention=attention, split=split, alignment=alignment,
                                                               alignment_layer=alignment_layer,
-                                                              alignment_head=alignment_head, mask_heads=mask_heads)))
+                                                              alignment_head=alignment_head, mask_heads=mask_heads,
+                                                              contributions=contributions)))
+
+    def score(self, text: str, translation: str, **options: Any) -> dict[str, Any]:
+        """``POST /score``: a given translation of ``text`` teacher-forced, attention decoded to arrays.
+
+        Takes :meth:`translate`'s options except ``beam_size``. The answer is shaped as
+        :meth:`translate`'s, plus ``log_probs`` per target token (``score`` is their sum).
+        """
+        if "beam_size" in options:
+            raise TypeError("score() takes no beam_size: the translation is given, not searched for")
+        body = self._body(text, **options)
+        del body["beam_size"]
+        body["translation"] = translation
+        return self._decoded(self._post("/score", body))
 
     def translate_stream(self, text: str, **options: Any) -> Iterator[Decoding | dict[str, Any]]:
         """:meth:`translate` as it is decoded: a :class:`Decoding` after each event, then the result.
@@ -161,7 +177,7 @@ class TranslationClient:
     def _body(self, text: str, *, beam_size: int = 1, model: str | None = None, attention: str = "all",
               split: str = "none", alignment: str = "none", alignment_layer: int | str | None = None,
               alignment_head: int | str | None = None,
-              mask_heads: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
+              mask_heads: dict[str, list[list[int]]] | None = None, contributions: bool = False) -> dict[str, Any]:
         """The request body of :meth:`translate`'s arguments."""
         body: dict[str, Any] = {"text": text, "beam_size": int(beam_size), "attention": attention,
                                 "attention_format": self.attention_format}
@@ -171,6 +187,8 @@ class TranslationClient:
             body["mask_heads"] = mask_heads
         if split != "none":
             body["split"] = split
+        if contributions:
+            body["contributions"] = True
         if alignment != "none":
             body["alignment"] = alignment
             for field_name, value in (("alignment_layer", alignment_layer), ("alignment_head", alignment_head)):

@@ -1,7 +1,9 @@
 """A translation request's options and the service's limits, each stated once.
 
 :class:`OptionsSchema` is the HTTP schema of the options every translation endpoint takes (its
-defaults and ranges are the only ones; the service's request schemas add ``text`` or ``texts``).
+defaults and ranges are the only ones; the service's request schemas add ``text`` or ``texts``);
+``/score`` takes :class:`AnswerOptionsSchema`, the same less the search's ``beam_size`` and
+``max_length``.
 :class:`TranslateOptions` is what the rest of the service works with: built once from the values
 the schema validated, frozen, and handed unchanged to the search, the stream followers and the
 response shaping. :func:`check_request` checks it against the model that will run it.
@@ -62,14 +64,12 @@ def limits() -> dict[str, int]:
             "max_output_tokens": MAX_OUTPUT_TOKENS, "max_beam_size": MAX_BEAM_SIZE, "decode_batch": DECODE_BATCH}
 
 
-class OptionsSchema(BaseModel):
-    """The options shared by every translation endpoint: their HTTP schema, defaults and ranges."""
+class AnswerOptionsSchema(BaseModel):
+    """The options of what an answer carries (attention, alignment, contributions, the model, the
+    split), shared by every translation endpoint and ``/score``: their HTTP schema, defaults and ranges."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    beam_size: int = Field(default=1, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
-    max_length: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS,
-                                   description="most target tokens (default 2 x source + 10)")
     attention: Attention = Field(default="cross", description="attention kinds to return")
     layers: Annotated[list[Index], Field(min_length=1)] | None = Field(
         default=None, description="only these layers (0-based)")
@@ -89,6 +89,18 @@ class OptionsSchema(BaseModel):
         default=None, description="head to align with, or average (the default)")
     split: Split = Field(
         default="none", description="sentences: split a paragraph, translate the sentences as one batch, join")
+    contributions: bool = Field(
+        default=False, description="add contributions: per target token the share of its prediction from the "
+                                   "source (source_share), per source token how much it contributed (ALTI+)")
+
+
+
+class OptionsSchema(AnswerOptionsSchema):
+    """The options of every translation endpoint: the search's, then :class:`AnswerOptionsSchema`'s."""
+
+    beam_size: int = Field(default=1, ge=1, le=MAX_BEAM_SIZE, description="1 = greedy search")
+    max_length: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS,
+                                   description="most target tokens (default 2 x source + 10)")
 
 
 HeadPairs = tuple[tuple[int, int], ...]
@@ -102,8 +114,6 @@ class TranslateOptions:
     given (the kinds in MaskHeads's order), :attr:`mask_key` is the same set of heads as a canonical key.
     """
 
-    beam_size: int
-    max_length: int | None
     attention: Attention
     layers: tuple[int, ...] | None
     heads: tuple[int, ...] | None
@@ -114,6 +124,9 @@ class TranslateOptions:
     alignment_layer: IndexOrAverage | None
     alignment_head: IndexOrAverage | None
     split: Split
+    contributions: bool
+    beam_size: int
+    max_length: int | None
 
     @classmethod
     def from_schema(cls, values: Mapping[str, Any]) -> TranslateOptions:
@@ -158,8 +171,9 @@ class TranslateOptions:
 
     @property
     def search_settings(self) -> tuple[Any, ...]:
-        """What requests decoding in one search must share: beam, length budget, attention, head mask."""
-        return self.beam_size, self.max_length, self.needs_attention, self.mask_key
+        """What requests decoding in one search must share: beam, length budget, attention, head mask,
+        and whether the translations are scored for their contributions."""
+        return self.beam_size, self.max_length, self.needs_attention, self.mask_key, self.contributions
 
 
 def check_request(options: TranslateOptions, loaded: LoadedModel) -> None:

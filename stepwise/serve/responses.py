@@ -5,6 +5,8 @@ the translator's :class:`stepwise.decode.onnx_runtime.Translation` of each sente
 the tokens, the attention kinds, layers and heads asked for (:func:`select_attention`) and, when
 asked, word alignments (:func:`word_alignment`). Attention stays in numpy arrays until
 :func:`finish` puts it in the request's ``attention_format`` and :func:`json_bytes` writes it.
+A scored translation (``/score``) adds ``log_probs`` per target token; ``contributions: true`` adds
+``contributions`` (``source_share`` per target token, ``source`` per source token).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def answer(loaded: LoadedModel, options: TranslateOptions, texts: list[str], out
                 "score": outs[0].score, "timings": dict(outs[0].timings)}
     sentences = [{"source": text, **_sentence_result(loaded, options, out), "score": out.score}
                  for text, out in zip(texts, outs, strict=True)]
-    return {
+    result = {
         "translation": " ".join(out.translation for out in outs),
         "source_tokens": [t for out in outs for t in out.source_tokens],
         "target_tokens": [t for out in outs for t in out.target_tokens],
@@ -42,6 +44,12 @@ def answer(loaded: LoadedModel, options: TranslateOptions, texts: list[str], out
                     "batch_size": max(out.timings["batch_size"] for out in outs)},
         "sentences": sentences,
     }
+    if all(out.log_probs is not None for out in outs):  # scored (/score): the sentences' tokens in order
+        result["log_probs"] = [p for out in outs for p in out.log_probs or ()]
+    if options.contributions:  # each side's tokens in order, as the tokens are joined
+        result["contributions"] = {side: [v for out in outs for v in (out.contributions or {}).get(side, ())]
+                                   for side in ("source_share", "source")}
+    return result
 
 
 def _sentence_result(loaded: LoadedModel, options: TranslateOptions, out: Translation) -> dict[str, Any]:
@@ -52,6 +60,10 @@ def _sentence_result(loaded: LoadedModel, options: TranslateOptions, out: Transl
     }
     if options.alignment != "none":
         result["alignment"] = word_alignment(loaded, options, out)
+    if out.log_probs is not None:
+        result["log_probs"] = out.log_probs
+    if options.contributions and out.contributions is not None:
+        result["contributions"] = out.contributions
     return result
 
 

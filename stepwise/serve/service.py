@@ -2,7 +2,7 @@
 
 One BentoML service, ``Translator`` (port 3000 by default): it validates flat JSON bodies
 against the schemas below and answers ``POST /translate``, ``POST /translate_batch``,
-``POST /translate_stream``, ``POST /model`` (also ``GET /info/model``) and ``POST /reload``,
+``POST /translate_stream``, ``POST /score``, ``POST /model`` (also ``GET /info/model``) and ``POST /reload``,
 plus BentoML's ``/readyz``, ``/livez`` and ``/metrics``. It owns the models
 (``stepwise.serve.store.ModelStore``) and decodes in the same process: every translation request
 joins one queue (``stepwise.serve.batching.BatchQueue``), whose thread decodes the requests that
@@ -25,6 +25,11 @@ fails midway. A request that fails its checks is a normal JSON 4xx before any ev
 decodes in the same batches as every other request; when its client disconnects, its next event
 finds nobody reading, it gets no more, and a search that only it (or only streams whose readers
 left) was waiting for stops at that step.
+
+``POST /score`` takes a source and a given ``translation`` with ``/translate``'s answer options
+(not the search's ``beam_size``/``max_length``) and teacher-forces the translation through the
+export's scorer graph: the answer is shaped as ``/translate``'s, plus ``log_probs`` per target
+token, with ``score`` their sum. It joins the same queue as the translations.
 
 Which model: ``STEPWISE_MODEL_DIR`` (an export directory from ``stepwise export``) or, when it is
 unset, the registry's ``production`` version resolved through ClearML at start-up (its ONNX
@@ -60,6 +65,7 @@ from stepwise.serve.options import (
     DECODE_BATCH,
     MAX_BATCH_TEXTS,
     MAX_TEXT_CHARS,
+    AnswerOptionsSchema,
     OptionsSchema,
     TranslateOptions,
     check_request,
@@ -130,6 +136,27 @@ class TranslateBatchRequest(OptionsSchema, bentoml.IODescriptor):
         return value
 
 
+class ScoreRequest(AnswerOptionsSchema, bentoml.IODescriptor):
+    """``POST /score``: a source and a given translation of it, teacher-forced."""
+
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NOT_BLANK, description="the source sentence")
+    translation: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NOT_BLANK,
+                             description="the translation to score (a reference, a post-edit, another system's)")
+
+    @field_validator("text", "translation")
+    @classmethod
+    def _texts(cls, value: str) -> str:
+        return _not_blank(value)
+
+
+class ContributionsResult(BaseModel):
+    """``contributions`` (when asked for): ALTI+ source and target contributions to each prediction."""
+
+    source_share: list[float] = Field(description="per target token: the share of its prediction that came "
+                                                  "from the source rather than the target prefix, in [0, 1]")
+    source: list[float] = Field(description="per source token: its contribution, averaged over the target tokens")
+
+
 class WordAlignmentResult(BaseModel):
     """``alignment`` (when asked for): the words, which cross-attention aligned them, and the links."""
 
@@ -150,6 +177,8 @@ class SentenceResult(BaseModel):
     target_tokens: list[str]
     attention: dict[str, list[list[list[list[float]]]]]
     alignment: WordAlignmentResult | None = None
+    contributions: ContributionsResult | None = None
+    log_probs: list[float] | None = None
     score: float
 
 
@@ -166,8 +195,17 @@ class TranslationResult(BaseModel):
     model: dict[str, Any] = Field(description="id, name, tags of the version that translated")
     score: float
     timings: dict[str, float]
+    contributions: ContributionsResult | None = Field(default=None, description="only when asked for")
     sentences: list[SentenceResult] | None = Field(
         default=None, description='with split "sentences" and more than one sentence: each one, in order')
+
+
+class ScoreResult(TranslationResult):
+    """``/score``: the given translation teacher-forced, shaped as ``/translate`` shapes its own output."""
+
+    log_probs: list[float] = Field(description="per target token (EOS last): its log-probability given the "
+                                               "source and the tokens before it")
+    score: float = Field(description="the sum of log_probs")
 
 
 class TranslationResults(RootModel[list[TranslationResult]]):
@@ -179,7 +217,7 @@ EventStream = Annotated[str, ContentType("text/event-stream")]
 
 
 # -- the HTTP side ---------------------------------------------------------------------------------
-API_ROUTES = frozenset({"/translate", "/translate_batch", "/translate_stream", "/model", "/reload"})
+API_ROUTES = frozenset({"/translate", "/translate_batch", "/translate_stream", "/score", "/model", "/reload"})
 JSON_TYPES = frozenset({"application/json"})
 
 
@@ -344,6 +382,15 @@ class Translator:
         self.queue.submit(Job(text, job_options, stream.emit)).add_done_callback(stream.finish)
         return StreamingResponse(stream.relay(), media_type="text/event-stream",  # type: ignore[return-value]
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @bentoml.api(route="/score", input_spec=ScoreRequest, output_spec=ScoreResult)
+    async def score(self, text: str, translation: str, **options: Any) -> Response:
+        """Teacher-force a given translation: its tokens' log-probabilities, total, attention and the rest."""
+        started = time.perf_counter()
+        job = Job(text, TranslateOptions.from_schema({**options, "beam_size": 1, "max_length": None}),
+                  translation=translation)
+        results = await _outcomes([self.queue.submit(job)])
+        return _respond(results, job.options, started, single=True)
 
     @bentoml.api(route="/model")
     async def model(self) -> dict[str, Any]:

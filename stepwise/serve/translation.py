@@ -6,7 +6,9 @@ the batches): each job's options are checked against the model that will run it
 model, those that share search settings in one search. On request it splits a paragraph into
 sentences (:mod:`stepwise.serve.sentences`); the answers are shaped by
 :mod:`stepwise.serve.responses`. A streamed job decodes in the same search as the others and is
-told each target token as the search finds it (:mod:`stepwise.serve.streams`).
+told each target token as the search finds it (:mod:`stepwise.serve.streams`). A ``/score`` job
+(one with a ``translation``) is not searched for: :func:`score` teacher-forces its translation
+through the export's scorer graph, the jobs of one head mask in one call.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from stepwise.decode.onnx_runtime import Translation, head_mask_from_pairs
-from stepwise.errors import StepwiseError
+from stepwise.errors import InvalidRequest, StepwiseError
 from stepwise.serve.options import DECODE_BATCH, TranslateOptions, check_request
 from stepwise.serve.responses import answer
 from stepwise.serve.sentences import split_sentences
@@ -32,11 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
-    """One request for the decoding thread: its text, its options, and ``emit`` for a stream."""
+    """One request for the decoding thread: its text, its options, and ``emit`` for a stream;
+    with a ``translation`` (``/score``) that translation is teacher-forced instead of searched for."""
 
     text: str
     options: TranslateOptions
     emit: Emit | None = None
+    translation: str | None = None
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], emit: Emit | None = None) -> Job:
@@ -70,13 +74,13 @@ def serve_batch(store: ModelStore, jobs: Sequence[Job]) -> list[dict[str, Any] |
     for loaded, members in by_model.values():
         answers = translate(loaded, [jobs[i] for i in members])
         for i, result in zip(members, answers, strict=True):
-            if result is not None:
+            if isinstance(result, dict):
                 result["timings"]["requests_in_batch"] = len(jobs)
             results[i] = result
     return results
 
 
-def translate(loaded: LoadedModel, jobs: Sequence[Job]) -> list[dict[str, Any] | None]:
+def translate(loaded: LoadedModel, jobs: Sequence[Job]) -> list[dict[str, Any] | StepwiseError | None]:
     """Translate checked jobs with one model; those that share search settings decode together.
 
     With ``split: "sentences"`` a job's text is cut into sentences first; all the sentences of a
@@ -91,10 +95,17 @@ def translate(loaded: LoadedModel, jobs: Sequence[Job]) -> list[dict[str, Any] |
     its ``emit`` raises :class:`StreamClosed` (its reader left), it gets no more events and its
     answer is None; when every job of a search has left, the search stops at that step.
     """
-    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    results: list[dict[str, Any] | StepwiseError | None] = [None] * len(jobs)
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    scoring: dict[tuple[Any, ...] | None, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        groups[job.options.search_settings].append(i)
+        if job.translation is None:
+            groups[job.options.search_settings].append(i)
+        else:
+            scoring[job.options.mask_key].append(i)
+    for members in scoring.values():
+        for i, result in zip(members, score(loaded, [jobs[i] for i in members]), strict=True):
+            results[i] = result
     translator = loaded.translator
     for members in groups.values():
         options = jobs[members[0]].options
@@ -106,7 +117,8 @@ def translate(loaded: LoadedModel, jobs: Sequence[Job]) -> list[dict[str, Any] |
             outputs = translator.translate([text for _, text in flat], beam_size=options.beam_size,
                                            max_length=options.max_length, return_attention=options.needs_attention,
                                            batch_size=DECODE_BATCH, head_mask=_head_mask(loaded, options),
-                                           on_step=follow if follow.followers else None)
+                                           on_step=follow if follow.followers else None,
+                                           contributions=options.contributions)
         except StreamClosed:  # every job of this search was a stream whose reader left
             continue
         by_member: dict[int, list[Translation]] = defaultdict(list)
@@ -115,6 +127,39 @@ def translate(loaded: LoadedModel, jobs: Sequence[Job]) -> list[dict[str, Any] |
         for member, i in enumerate(members):
             if member not in follow.left:
                 results[i] = answer(loaded, jobs[i].options, texts[member], by_member[member])
+    return results
+
+
+def score(loaded: LoadedModel, jobs: Sequence[Job]) -> list[dict[str, Any] | StepwiseError]:
+    """Teacher-force checked ``/score`` jobs with one model, all in one call (one head mask).
+
+    With ``split: "sentences"`` both texts are split and paired sentence by sentence; a job whose
+    two texts split into different numbers of sentences fails with an InvalidRequest on
+    ``translation``. Each answer is shaped as ``/translate`` shapes its own (:func:`answer`).
+    """
+    results: list[dict[str, Any] | StepwiseError] = []
+    pairs: list[tuple[list[str], list[str]]] = []
+    for job in jobs:
+        assert job.translation is not None
+        texts, translations = _sentences(loaded, job), _sentences(loaded, job, target=True)
+        if len(texts) != len(translations):
+            results.append(InvalidRequest(f"splits into {len(translations)} sentence(s), text into {len(texts)}: "
+                                          "split \"sentences\" pairs them one to one", field="translation"))
+            pairs.append(([], []))
+            continue
+        results.append({})
+        pairs.append((texts, translations))
+    flat = [(member, text, given) for member, (texts, translations) in enumerate(pairs)
+            for text, given in zip(texts, translations, strict=True)]
+    if flat:
+        outputs = loaded.translator.score([text for _, text, _ in flat], [given for _, _, given in flat],
+                                          batch_size=DECODE_BATCH, head_mask=_head_mask(loaded, jobs[0].options))
+        by_member: dict[int, list[Translation]] = defaultdict(list)
+        for (member, _, _), out in zip(flat, outputs, strict=True):
+            by_member[member].append(out)
+        for member, job in enumerate(jobs):
+            if not isinstance(results[member], StepwiseError):
+                results[member] = answer(loaded, job.options, pairs[member][0], by_member[member])
     return results
 
 
@@ -127,9 +172,19 @@ def _head_mask(loaded: LoadedModel, options: TranslateOptions) -> dict[str, np.n
                                 translator.layers, translator.n_heads)
 
 
-def _sentences(loaded: LoadedModel, job: Job) -> list[str]:
-    """The texts to translate for one job: its sentences, or the text itself."""
+def _sentences(loaded: LoadedModel, job: Job, *, target: bool = False) -> list[str]:
+    """The texts to translate for one job: its sentences, or the text itself (``target``: those of
+    the translation ``/score`` was given, split by the rules of the model's target language)."""
+    text = job.translation if target else job.text
+    assert text is not None
     if job.options.split == "none":
-        return [job.text]
-    sentences = split_sentences(job.text, loaded.source_language())
-    return sentences if len(sentences) > 1 else [job.text]
+        return [text]
+    sentences = split_sentences(text, _target_language(loaded) if target else loaded.source_language())
+    return sentences if len(sentences) > 1 else [text]
+
+
+def _target_language(loaded: LoadedModel) -> str:
+    """The target side of the export's language pair (``en`` of ``de-en``; ``en`` when unknown)."""
+    pair = loaded.translator.manifest.get("config", {}).get("data", {}).get("language_pair") or ""
+    side = pair.split("-")[1] if "-" in pair else ""
+    return side or "en"
