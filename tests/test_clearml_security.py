@@ -28,27 +28,17 @@ import requests
 from stepwise.clearml_server import sdk_environment
 from stepwise.net import wait_until_ready
 
+from support.clearml_api import KEY, SECRET, call, login
 from support.processes import ClearMLServerProcess, free_port, run_python
 
 pytestmark = pytest.mark.integration
 
-KEY, SECRET = "stepwise-local-key", "stepwise-local-secret"  # the documented local pair
-
-
-def _token(url: str) -> dict[str, str]:
-    answer = requests.get(f"{url}/auth.login", auth=(KEY, SECRET), timeout=10)
-    assert answer.status_code == 200, answer.text
-    return {"Authorization": f"Bearer {answer.json()['data']['token']}"}
-
-
-def _call(url: str, auth: dict[str, str], name: str, body: object) -> requests.Response:
-    return requests.post(f"{url}/v2.23/{name}", json=body, headers=auth, timeout=10)
 
 
 # -- row 2: acknowledged writes are committed, whatever came before ----------------------------------
 def test_a_malformed_batch_is_refused_and_later_writes_are_committed(clearml_server: ClearMLServerProcess) -> None:
     url = clearml_server.url
-    auth = _token(url)
+    auth = login(url)
     for bad in ({"type": "training_stats_scalar", "task": {"$ne": 1}, "metric": "m", "variant": "v", "value": 1,
                  "iter": 0},
                 {"type": "log", "task": 10**40, "msg": "x"},
@@ -60,12 +50,12 @@ def test_a_malformed_batch_is_refused_and_later_writes_are_committed(clearml_ser
         meta = answer.json()["meta"]
         assert meta["result_code"] == 400 and "events[1]." in meta["result_msg"], meta
     for bad_body in ({"name": 5, "type": "training"}, {"name": "x", "type": "training", "project": {"a": 1}}):
-        refused = _call(url, auth, "tasks.create", bad_body)
+        refused = call(url, auth, "tasks.create", bad_body)
         assert refused.status_code == 400 and refused.json()["meta"]["result_subcode"] == 12, refused.text
-    refused = _call(url, auth, "models.create", {"name": "m", "uri": "file:///x", "project": 5})
+    refused = call(url, auth, "models.create", {"name": "m", "uri": "file:///x", "project": 5})
     assert refused.status_code == 400, refused.text
 
-    created = _call(url, auth, "tasks.create", {"name": "after-the-bad-batch", "type": "training"})
+    created = call(url, auth, "tasks.create", {"name": "after-the-bad-batch", "type": "training"})
     assert created.status_code == 200, created.text
     task_id = created.json()["data"]["id"]
     events = "\n".join(json.dumps({"type": "training_stats_scalar", "task": task_id, "metric": "loss",
@@ -73,7 +63,7 @@ def test_a_malformed_batch_is_refused_and_later_writes_are_committed(clearml_ser
     added = requests.post(f"{url}/v2.23/events.add_batch", data=events, headers=auth, timeout=10)
     assert added.status_code == 200 and added.json()["data"]["added"] == 5, added.text
     # nothing of the refused batches was stored
-    assert _call(url, auth, "events.get_task_events", {"task": task_id}).json()["data"]["total"] == 5
+    assert call(url, auth, "events.get_task_events", {"task": task_id}).json()["data"]["total"] == 5
 
     # a second connection sees the acknowledged writes
     with sqlite3.connect(clearml_server.data / "clearml.sqlite") as other:
@@ -82,8 +72,8 @@ def test_a_malformed_batch_is_refused_and_later_writes_are_committed(clearml_ser
         assert other.execute("SELECT COUNT(*) FROM events WHERE task = ?", (task_id,)).fetchone()[0] == 5
         assert other.execute("SELECT COUNT(*) FROM events WHERE task = 't'").fetchone()[0] == 0
     clearml_server.restart()
-    auth = _token(url)
-    found = _call(url, auth, "tasks.get_by_id", {"task": task_id})
+    auth = login(url)
+    found = call(url, auth, "tasks.get_by_id", {"task": task_id})
     assert found.status_code == 200 and found.json()["data"]["task"]["name"] == "after-the-bad-batch"
     assert found.json()["data"]["task"]["last_iteration"] == 4
 
@@ -168,7 +158,7 @@ def test_tokens_follow_the_secret_and_cannot_renew_themselves(tmp_path: Path) ->
         assert requests.get(f"{server.url}/view-files/p/t/a.txt", auth=(KEY, SECRET), timeout=10).content == b"private"
         # ... or the signed link a page shows (the pages are open on loopback), for that file only
         bearer = {"Authorization": f"Bearer {token}"}
-        model = _call(server.url, bearer, "models.create", {"name": "m", "uri": f"{server.url}/files/p/t/a.txt"})
+        model = call(server.url, bearer, "models.create", {"name": "m", "uri": f"{server.url}/files/p/t/a.txt"})
         page = requests.get(f"{server.url}/projects/*/models/{model.json()['data']['id']}/general", timeout=10).text
         link = html.unescape(re.search(r'href="(/view-files/[^"]+)"', page).group(1))
         assert requests.get(f"{server.url}{link}", timeout=10).content == b"private"
@@ -237,7 +227,7 @@ def test_credentials_and_lengths_are_checked_before_the_body_is_read(clearml_ser
     port = clearml_server.port
     head = f"POST /debug.ping HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {200 * 1024**2}\r\n"
     assert _raw(port, head, b"x" * 1024).startswith(b"HTTP/1.1 401")  # answered without the 200 MB
-    token = _token(clearml_server.url)["Authorization"]
+    token = login(clearml_server.url)["Authorization"]
     head = (f"POST /v2.23/tasks.get_all HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {token}\r\n"
             f"Content-Length: {200 * 1024**2}\r\n")
     assert _raw(port, head, b"{").startswith(b"HTTP/1.1 413")
@@ -294,21 +284,21 @@ def test_idle_and_half_sent_connections_hold_no_thread_and_are_dropped(clearml_s
 # -- row 5: name patterns ------------------------------------------------------------------------------
 def test_costly_name_patterns_are_refused_and_plain_ones_still_match(clearml_server: ClearMLServerProcess) -> None:
     url = clearml_server.url
-    auth = _token(url)
-    assert _call(url, auth, "projects.create", {"name": "a" * 40, "description": ""}).status_code == 200
+    auth = login(url)
+    assert call(url, auth, "projects.create", {"name": "a" * 40, "description": ""}).status_code == 200
     for pattern in ("(a+)+$", "(a|aa)*$", "(\\w+\\s?)*$", "(a)\\1", "a" * 300):
-        answer = _call(url, auth, "projects.get_all", {"name": pattern})
+        answer = call(url, auth, "projects.get_all", {"name": pattern})
         assert answer.status_code == 400 and "'name'" in answer.json()["meta"]["result_msg"], pattern
     for pattern in ("a+$", "^a{40}$", "^" + "a" * 40 + "$", "a|b"):
-        answer = _call(url, auth, "projects.get_all", {"name": pattern})
+        answer = call(url, auth, "projects.get_all", {"name": pattern})
         assert len(answer.json()["data"]["projects"]) == 1, pattern
 
 
 # -- row 6: what pages are given ------------------------------------------------------------------------
 def test_pages_survive_strings_nan_and_wrong_types(clearml_server: ClearMLServerProcess) -> None:
     url = clearml_server.url
-    auth = _token(url)
-    task_id = _call(url, auth, "tasks.create", {"name": "plots", "type": "training"}).json()["data"]["id"]
+    auth = login(url)
+    task_id = call(url, auth, "tasks.create", {"name": "plots", "type": "training"}).json()["data"]["id"]
     figure = '{"data": [{"type": "heatmap", "z": [[NaN, 1], [Infinity, 0.5]]}], "layout": {}}'
     lines = [json.dumps({"type": "plot", "task": task_id, "metric": "confusion", "variant": "v", "iter": 3,
                          "plot_str": figure}),
@@ -321,7 +311,7 @@ def test_pages_survive_strings_nan_and_wrong_types(clearml_server: ClearMLServer
         assert answer.status_code == 400, answer.text
     assert requests.post(f"{url}/v2.23/events.add_batch", data=lines[0], headers=auth, timeout=10).json()[
         "data"]["added"] == 1
-    assert _call(url, auth, "models.create", {"name": "m", "uri": "x", "project": 5}).status_code == 400
+    assert call(url, auth, "models.create", {"name": "m", "uri": "x", "project": 5}).status_code == 400
     base = f"/projects/*/experiments/{task_id}"
     for path in ("/", "/projects", "/projects/*/models", f"{base}/info-output/metrics/plots",
                  f"{base}/info-output/metrics/scalar", f"/compare?ids={task_id}"):
@@ -341,7 +331,7 @@ def test_secrets_are_masked_in_values_not_in_the_page(tmp_path: Path) -> None:
         server.wait_ready()
         token = requests.get(f"{server.url}/auth.login", auth=("a", '"'), timeout=10).json()["data"]["token"]
         auth = {"Authorization": f"Bearer {token}"}
-        _call(server.url, auth, "tasks.create", {"name": 'say "a"', "type": "training"}).raise_for_status()
+        call(server.url, auth, "tasks.create", {"name": 'say "a"', "type": "training"}).raise_for_status()
         page = requests.get(f"{server.url}/projects", timeout=10).text
         # the markup is intact (a text replace on the finished page turned every " and a into [hidden])
         assert "<head>" in page and "href='/projects'" in page and "charset='utf-8'" in page
@@ -367,7 +357,7 @@ def test_cross_site_writes_dot_names_and_broken_uploads_leave_nothing(clearml_se
         answer = requests.post(f"{url}/files/", files={name: ("x", b"x")}, auth=(KEY, SECRET), timeout=10)
         assert answer.status_code == 400, name
     # a client that stops half-way through an upload
-    token = _token(url)["Authorization"]
+    token = login(url)["Authorization"]
     boundary = "b0undary"
     part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"/p/t/half.bin\"; filename=\"half.bin\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode() + b"y" * 200_000
@@ -394,9 +384,9 @@ def _log_of(server: ClearMLServerProcess) -> Path:
 # -- row 11: workers expire safely while requests race ------------------------------------------------
 def test_worker_expiry_racing_in_many_threads_answers_no_5xx(clearml_server: ClearMLServerProcess) -> None:
     url = clearml_server.url
-    auth = _token(url)
+    auth = login(url)
     for i in range(40):  # workers that expire (timeout 1 s) while the threads below race
-        _call(url, auth, "workers.register", {"worker": f"old-{i}", "timeout": 1}).raise_for_status()
+        call(url, auth, "workers.register", {"worker": f"old-{i}", "timeout": 1}).raise_for_status()
     time.sleep(1.5)
     statuses: list[int] = []
     lock = threading.Lock()
@@ -426,8 +416,8 @@ def test_worker_expiry_racing_in_many_threads_answers_no_5xx(clearml_server: Cle
 def test_internal_errors_answer_a_generic_500_without_paths_or_exception_text(
         clearml_server: ClearMLServerProcess) -> None:
     url, data = clearml_server.url, clearml_server.data
-    auth = _token(url)
-    task_id = _call(url, auth, "tasks.create", {"name": "broken", "type": "training"}).json()["data"]["id"]
+    auth = login(url)
+    task_id = call(url, auth, "tasks.create", {"name": "broken", "type": "training"}).json()["data"]["id"]
     # the server's own folders broken under it: the upload folder gone, the events table dropped
     (data / "incoming").rmdir()
     with sqlite3.connect(data / "clearml.sqlite") as other:
@@ -436,7 +426,7 @@ def test_internal_errors_answer_a_generic_500_without_paths_or_exception_text(
         requests.post(f"{url}/files/", files={"/p/t/a.bin": ("a.bin", b"x")}, auth=(KEY, SECRET), timeout=10),
         requests.post(f"{url}/v2.23/events.add_batch", headers=auth, timeout=10,
                       data=json.dumps({"type": "log", "task": task_id, "msg": "hello"})),
-        _call(url, auth, "events.get_task_events", {"task": task_id}),
+        call(url, auth, "events.get_task_events", {"task": task_id}),
         requests.get(f"{url}/projects/*/experiments/{task_id}/output/log", timeout=10),
     ]
     for answer in answers:
@@ -445,7 +435,7 @@ def test_internal_errors_answer_a_generic_500_without_paths_or_exception_text(
         for detail in (str(data), str(data.parent), "Errno", "No such file", "no such table", "OperationalError",
                        "Traceback", "sqlite", ".part", "incoming"):
             assert detail not in answer.text, (detail, answer.text)
-    assert _call(url, auth, "debug.ping", {}).status_code == 200  # the server carries on
+    assert call(url, auth, "debug.ping", {}).status_code == 200  # the server carries on
     log = _log_of(clearml_server).read_text(errors="replace")
     assert "no such table: events" in log and "No such file or directory" in log  # the details are logged
 
@@ -454,8 +444,8 @@ def test_internal_errors_answer_a_generic_500_without_paths_or_exception_text(
 def test_remote_images_are_not_loaded_and_every_page_type_has_the_security_headers(
         clearml_server: ClearMLServerProcess) -> None:
     url = clearml_server.url
-    auth = _token(url)
-    task_id = _call(url, auth, "tasks.create", {"name": "images", "type": "training"}).json()["data"]["id"]
+    auth = login(url)
+    task_id = call(url, auth, "tasks.create", {"name": "images", "type": "training"}).json()["data"]["id"]
     requests.post(f"{url}/files/", files={"/p/images.x/local.png": ("local.png", b"\x89PNG fake")},
                   auth=(KEY, SECRET), timeout=10).raise_for_status()
     remote = ("https://evil.example/track.png", "//evil.example/protocol-relative.png")
@@ -471,7 +461,7 @@ def test_remote_images_are_not_loaded_and_every_page_type_has_the_security_heade
                              "plot_str": json.dumps(figure)}))
     added = requests.post(f"{url}/v2.23/events.add_batch", data="\n".join(lines), headers=auth, timeout=10)
     assert added.status_code == 200, added.text
-    model_id = _call(url, auth, "models.create", {"name": "m", "uri": f"{url}/files/p/images.x/local.png",
+    model_id = call(url, auth, "models.create", {"name": "m", "uri": f"{url}/files/p/images.x/local.png",
                                                   "task": task_id}).json()["data"]["id"]
 
     base = f"/projects/*/experiments/{task_id}"
@@ -509,8 +499,8 @@ def test_remote_images_are_not_loaded_and_every_page_type_has_the_security_heade
 # -- row 10: the data folder is private on loopback too ---------------------------------------------------
 def test_the_data_folder_and_its_files_are_private_on_loopback(clearml_server: ClearMLServerProcess) -> None:
     url, data = clearml_server.url, clearml_server.data
-    auth = _token(url)
-    _call(url, auth, "tasks.create", {"name": "private", "type": "training"}).raise_for_status()
+    auth = login(url)
+    call(url, auth, "tasks.create", {"name": "private", "type": "training"}).raise_for_status()
     requests.post(f"{url}/files/", files={"/p/t/w.bin": ("w.bin", b"weights")}, auth=(KEY, SECRET),
                   timeout=10).raise_for_status()
     assert stat.S_IMODE(data.stat().st_mode) == 0o700

@@ -28,43 +28,33 @@ import jwt
 import pytest
 import requests
 
+from support.clearml_api import KEY, SECRET, call, login
 from support.processes import ClearMLServerProcess
 
 pytestmark = pytest.mark.integration
 
-KEY, SECRET = "stepwise-local-key", "stepwise-local-secret"  # the documented local pair
-
-
-def _token(url: str) -> dict[str, str]:
-    answer = requests.get(f"{url}/auth.login", auth=(KEY, SECRET), timeout=10)
-    assert answer.status_code == 200, answer.text
-    return {"Authorization": f"Bearer {answer.json()['data']['token']}"}
-
-
-def _call(url: str, auth: dict[str, str], name: str, body: object) -> requests.Response:
-    return requests.post(f"{url}/v2.23/{name}", json=body, headers=auth, timeout=30)
 
 
 # -- SQL is parameterised ------------------------------------------------------------------------------
 def test_names_with_quotes_round_trip_and_ids_do_not_inject(clearml_server: ClearMLServerProcess) -> None:
     url = clearml_server.url
-    auth = _token(url)
+    auth = login(url)
     names = ["x'); DROP TABLE documents; --", "' OR '1'='1", 'say "hi" -- /* */ ;', "100% _all_ \\'"]
     ids = []
     for name in names:
-        created = _call(url, auth, "tasks.create", {"name": name, "type": "training", "comment": name})
+        created = call(url, auth, "tasks.create", {"name": name, "type": "training", "comment": name})
         assert created.status_code == 200, created.text
         ids.append(created.json()["data"]["id"])
     for task_id, name in zip(ids, names):
-        task = _call(url, auth, "tasks.get_by_id", {"task": task_id}).json()["data"]["task"]
+        task = call(url, auth, "tasks.get_by_id", {"task": task_id}).json()["data"]["task"]
         assert task["name"] == name and task["comment"] == name
-        found = _call(url, auth, "tasks.get_all", {"name": f"^{re.escape(name)}$"}).json()["data"]["tasks"]
+        found = call(url, auth, "tasks.get_all", {"name": f"^{re.escape(name)}$"}).json()["data"]["tasks"]
         assert [t["id"] for t in found] == [task_id]
     for injected in ("' OR '1'='1", f"{ids[0]}' OR 1=1 --", "%", "*"):
-        answer = _call(url, auth, "tasks.get_by_id", {"task": injected})
+        answer = call(url, auth, "tasks.get_by_id", {"task": injected})
         assert answer.status_code == 400 and answer.json()["meta"]["result_subcode"] == 101, injected
-        assert _call(url, auth, "tasks.get_all", {"id": [injected]}).json()["data"]["tasks"] == []
-    assert len(_call(url, auth, "tasks.get_all", {}).json()["data"]["tasks"]) == len(names)
+        assert call(url, auth, "tasks.get_all", {"id": [injected]}).json()["data"]["tasks"] == []
+    assert len(call(url, auth, "tasks.get_all", {}).json()["data"]["tasks"]) == len(names)
 
 
 # -- markup put in through the real SDK is escaped on every page ----------------------------------------
@@ -211,7 +201,7 @@ def test_expired_unsigned_wrong_key_and_expiry_less_tokens_are_refused(clearml_s
     }
     for kind, token in tokens.items():
         bearer = {"Authorization": f"Bearer {token}"}
-        answers = [_call(url, bearer, "tasks.get_all", {}).status_code,
+        answers = [call(url, bearer, "tasks.get_all", {}).status_code,
                    requests.get(f"{url}/auth.login", headers=bearer, timeout=10).status_code,
                    requests.get(f"{url}/files/nothing", headers=bearer, timeout=10).status_code]
         assert answers == ([200, 200, 404] if kind == "valid" else [401, 401, 401]), (kind, answers)
@@ -221,8 +211,8 @@ def test_expired_unsigned_wrong_key_and_expiry_less_tokens_are_refused(clearml_s
 def test_a_server_killed_while_events_are_written_loses_none_it_acknowledged(
         clearml_server: ClearMLServerProcess) -> None:
     url = clearml_server.url
-    auth = _token(url)
-    task_id = _call(url, auth, "tasks.create", {"name": "killed", "type": "training"}).json()["data"]["id"]
+    auth = login(url)
+    task_id = call(url, auth, "tasks.create", {"name": "killed", "type": "training"}).json()["data"]["id"]
     acknowledged: list[int] = []
 
     def write() -> None:
@@ -256,5 +246,5 @@ def test_a_server_killed_while_events_are_written_loses_none_it_acknowledged(
                                                                     (task_id,))}
     expected = {batch * 50 + i for batch in acknowledged for i in range(50)}
     assert expected <= stored, f"{len(expected - stored)} acknowledged events lost"
-    total = _call(url, _token(url), "events.get_task_events", {"task": task_id}).json()["data"]["total"]
+    total = call(url, login(url), "events.get_task_events", {"task": task_id}).json()["data"]["total"]
     assert total == len(stored)
