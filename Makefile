@@ -36,9 +36,10 @@ lint: setup
 	$(BIN)/ruff check .
 
 # The tests come in three tiers (tests/README.md): `make test` runs them all (what CI runs);
-# `make test-fast` only the in-process unit tests, the one to run while editing.
+# `make test-fast` only the in-process unit tests, the one to run while editing. `make test` runs
+# the modules on one worker per core (pytest-xdist; a module's tests stay on one worker).
 test: setup agent browser lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -m unit

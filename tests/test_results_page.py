@@ -145,7 +145,8 @@ def test_the_printed_link_shows_console_curves_heatmaps_models_and_compare(
     page.goto(f"{server.url}/compare?ids={task_id},{plain_id}")
     names = [t["name"] for t in figure(page, '.scalar-chart[data-metric="loss"]')["data"]]
     assert any(n.startswith("tiny-run") for n in names) and any(n.startswith("plain <b>sdk</b> run") for n in names)
-    assert len(names) == 3  # tiny-run train + validation, plain run train
+    # tiny-run's train, guided-alignment (the preset trains with it) and validation series; the plain run's train
+    assert sorted(n.split(" · ")[-1] for n in names) == ["guided alignment (train)", "train", "train", "validation"]
     page.screenshot(path=str(ARTIFACTS / "results-page-compare.png"), full_page=True)
     pages.append(page.content())
 
