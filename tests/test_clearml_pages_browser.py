@@ -12,22 +12,19 @@ import json
 import pytest
 import requests
 
+from support.clearml_api import call, login
 from support.processes import ClearMLServerProcess
 
 pytestmark = pytest.mark.browser
-
-KEY, SECRET = "stepwise-local-key", "stepwise-local-secret"
 
 
 def test_pages_work_under_their_policy_and_load_nothing_from_elsewhere(clearml_server: ClearMLServerProcess,
                                                                        browser: object) -> None:
     url = clearml_server.url
-    token = requests.get(f"{url}/auth.login", auth=(KEY, SECRET), timeout=10).json()["data"]["token"]
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = login(url)
     ids = []
     for name in ("first run", "second run"):
-        created = requests.post(f"{url}/v2.23/tasks.create", json={"name": name, "type": "training"}, headers=auth,
-                                timeout=10)
+        created = call(url, auth, "tasks.create", {"name": name, "type": "training"})
         ids.append(created.json()["data"]["id"])
     figure = {"data": [{"type": "heatmap", "z": [[1, 2], [3, 4]]}],
               "layout": {"images": [{"source": "https://evil.example/layout.png", "xref": "paper", "yref": "paper",
