@@ -37,9 +37,10 @@ lint: setup
 
 # The tests come in three tiers (tests/README.md): `make test` runs them all (what CI runs);
 # `make test-fast` only the in-process unit tests, the one to run while editing. `make test` runs
-# the modules on one worker per core (pytest-xdist; a module's tests stay on one worker).
+# the modules on one worker per core (pytest-xdist; a module's tests stay on one worker; the
+# longest modules first, tests/conftest.py).
 test: setup agent browser lint
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/python -m pytest -m unit

@@ -8,6 +8,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+# One compute thread per process: `make test` runs a worker per core, and each worker starts
+# trainers, exporters and services of its own. Two workers with two spinning threads each (PyTorch's
+# OpenMP pool, ONNX Runtime's) on two cores spend much of their time waiting for each other. Set
+# before torch is imported; the processes the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("STEPWISE_ORT_THREADS", "1")
+
 import pytest
 
 from support.models import export_tiny_model
@@ -16,8 +23,20 @@ from support.processes import BentoProcess, ClearMLServerProcess, Explorer, serv
 TIERS = ("unit", "integration", "browser")
 
 
+# The modules that take longest, longest first. `make test` hands whole modules to its workers in
+# collection order (``--dist loadfile --no-loadscope-reorder``): starting these first keeps one
+# long module from running alone at the end. Order only; every module runs either way.
+LONGEST_FIRST = ("test_training", "test_explorer", "test_explorer_versions", "test_up_explorer", "test_averaging",
+                 "test_cli_errors", "test_pipeline", "test_clearml_server", "test_clearml_workflow", "test_export",
+                 "test_guided_alignment", "test_clearml_agent", "test_bento", "test_service_registry",
+                 "test_results_page", "test_clearml_data", "test_service")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test has exactly one tier marker (``tests/README.md``); collection fails otherwise."""
+    """Every test has exactly one tier marker (``tests/README.md``); collection fails otherwise.
+    The longest modules go first (:data:`LONGEST_FIRST`)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
     wrong = []
     for item in items:
         tiers = {mark.name for mark in item.iter_markers() if mark.name in TIERS}

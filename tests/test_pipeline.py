@@ -60,12 +60,18 @@ def test_up_builds_then_reuses_and_stops_everything(tmp_path: Path) -> None:
     ports = [free_port() for _ in range(3)]
     args = [sys.executable, "-m", "stepwise", "up", "--state-dir", str(tmp_path / "state"), "--clearml-port",
             str(ports[0]), "--port", str(ports[1]), "--explorer-port", str(ports[2]), "--train-minutes", "0.15",
-            "--no-wait"]
+            "--no-wait",  # the quick preset's pipeline with a smaller model on fewer pairs, at most 10 steps
+            "--set", "train.max_steps=10", "--set", "train.save_every=5", "--set", "train.eval_every=5",
+            "--set", "train.eval_sentences=4", "--set", "train.export_parity_sentences=2",
+            "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "model.vocab_size=500",
+            "--set", "data.max_train_pairs=2000"]
     first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in ("[1/5", "[2/5", "[3/5", "[4/5", "[5/5", "ready in"):
         assert stage in first.stdout
     assert "training the preset tiny" in first.stdout and "promoted" in first.stdout
+    # the quick preset trains with guided alignment: eflomal aligns only the capped run's pairs
+    assert "word alignments of 2000 pairs cached" in first.stdout + first.stderr
     assert "using the ONNX export" in first.stdout  # the one training registered: nothing exported here
     assert f"attention explorer:  http://127.0.0.1:{ports[2]}" in first.stdout
     assert all(_closed(p) for p in ports)  # everything it started has stopped

@@ -163,7 +163,7 @@ def training_alignments(pairs: Sequence[Pair], *, dataset_folder: Path | None = 
     """The word links of every training pair: a dataset version's, the cache's, or aligned now and cached.
 
     Args:
-        pairs: the whole training split (before ``data.max_train_pairs`` takes its first pairs).
+        pairs: the training pairs, in order (the whole split, or its first ``data.max_train_pairs``).
         dataset_folder: the local copy of the ClearML dataset version the pairs come from, whose
             ``train.align`` is used when it has one.
         aligner: what aligns when nothing is stored (eflomal; tests pass their own).

@@ -277,7 +277,9 @@ class Trainer:
         log.info("data: %d training pairs, %d validation pairs", len(self.train_examples), len(self.valid_examples))
 
     def training_alignments(self) -> list[set[tuple[int, int]]]:
-        """eflomal's word links of the whole training split (:func:`stepwise.train.alignments.training_alignments`).
+        """eflomal's word links of the training pairs (:func:`stepwise.train.alignments.training_alignments`):
+        the whole split, or only the first ``data.max_train_pairs`` when a run is capped (aligning
+        costs time in proportion to the pairs; a dataset version's stored links cover the split).
 
         Rank 0 aligns (or reads them) first; the other ranks then read what it stored.
         """
@@ -286,6 +288,8 @@ class Trainer:
         data = self.config.data
         folder = dataset_copy(data.dataset)[1] if data.dataset else None
         pairs = load_split(data, "train")
+        if data.max_train_pairs and folder is None:
+            pairs = pairs[: data.max_train_pairs]
         links = training_alignments(pairs, dataset_folder=folder) if self.dist.is_main else []
         self.dist.barrier()
         return links if self.dist.is_main else training_alignments(pairs, dataset_folder=folder)
