@@ -191,20 +191,21 @@ def search(
     positions = np.arange(rows, dtype=np.int64)
     past_order = positions  # the cache row each row continues
     first_of_sentence = np.arange(0, rows, k)  # row offset of each sentence's beams
+    any_done = False  # some row decoding has finished (it grows by padding from then on)
 
     for t in range(max_steps):
         top_log_probs, top_ids, self_w, cross_w = step(history[:, t : t + 1], past_order, return_attention)
         n = len(active)
         if k == 1:
             next_tokens, gains = top_ids[:, 0], top_log_probs[:, 0]
-            if done.any():  # a finished hypothesis grows by padding, at no cost
+            if any_done:  # a finished hypothesis grows by padding, at no cost
                 next_tokens = np.where(done, pad_id, next_tokens)
                 gains = np.where(done, np.float32(0.0), gains)
             score += gains
             origin, past_order = active, positions
         else:
             gains, ids = top_log_probs[:, :k], top_ids[:, :k]
-            if done.any():  # a finished hypothesis has one continuation: padding, at no cost
+            if any_done:  # a finished hypothesis has one continuation: padding, at no cost
                 gains, ids = gains.copy(), ids.copy()
                 gains[done] = -np.inf
                 gains[done, 0] = 0.0
@@ -223,8 +224,14 @@ def search(
             trace.append((active, origin, self_w[:, :, :, 0], cross_w[:, :, :, 0]))
         history[:, t + 1] = next_tokens
         done |= (next_tokens == eos_id) | (t + 1 >= limit)
-        beams_done = done.reshape(-1, k).all(axis=1)
-        last = bool(beams_done.all())
+        finished_rows = int(np.count_nonzero(done))
+        any_done, last = finished_rows > 0, finished_rows == n
+        # which sentences have all their beams finished: needed only when some sentence can have
+        # (one count per step instead of reductions over the rows: the per-step Python is part of
+        # a small model's token time at batch 1)
+        if on_step is None and not last and finished_rows < k:
+            continue
+        beams_done = done if k == 1 else done.reshape(-1, k).all(axis=1)
         if on_step is not None or last:
             tokens[active, : t + 2] = history[:, : t + 2]
             scores[active], finished[active] = score, done
