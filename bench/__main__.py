@@ -49,6 +49,14 @@ UNTRAINED = "untrained.pt"
 UNTRAINED_SENTENCES = 120  # an untrained model never stops before the length limit (2S+10)
 
 
+def preset_of(checkpoint: Path) -> str:
+    """The preset a checkpoint was trained with (``default`` or ``tiny``), from its model name."""
+    from stepwise.train.checkpoint import load_checkpoint
+
+    name = load_checkpoint(checkpoint).config.name
+    return name.rsplit("-", 1)[-1] if name.endswith("-tiny") else "default"
+
+
 def describe(checkpoint: Path) -> str:
     """What was measured, for the results header (no paths)."""
     from stepwise.train.checkpoint import load_checkpoint
@@ -514,22 +522,23 @@ def main(argv: list[str] | None = None) -> int:
             args.sentences = UNTRAINED_SENTENCES
             print(f"measuring an untrained default-size model: its outputs run to the length limit (about 3x the "
                   f"tokens of a trained one), so {UNTRAINED_SENTENCES} sentences; pass --checkpoint for real figures")
-    model = describe(checkpoint)
+    model, preset = describe(checkpoint), preset_of(checkpoint)
     work = Path(tempfile.mkdtemp(prefix="stepwise-bench-"))
     out = Path(args.out) if args.out else None
     started = time.perf_counter()
     if args.what in ("all", "train"):
-        write_results("train", [bench_train(checkpoint, args.device, args.train_steps)], args.device, out, model)
+        section = bench_train(checkpoint, args.device, args.train_steps)
+        write_results("train", [section], args.device, out, model, preset)
     if args.what in ("all", "translate"):
         sections = bench_translate(checkpoint, work, args.sentences, args.device, args.rounds)
-        write_results("translate", sections, args.device, out, model)
+        write_results("translate", sections, args.device, out, model, preset)
     if args.what in ("all", "export", "translate"):
         if not (work / "export").exists():
             prepare_translation(checkpoint, work, 8)
-        write_results("export", [bench_load(checkpoint, work)], args.device, out, model)
+        write_results("export", [bench_load(checkpoint, work)], args.device, out, model, preset)
     if args.what in ("all", "serve") and args.device == "cpu":
         sections = bench_serve(checkpoint, work, args.requests, args.cache_versions)
-        write_results("serve", sections, args.device, out, model)
+        write_results("serve", sections, args.device, out, model, preset)
     print(f"benchmarks took {time.perf_counter() - started:.0f}s", flush=True)
     return 0
 

@@ -69,14 +69,19 @@ def table(title: str, headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_results(name: str, sections: list[str], device: str = "cpu", out_dir: Path | None = None,
-                  model: str | None = None) -> Path:
-    """Write ``bench/results/NAME-DEVICE.md`` with date, commit and machine."""
+                  model: str | None = None, preset: str | None = None) -> Path:
+    """Write ``bench/results/NAME-DEVICE.md`` with date, commit and machine.
+
+    A model of another preset than ``default`` (``preset="tiny"``) writes ``NAME-PRESET-DEVICE.md``, so
+    the tables of both presets stand side by side.
+    """
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     header = (f"# {name} ({device})\n\nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
               f"Commit: {commit()}  \nMachine: {machine()}  \n" + (f"Model: {model}  \n" if model else "") +
               f"Command: `python -m bench {name}`\n\n")
-    path = out_dir / f"{name}-{device}.md"
+    tag = f"-{preset}" if preset and preset != "default" else ""
+    path = out_dir / f"{name}{tag}-{device}.md"
     path.write_text(header + "\n".join(sections))
     print(f"wrote {path}", flush=True)
     return path
