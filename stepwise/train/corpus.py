@@ -146,7 +146,11 @@ def load_split(config: DataConfig, split: str) -> list[Pair]:
     if config.corpus == "bible":
         held_out = [*config.test_books, *config.valid_books]
         if split == "train":
-            return load_bible(config.source_lang, config.target_lang, exclude=held_out)
+            pairs = load_bible(config.source_lang, config.target_lang, exclude=held_out)
+            for extra in config.extra_translations:
+                source, target = extra.split("-")
+                pairs += load_bible(source, target, exclude=held_out)
+            return pairs
         books = config.test_books if split == "test" else config.valid_books
         return load_bible(config.source_lang, config.target_lang, books)
     path = {"train": config.train_path, "valid": config.valid_path, "test": config.test_path}[split]

@@ -447,12 +447,9 @@ class Trainer:
             self.dist.barrier()
             return
         cfg = self.config.train
+        started = time.monotonic()
         self.last_metrics, hypotheses = self.validation_metrics(self.model)
         bleu = self.last_metrics["bleu"]
-        log.info("step %d: val loss %.3f, accuracy %.3f, BLEU %.2f%s | %s -> %s", self.step,
-                 self.last_metrics["val_loss"], self.last_metrics["val_accuracy"], bleu,
-                 f", gold AER {self.last_metrics['aer']:.3f}" if "aer" in self.last_metrics else "",
-                 self.valid_pairs[0][0][:60], hypotheses[0][:60])
         if self.task is not None:
             logger = self.task.get_logger()
             logger.report_scalar("loss", "validation", self.last_metrics["val_loss"], iteration=self.step)
@@ -469,6 +466,10 @@ class Trainer:
                                          iteration=self.step)
             for i, (src, _) in enumerate(self.valid_pairs[: cfg.heatmap_sentences]):
                 self.report_heatmaps(logger, i, src)
+        log.info("step %d: val loss %.3f, accuracy %.3f, BLEU %.2f%s (evaluated in %.1fs) | %s -> %s",
+                 self.step, self.last_metrics["val_loss"], self.last_metrics["val_accuracy"], bleu,
+                 f", gold AER {self.last_metrics['aer']:.3f}" if "aer" in self.last_metrics else "",
+                 time.monotonic() - started, self.valid_pairs[0][0][:60], hypotheses[0][:60])
         self.dist.barrier()
 
     @torch.no_grad()
