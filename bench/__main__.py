@@ -49,23 +49,22 @@ UNTRAINED = "untrained.pt"
 UNTRAINED_SENTENCES = 120  # an untrained model never stops before the length limit (2S+10)
 
 
-def preset_of(checkpoint: Path) -> str:
-    """The preset a checkpoint was trained with (``default`` or ``tiny``), from its model name."""
-    from stepwise.train.checkpoint import load_checkpoint
+def describe(checkpoint: Path) -> tuple[str, str]:
+    """What was measured, for the results header (no paths), and the shipped preset it was trained with.
 
-    name = load_checkpoint(checkpoint).config.name
-    return name.rsplit("-", 1)[-1] if name.endswith("-tiny") else "default"
-
-
-def describe(checkpoint: Path) -> str:
-    """What was measured, for the results header (no paths)."""
+    The preset is the one whose model name the checkpoint carries (``default`` for any other
+    config): its tables go to ``NAME-PRESET-DEVICE.md`` beside the default preset's.
+    """
+    from stepwise.config import PRESETS, load_config
     from stepwise.train.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     m = ck.config.model
     trained = f"step {ck.step}" if ck.step else "untrained"
+    presets = {load_config(path).name: path.stem for path in PRESETS.glob("*.json")}
     return (f"{ck.config.name}, {trained} (d_model {m.d_model}, {m.n_heads} heads, {m.n_encoder_layers}+"
-            f"{m.n_decoder_layers} layers, d_ff {m.d_ff}, vocab {m.vocab_size})")
+            f"{m.n_decoder_layers} layers, d_ff {m.d_ff}, vocab {m.vocab_size})",
+            presets.get(ck.config.name, "default"))
 
 
 def _fresh_checkpoint() -> Path:
@@ -522,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sentences = UNTRAINED_SENTENCES
             print(f"measuring an untrained default-size model: its outputs run to the length limit (about 3x the "
                   f"tokens of a trained one), so {UNTRAINED_SENTENCES} sentences; pass --checkpoint for real figures")
-    model, preset = describe(checkpoint), preset_of(checkpoint)
+    model, preset = describe(checkpoint)
     work = Path(tempfile.mkdtemp(prefix="stepwise-bench-"))
     out = Path(args.out) if args.out else None
     started = time.perf_counter()

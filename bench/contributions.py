@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         export = Path(tempfile.mkdtemp(prefix="stepwise-bench-")) / "export"
         export_checkpoint(load_checkpoint(args.checkpoint), export)
-        model = describe(Path(args.checkpoint))
+        model = describe(Path(args.checkpoint))[0]
     else:
         export = Path(args.export)
     sections, share = check(OnnxTranslator(export, device="cpu"))
