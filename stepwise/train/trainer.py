@@ -400,12 +400,12 @@ class Trainer:
             while self.step < cfg.max_steps:
                 batches = self.epoch_batches(self.epoch)
                 for batch in batches[self.batch_in_epoch :]:
-                    reporting = (self.step + 1) % cfg.log_every == 0 or self.step == 0
+                    reporting = (self.step + 1) % cfg.log_every == 0 or self.step == 0  # the step about to run
                     loss, accuracy, tokens, grad_norm = self.train_step(batch, accuracy=reporting)
                     self.step += 1
                     self.batch_in_epoch += 1
                     tokens_since += tokens * self.dist.world_size
-                    if self.step % cfg.log_every == 0 or self.step == 1:
+                    if reporting:
                         elapsed = time.monotonic() - time_since
                         rate = tokens_since / max(elapsed, 1e-9)
                         tokens_since, time_since = 0, time.monotonic()
