@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from bench.common import ROOT, PeakRss, process_tree, run_worker, table, tree_rss_mib, verdict, write_results
+from bench.common import ROOT, PeakRss, preset_of, process_tree, run_worker, table, tree_rss_mib, verdict, write_results
 from bench.load import STREAM_HEADERS, bench_stream, run_load
 from stepwise.net import ServerNotReady, wait_until_ready
 
@@ -55,16 +55,14 @@ def describe(checkpoint: Path) -> tuple[str, str]:
     The preset is the one whose model name the checkpoint carries (``default`` for any other
     config): its tables go to ``NAME-PRESET-DEVICE.md`` beside the default preset's.
     """
-    from stepwise.config import PRESETS, load_config
     from stepwise.train.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     m = ck.config.model
     trained = f"step {ck.step}" if ck.step else "untrained"
-    presets = {load_config(path).name: path.stem for path in PRESETS.glob("*.json")}
     return (f"{ck.config.name}, {trained} (d_model {m.d_model}, {m.n_heads} heads, {m.n_encoder_layers}+"
             f"{m.n_decoder_layers} layers, d_ff {m.d_ff}, vocab {m.vocab_size})",
-            presets.get(ck.config.name, "default"))
+            preset_of(ck.config.name))
 
 
 def _fresh_checkpoint() -> Path:

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import table, write_results
+from bench.common import preset_of, table, write_results
 from stepwise.serve.alignment import AVERAGE, Choice, attention_source, word_alignment
 from stepwise.train.alignments import eflomal_directions, grow_diag_final_and
 from stepwise.train.gold import GoldVerse, read_gold, scores
@@ -145,21 +145,22 @@ def model_sections(checkpoint_path: str, verses: list[GoldVerse]) -> tuple[list[
     """Summary rows of every reading of one checkpoint, and the AER grid of each reading."""
     items, checkpoint = cross_attention(checkpoint_path, verses)
     step, train = checkpoint.step, checkpoint.config.train
+    model = f"{preset_of(checkpoint.config.name)} step {step}"  # the rows of several checkpoints side by side
     layers, heads = items[0]["maps"]["predicting step"].shape[:2]
     rows, grids = [], []
     if train.guided_alignment_weight > 0:  # the head training pulled towards eflomal's links
         layer, head = range(layers)[train.guided_alignment_layer], train.guided_alignment_head
-        rows.append([f"step {step}, predicting step, guided head (weight {train.guided_alignment_weight:g}): "
+        rows.append([f"{model}, predicting step, guided head (weight {train.guided_alignment_weight:g}): "
                      f"layer {layer} head {head}", *scores(model_links(items, "predicting step", layer, head), verses)])
     for reading in READINGS:
         grid = {(layer, head): scores(model_links(items, reading, layer, head), verses)
                 for layer in [*range(layers), AVERAGE] for head in [*range(heads), AVERAGE]}
         best = min(((layer, head) for layer in range(layers) for head in range(heads)), key=lambda key: grid[key][0])
-        name = f"step {step}, {reading}"
+        name = f"{model}, {reading}"
         rows.append([f"{name}, best: layer {best[0]} head {best[1]}", *grid[best]])
         rows += [[f"{name}, layer {layer} (head average)", *grid[(layer, AVERAGE)]] for layer in range(layers)]
         rows.append([f"{name}, average of all layers and heads", *grid[(AVERAGE, AVERAGE)]])
-        grids.append(table(f"AER per layer × head: step {step}, {reading}",
+        grids.append(table(f"AER per layer × head: {model}, {reading}",
                            ["layer", *(f"head {h}" for h in range(heads)), "head average"],
                            [[str(layer), *(f"{grid[(layer, head)][0]:.3f}" for head in [*range(heads), AVERAGE])]
                             for layer in [*range(layers), AVERAGE]]))

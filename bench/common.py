@@ -68,6 +68,17 @@ def table(title: str, headers: list[str], rows: list[list[Any]]) -> str:
     return text
 
 
+def preset_of(config_name: str) -> str:
+    """The shipped preset (``tiny``, ``default``) whose model name a checkpoint's config carries.
+
+    Any other name (a config of your own) counts as ``default``.
+    """
+    from stepwise.config import PRESETS, load_config
+
+    presets = {load_config(path).name: path.stem for path in PRESETS.glob("*.json")}
+    return presets.get(config_name, "default")
+
+
 def write_results(name: str, sections: list[str], device: str = "cpu", out_dir: Path | None = None,
                   model: str | None = None, preset: str | None = None) -> Path:
     """Write ``bench/results/NAME-DEVICE.md`` with date, commit and machine.

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from stepwise.decode.onnx_runtime import OnnxTranslator
 
-    model = None
+    model = preset = None
     if args.checkpoint:
         from bench.__main__ import describe
         from stepwise.export import export_checkpoint
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
         export = Path(tempfile.mkdtemp(prefix="stepwise-bench-")) / "export"
         export_checkpoint(load_checkpoint(args.checkpoint), export)
-        model = describe(Path(args.checkpoint))[0]
+        model, preset = describe(Path(args.checkpoint))
     else:
         export = Path(args.export)
     sections, share = check(OnnxTranslator(export, device="cpu"))
-    write_results("contributions", sections, "cpu", Path(args.out) if args.out else None, model)
+    write_results("contributions", sections, "cpu", Path(args.out) if args.out else None, model, preset)
     return 0 if share >= TARGET else 1
 
 
